@@ -1,0 +1,20 @@
+"""DiffusionX: multi-round text-to-image split between an edge device and the cloud."""
+
+from .errors import (
+    DiffusionXError,
+    InvalidInputError,
+    ModelNotAvailableError,
+    PromptTruncatedWarning,
+    RoundNotFoundError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiffusionXError",
+    "InvalidInputError",
+    "ModelNotAvailableError",
+    "PromptTruncatedWarning",
+    "RoundNotFoundError",
+    "__version__",
+]

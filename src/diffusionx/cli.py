@@ -1,0 +1,247 @@
+"""`diffusionx` command line. Exit codes: 0 success, 2 bad usage or input, 1 failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+# Quiet the libraries' import-time chatter before they are imported.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+DEMO_PROMPTS = (
+    "a large red circle on the left on a blue background",
+    "a large red circle on the left and a small yellow star at the top right on a blue background",
+    "a large green circle on the left and a small yellow star at the top right on a blue background",
+    "a large green circle on the left and a small yellow star at the top right on a white background",
+)
+
+
+def _models_line(pair) -> str:
+    return f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}"
+
+
+def _png_meta(pair, **extra: Any):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("diffusionx", json.dumps({"models": pair.describe(), **extra}))
+    return info
+
+
+def _save(image, path: Path, pair, **extra: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=_png_meta(pair, **extra))
+    return path
+
+
+def _strip(images: list, labels: list[str], cell: int = 192):
+    """Side-by-side strip, small images upscaled (nearest) so a person can see them."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (cell * len(images), cell + 18), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        strip.paste(image.resize((cell, cell), Image.NEAREST), (i * cell, 0))
+        draw.text((i * cell + 4, cell + 3), label, fill="black")
+    return strip
+
+
+def _load(args):
+    from .models import load_pair
+
+    pair = load_pair(args.model, edge=getattr(args, "edge", None), cloud=getattr(args, "cloud", None))
+    print(_models_line(pair), file=sys.stderr)
+    return pair
+
+
+def cmd_demo(args) -> int:
+    from .policies import FixedStrength
+    from .session import EdgeSession
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    pair = _load(args)
+    policy = FixedStrength(edge=args.edge_strength, cloud=args.cloud_strength)
+    session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed)
+    for prompt in DEMO_PROMPTS:
+        r = session.generate(prompt, progress=True)
+        _save(r.image, out / f"round_{r.index:02d}.png", pair, round=r.summary())
+    final = session.finalize()
+    _save(final.image, out / "final.png", pair, final=final.summary())
+    labels = [f"round {r.index} s={r.strength:.2f}" for r in session.rounds]
+    labels.append("final (cloud)" if final.refined else "final (NOT refined)")
+    _strip([r.image for r in session.rounds] + [final.image], labels).save(out / "strip.png")
+    wall = time.perf_counter() - start
+    report = {
+        "models": pair.describe(),
+        "rounds": session.history(),
+        "final": final.summary(),
+        "wall_seconds": wall,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"{'round':>5}  {'mode':<8} {'strength':>8} {'U-Net steps':>11} {'edge s':>7}  prompt")
+    for r in session.rounds:
+        print(f"{r.index:>5}  {r.mode:<8} {r.strength:>8.2f} {r.unet_steps:>11} {r.timing.total_s:>7.3f}  {r.prompt}")
+    status = "refined" if final.refined else f"NOT refined: {final.reason}"
+    print(
+        f"final: cloud strength {final.strength:.2f}, {final.unet_steps} U-Net steps, "
+        f"{final.cloud_seconds:.3f} s cloud, {final.bytes_up} B up / {final.bytes_down} B down ({status})"
+    )
+    print(f"wrote {out}/round_01.png .. final.png, strip.png, report.json in {wall:.1f} s")
+    if pair.describe()["untrained"]:
+        print("NOTE: the models are UNTRAINED stand-ins; the images are noise.")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    pair = _load(args)
+    engine = pair.edge if args.side == "edge" else pair.cloud
+    gen = engine.generate(args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance, progress=True)
+    path = _save(gen.image, Path(args.out), pair, prompt=args.prompt, seed=args.seed, steps=args.steps)
+    info = pair.edge_info if args.side == "edge" else pair.cloud_info
+    print(f"wrote {path} ({info.label}, {gen.unet_steps} steps, {gen.timing.total_s:.3f} s)")
+    return 0
+
+
+SESSION_HELP = "type a prompt for the next round; /back N branches from round N; /history; /final refines; /quit"
+
+
+def cmd_session(args) -> int:
+    from .errors import InvalidInputError
+    from .policies import FixedStrength
+    from .session import EdgeSession
+
+    out = Path(args.out)
+    pair = _load(args)
+    policy = FixedStrength(edge=args.edge_strength, cloud=args.cloud_strength)
+    session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed)
+    print(SESSION_HELP)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                break
+            elif line == "/history":
+                for r in session.rounds:
+                    marker = "*" if r.index == session.head else " "
+                    print(f"{marker}{r.index:>3} {r.mode:<8} s={r.strength:.2f} {r.prompt}")
+            elif line.startswith("/back"):
+                parts = line.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise InvalidInputError("usage: /back N (N = a round number from /history)")
+                r = session.back(int(parts[1]))
+                print(f"next round branches from round {r.index}: {r.prompt}")
+            elif line == "/final":
+                final = session.finalize()
+                path = _save(final.image, out / "final.png", pair, final=final.summary())
+                state = "refined by the cloud" if final.refined else f"NOT refined ({final.reason})"
+                print(f"final ({state}, strength {final.strength:.2f}): {path}")
+            elif line.startswith("/"):
+                raise InvalidInputError(f"unknown command {line.split()[0]}; {SESSION_HELP}")
+            else:
+                r = session.generate(line)
+                path = _save(r.image, out / f"round_{r.index:02d}.png", pair, round=r.summary())
+                print(f"round {r.index} ({r.mode}, strength {r.strength:.2f}, {r.timing.total_s:.2f} s): {path}")
+        except InvalidInputError as err:
+            print(f"error: {err}")
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.what == "embedded":
+        from .training.embedded import train_embedded
+
+        train_embedded(args.out, steps_scale=args.steps_scale)
+    else:
+        from .metrics.train import train_evaluator
+
+        train_evaluator(args.out, steps_scale=args.steps_scale)
+    return 0
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"strength must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"strength must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import PRESETS
+
+    parser = argparse.ArgumentParser(prog="diffusionx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
+        p.add_argument("--edge", help="edge model: a Hugging Face id or a diffusers folder (overrides the preset)")
+        p.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder")
+        p.add_argument("--steps", type=int, default=20, help="scheduler steps (default 20)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (integer)")
+
+    def session_args(p):
+        p.add_argument("--edge-strength", type=_strength, default=0.6, help="round-to-round strength")
+        p.add_argument("--cloud-strength", type=_strength, default=0.5, help="cloud refinement strength")
+
+    p = sub.add_parser("demo", help="a scripted multi-round session, finalized by the cloud model")
+    model_args(p)
+    session_args(p)
+    p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="one text-to-image generation")
+    p.add_argument("prompt")
+    model_args(p)
+    p.add_argument("--side", choices=("edge", "cloud"), default="edge", help="which model of the pair")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--out", default="outputs/generate.png")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("session", help="interactive multi-round session in the terminal")
+    model_args(p)
+    session_args(p)
+    p.add_argument("--out", default="outputs/session")
+    p.set_defaults(func=cmd_session)
+
+    p = sub.add_parser("train", help="train the embedded model pair or the evaluator from scratch")
+    p.add_argument("what", choices=("embedded", "evaluator"))
+    p.add_argument("--out", default="runs/train", help="checkpoints and logs (resumable)")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import DiffusionXError, InvalidInputError
+
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    try:
+        return args.func(args)
+    except InvalidInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DiffusionXError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

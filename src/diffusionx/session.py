@@ -1,0 +1,246 @@
+"""The edge session: a person's rounds of prompts, previews, and the final cloud refinement.
+
+Round 1 generates from noise. Round k starts from the head round's latent (normally round k-1,
+or any earlier round after `back(n)`) at the strength the policy picks, or fresh when it says 1.0.
+A round is added to the history only once it has succeeded, so a failed round loses nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .cloud import CloudRefiner, Refiner, RefineRequest, RefineResult
+from .engine import DEFAULT_SCHEDULER, AttentionHook, Timing, check_seed, check_steps, check_strength
+from .errors import InvalidInputError, RoundNotFoundError
+from .models import ModelPair
+from .policies import FixedStrength, StrengthPolicy
+from .wire import image_to_png, latents_from_bytes, latents_to_bytes
+
+
+@dataclass
+class Round:
+    index: int  # 1-based, in the order rounds were made
+    prompt: str
+    seed: int
+    strength: float  # 1.0 = fresh generation
+    steps: int
+    unet_steps: int
+    mode: str  # "fresh" | "sdedit" | "controlled"
+    parent: int | None  # the round whose latent this one started from
+    latents: torch.Tensor
+    image: Image.Image
+    timing: Timing
+    prompt_truncated: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "mode": self.mode,
+            "parent": self.parent,
+            "strength": self.strength,
+            "steps": self.steps,
+            "unet_steps": self.unet_steps,
+            "edge_seconds": self.timing.total_s,
+            "timing": self.timing.as_dict(),
+            "prompt_truncated": self.prompt_truncated,
+        }
+
+
+@dataclass
+class FinalResult:
+    prompt: str
+    source_round: int
+    image: Image.Image
+    latents: torch.Tensor | None
+    refined: bool  # False: the cloud could not be reached and this is the edge preview
+    reason: str | None = None
+    strength: float = 0.0
+    steps: int = 0
+    unet_steps: int = 0
+    cloud_seconds: float = 0.0
+    cloud_timing: Timing = field(default_factory=Timing)
+    edge_decode_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "source_round": self.source_round,
+            "refined": self.refined,
+            "reason": self.reason,
+            "strength": self.strength,
+            "steps": self.steps,
+            "unet_steps": self.unet_steps,
+            "cloud_seconds": self.cloud_seconds,
+            "cloud_timing": self.cloud_timing.as_dict(),
+            "edge_decode_s": self.edge_decode_s,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+        }
+
+
+class EdgeSession:
+    def __init__(
+        self,
+        pair: ModelPair,
+        *,
+        policy: StrengthPolicy | None = None,
+        cloud: Refiner | None = None,
+        steps: int = 20,
+        cloud_steps: int | None = None,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        scheduler: str = DEFAULT_SCHEDULER,
+    ):
+        self.pair = pair
+        self.policy = policy or FixedStrength()
+        self.cloud = cloud or CloudRefiner(pair.cloud)
+        self.steps = check_steps(steps)
+        self.cloud_steps = check_steps(cloud_steps or steps)
+        self.guidance_scale = guidance_scale
+        self.seed = check_seed(seed)
+        self.scheduler = scheduler
+        self.rounds: list[Round] = []
+        self.head: int | None = None  # the round the next one builds on
+        self.final: FinalResult | None = None
+
+    # ----- rounds -------------------------------------------------------------------------
+    def round(self, index: int) -> Round:
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= len(self.rounds):
+            have = f"rounds 1-{len(self.rounds)}" if self.rounds else "no rounds yet"
+            raise RoundNotFoundError(f"round {index!r} does not exist; this session has {have}")
+        return self.rounds[index - 1]
+
+    @property
+    def current(self) -> Round | None:
+        return None if self.head is None else self.round(self.head)
+
+    def back(self, index: int) -> Round:
+        """Make round `index` the head: the next round branches from it. History is kept."""
+        target = self.round(index)
+        self.head = index
+        return target
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        strength: float | None = None,
+        seed: int | None = None,
+        hook: AttentionHook | None = None,
+        progress: bool = False,
+    ) -> Round:
+        """Make the next round's preview from `prompt`."""
+        previous = self.current
+        seed = self.seed if seed is None else check_seed(seed)
+        if previous is None:
+            strength = 1.0  # nothing to start from
+        elif strength is None:
+            strength = self.policy.edge_strength(previous.prompt, prompt, previous.latents)
+        strength = check_strength(strength)
+        generation = self.pair.edge.generate(
+            prompt,
+            seed=seed,
+            steps=self.steps,
+            strength=strength,
+            init_latents=None if previous is None or strength == 1.0 else previous.latents,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            hook=hook,
+            progress=progress,
+        )
+        mode = "fresh" if strength == 1.0 else ("controlled" if hook is not None else "sdedit")
+        new = Round(
+            index=len(self.rounds) + 1,
+            prompt=prompt,
+            seed=seed,
+            strength=strength,
+            steps=self.steps,
+            unet_steps=generation.unet_steps,
+            mode=mode,
+            parent=None if previous is None or mode == "fresh" else previous.index,
+            latents=generation.latents,
+            image=generation.image,
+            timing=generation.timing,
+            prompt_truncated=generation.prompt_truncated,
+        )
+        self.rounds.append(new)
+        self.head = new.index
+        return new
+
+    # ----- finalize -----------------------------------------------------------------------
+    def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None) -> FinalResult:
+        """Send the head round to the cloud for refinement. If the cloud fails, the result is the
+        preview itself, marked refined=False with the reason: the user never loses their image."""
+        source = self.current
+        if source is None:
+            raise InvalidInputError("nothing to finalize yet: generate a preview first")
+        if strength is None:
+            strength = self.policy.cloud_strength(source.prompt, source.latents, load)
+        strength = check_strength(strength)
+        shared = self.pair.shared_latent_space
+        request = RefineRequest(
+            prompt=source.prompt,
+            strength=strength,
+            steps=self.cloud_steps,
+            seed=source.seed,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            latents=latents_to_bytes(source.latents) if shared else None,
+            image_png=None if shared else image_to_png(source.image),
+            return_format="latent" if shared else "png",
+        )
+        try:
+            result = self.cloud.refine(request)
+        except InvalidInputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any cloud failure falls back to the preview
+            self.final = FinalResult(
+                prompt=source.prompt,
+                source_round=source.index,
+                image=source.image,
+                latents=source.latents,
+                refined=False,
+                reason=f"cloud refinement failed ({type(err).__name__}: {err}); showing the edge preview",
+                strength=strength,
+                steps=self.cloud_steps,
+                bytes_up=request.upload_bytes,
+            )
+            return self.final
+        self.final = self._receive(source, request, result)
+        return self.final
+
+    def _receive(self, source: Round, request: RefineRequest, result: RefineResult) -> FinalResult:
+        start = time.perf_counter()
+        if result.return_format == "latent":
+            latents = latents_from_bytes(result.payload)
+            image = self.pair.edge.decode(latents.to(self.pair.edge.device, self.pair.edge.dtype))[0]
+        else:
+            latents, image = None, Image.open(io.BytesIO(result.payload)).convert("RGB")
+        return FinalResult(
+            prompt=source.prompt,
+            source_round=source.index,
+            image=image,
+            latents=latents,
+            refined=True,
+            strength=result.strength,
+            steps=result.steps,
+            unet_steps=result.unet_steps,
+            cloud_seconds=result.cloud_seconds,
+            cloud_timing=result.timing,
+            edge_decode_s=time.perf_counter() - start,
+            bytes_up=request.upload_bytes,
+            bytes_down=len(result.payload),
+        )
+
+    def history(self) -> list[dict[str, Any]]:
+        return [r.summary() for r in self.rounds]
