@@ -1,0 +1,212 @@
+"""The edge's HTTP client for the cloud refinement service (`diffusionx serve`).
+
+`CloudClient` implements the `Refiner` protocol, so `EdgeSession(pair, cloud=CloudClient(url))`
+finalizes over HTTP. It
+
+- streams the request body (chunked) and reads the response as a stream with a size cap,
+- times out (connect / read separately),
+- retries connection errors, timeouts, 5xx and 429 with exponential backoff and jitter, honouring
+  the server's Retry-After,
+- sends one Idempotency-Key for all attempts of a request, so a retry after a lost response gets
+  the first computation's result instead of computing it again,
+- raises InvalidInputError with the server's message on 400/413/422 (the request itself is wrong),
+  CloudError on anything else (auth, server down); EdgeSession turns the latter into the preview
+  marked refined=False.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Self
+
+import httpx
+
+from .cloud import RefineRequest, RefineResult
+from .engine import Timing
+from .errors import DiffusionXError, InvalidInputError
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+CHUNK = 64 * 1024
+
+
+class CloudError(DiffusionXError):
+    """The cloud could not refine: unreachable, overloaded past the retries, or it refused the token."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class CloudClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        if retries < 0:
+            raise InvalidInputError(f"retries must be >= 0, got {retries}")
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_response_bytes = max_response_bytes
+        self.attempts = 0  # HTTP attempts made by this client (for tests and logs)
+        headers = {"User-Agent": "diffusionx-edge/1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- Refiner ----------------------------------------------------------------------------
+    def refine(self, request: RefineRequest, *, idempotency_key: str | None = None) -> RefineResult:
+        request.validate()
+        body = json.dumps(_body(request)).encode()
+        key = idempotency_key or uuid.uuid4().hex
+        data = self._post("/v1/refine", body, key)
+        return _result(data)
+
+    # ----- other endpoints --------------------------------------------------------------------
+    def load(self) -> dict[str, Any]:
+        """The server's /v1/load report (the load-aware strength policy reads it)."""
+        return self._get("/v1/load")
+
+    def health(self) -> dict[str, Any]:
+        return self._get("/v1/health")
+
+    def _get(self, path: str) -> dict[str, Any]:
+        try:
+            response = self._http.get(path)
+        except httpx.TransportError as err:
+            raise CloudError(f"cloud at {self.base_url} unreachable ({type(err).__name__}: {err})") from None
+        if response.status_code != 200:
+            raise CloudError(f"GET {path}: {response.status_code} {_message(response.content)}", response.status_code)
+        return response.json()
+
+    # ----- the retry loop ---------------------------------------------------------------------
+    def _post(self, path: str, body: bytes, key: str) -> dict[str, Any]:
+        last = "no attempt made"
+        for attempt in range(self.retries + 1):
+            wait = None
+            self.attempts += 1
+            try:
+                with self._http.stream(
+                    "POST",
+                    path,
+                    content=_chunks(body),
+                    headers={"Content-Type": "application/json", "Idempotency-Key": key},
+                ) as response:
+                    content = self._read(response)
+                    status = response.status_code
+                    if status == 200:
+                        return json.loads(content)
+                    message = _message(content)
+                    last = f"HTTP {status}: {message}"
+                    if status in (400, 413, 422):
+                        raise InvalidInputError(f"the cloud rejected the request: {message}")
+                    if status not in RETRY_STATUSES:
+                        raise CloudError(f"the cloud refused the request (HTTP {status}): {message}", status)
+                    wait = _retry_after(response.headers.get("retry-after"))
+            except httpx.TransportError as err:  # connect errors, timeouts, dropped connections
+                last = f"{type(err).__name__}: {err}"
+            if attempt < self.retries:
+                delay = self.backoff * 2**attempt * (0.5 + random.random() / 2)
+                time.sleep(min(self.max_backoff, max(delay, wait or 0.0)))
+        raise CloudError(f"cloud at {self.base_url} failed after {self.retries + 1} attempts; last: {last}")
+
+    def _read(self, response: httpx.Response) -> bytes:
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise CloudError(f"the cloud's response exceeds {self.max_response_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _body(request: RefineRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": request.prompt,
+        "strength": request.strength,
+        "steps": request.steps,
+        "seed": request.seed,
+        "guidance": request.guidance_scale,
+        "scheduler": request.scheduler,
+        "return_format": request.return_format,
+    }
+    if request.latents is not None:
+        body["latent"] = base64.b64encode(request.latents).decode()
+    if request.image_png is not None:
+        body["image"] = base64.b64encode(request.image_png).decode()
+    return body
+
+
+def _result(data: dict[str, Any]) -> RefineResult:
+    try:
+        timings, cost = data["timings"], data["cost"]
+        timing = Timing(
+            text_encode_s=timings["text_encode_s"],
+            vae_encode_s=timings["vae_encode_s"],
+            unet_s=timings["unet_s"],
+            unet_compute_s=cost["unet_compute_s"],
+            decode_s=timings["decode_s"],
+            unet_calls=cost["unet_calls"],
+        )
+        return RefineResult(
+            payload=base64.b64decode(data["payload"], validate=True),
+            return_format=data["return_format"],
+            strength=data["strength"],
+            steps=data["steps"],
+            unet_steps=data["unet_steps"],
+            timing=timing,
+            queue_s=timings["queue_s"],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CloudError(f"the cloud's response is not a refinement result ({type(err).__name__}: {err})") from None
+
+
+def _chunks(body: bytes) -> Iterator[bytes]:
+    for start in range(0, len(body), CHUNK):
+        yield body[start : start + CHUNK]
+
+
+def _message(content: bytes) -> str:
+    try:
+        return str(json.loads(content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return content[:300].decode(errors="replace") or "(empty body)"
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

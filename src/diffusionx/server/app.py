@@ -1,0 +1,699 @@
+"""The HTTP refinement service (FastAPI): `create_app(engine_or_refiner, ...)`.
+
+Endpoints (docs/serving.md has the schemas and examples):
+
+- `POST /v1/refine`   JSON body; returns the refined latent (safetensors) or PNG, base64, with timings
+- `GET  /v1/health`   liveness/readiness (503 while draining)
+- `GET  /v1/load`     queue depth, running batch, recent step time, estimated wait
+- `GET  /metrics`     Prometheus text format
+- `GET  /openapi.json`
+
+Order of checks on /v1/refine: draining (503) -> auth (401/403) -> body size (413, before any
+parsing, also for chunked bodies) -> JSON and base64 (400) -> fields (422) -> idempotent replay ->
+quotas (429) -> queue (503). Client data is parsed only as JSON, safetensors and PNG: never pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import io
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..cloud import RefineRequest, RefineResult, _read_png
+from ..engine import DEFAULT_SCHEDULER, SCHEDULERS, Engine
+from ..errors import InvalidInputError
+from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
+
+TOKENS_ENV = "DIFFUSIONX_TOKENS"
+KNOWN_PATHS = frozenset({"/v1/refine", "/v1/health", "/v1/load", "/metrics", "/openapi.json", "/docs"})
+LATENT_MEDIA_TYPE = "application/vnd.diffusionx.latents+safetensors"
+
+
+# ----- configuration ----------------------------------------------------------------------------
+@dataclass
+class Limits:
+    max_body_bytes: int = 4 * 1024 * 1024  # whole JSON body, base64 included
+    max_prompt_chars: int = 1000
+    max_steps: int = 100
+    max_concurrent_per_token: int = 4  # requests in flight per token
+    rate_per_minute: float = 120.0  # sustained requests per minute per token
+    burst: int = 20  # requests a token may send at once before the rate applies
+    max_queue: int = 256  # accepted requests waiting for a batch slot
+    idempotency_cache: int = 1024  # recent (token, Idempotency-Key) -> result entries kept
+    idempotency_ttl_s: float = 600.0
+    drain_timeout_s: float = 120.0
+
+
+def load_tokens(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> set[str]:
+    """Bearer tokens from a file (one per line, '#' comments) and/or $DIFFUSIONX_TOKENS (comma-separated)."""
+    tokens: set[str] = set()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise InvalidInputError(f"tokens file {file} does not exist; write one token per line")
+        for line in file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                tokens.add(line)
+    raw = (os.environ if env is None else env).get(TOKENS_ENV, "")
+    tokens.update(t.strip() for t in raw.split(",") if t.strip())
+    for token in tokens:
+        if len(token) < 8 or any(c.isspace() for c in token):
+            raise InvalidInputError("tokens must be at least 8 characters without spaces")
+    return tokens
+
+
+# ----- wire schema ------------------------------------------------------------------------------
+class RefineBody(BaseModel):
+    """POST /v1/refine. Send exactly one of `latent` or `image`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="the final prompt")
+    strength: float = Field(ge=0.0, le=1.0, description="SDEdit strength: 0 keeps the input, 1 starts fresh")
+    steps: int = Field(20, ge=1, description="scheduler steps; the U-Net runs ceil(strength*steps) of them")
+    seed: int = Field(0, ge=0, lt=2**63)
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<=1: off)")
+    scheduler: Literal["ddim", "dpm++", "euler"] = DEFAULT_SCHEDULER
+    latent: str | None = Field(None, description="base64 of a safetensors file with one fp16/fp32 tensor 'latents'")
+    image: str | None = Field(None, description="base64 PNG at the model's size (when latents cannot be shared)")
+    return_format: Literal["latent", "png"] = "latent"
+
+
+class Timings(BaseModel):
+    queue_s: float
+    text_encode_s: float
+    vae_encode_s: float
+    unet_s: float
+    decode_s: float
+    total_s: float
+
+
+class Cost(BaseModel):
+    unet_steps: int
+    unet_calls: int
+    unet_compute_s: float
+
+
+class RefineResponse(BaseModel):
+    request_id: str
+    return_format: Literal["latent", "png"]
+    media_type: str
+    payload: str = Field(description="base64 of the safetensors latents or the PNG")
+    strength: float
+    steps: int
+    unet_steps: int
+    timings: Timings
+    cost: Cost
+    largest_batch: int
+    replica: str
+    seq: int
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"status": status, "code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+# ----- quotas and idempotency -------------------------------------------------------------------
+class _Quota:
+    """Per-token token bucket (rate) and in-flight counter (concurrency)."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._inflight: defaultdict[str, int] = defaultdict(int)
+
+    def acquire(self, who: str, wait_hint: float) -> None:
+        limits = self.limits
+        with self._lock:
+            if self._inflight[who] >= limits.max_concurrent_per_token:
+                raise ApiError(
+                    429,
+                    "too_many_concurrent",
+                    f"this token already has {self._inflight[who]} refinements in flight (limit "
+                    f"{limits.max_concurrent_per_token}); wait for one to finish",
+                    _retry_after(max(wait_hint, 1.0)),
+                )
+            rate = limits.rate_per_minute / 60.0
+            now = time.monotonic()
+            level, last = self._buckets.get(who, (float(limits.burst), now))
+            level = min(float(limits.burst), level + (now - last) * rate)
+            if level < 1.0:
+                self._buckets[who] = (level, now)
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"rate limit of {limits.rate_per_minute:g} refinements per minute per token reached",
+                    _retry_after((1.0 - level) / rate if rate > 0 else 60.0),
+                )
+            self._buckets[who] = (level - 1.0, now)
+            self._inflight[who] += 1
+
+    def release(self, who: str) -> None:
+        with self._lock:
+            self._inflight[who] -= 1
+
+
+@dataclass
+class _Entry:
+    body_hash: str
+    future: Future
+    request_id: str
+    created: float
+
+
+class _IdempotencyCache:
+    def __init__(self, size: int, ttl: float):
+        self.size, self.ttl = size, ttl
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> _Entry | None:
+        with self._lock:
+            self._expire()
+            return self._entries.get(key)
+
+    def put(self, key: tuple[str, str], entry: _Entry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def drop(self, key: tuple[str, str], entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if now - entry.created < self.ttl:
+                break
+            del self._entries[key]
+
+
+class _SerialRefiner:
+    """Adapts any blocking `Refiner` (e.g. CloudRefiner) to submit/load: one request at a time."""
+
+    def __init__(self, refiner: Any):
+        self.refiner = refiner
+        self.engine = getattr(refiner, "engine", None)
+        self.max_batch = 1
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="diffusionx-refiner")
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self.completed = self.failed = self.unet_calls = 0
+        self._closing = False
+
+    def submit(self, request: RefineRequest) -> Future:
+        request.validate()
+        if self._closing:
+            raise ServiceUnavailableError("the refiner is shutting down", 5.0)
+        with self._lock:
+            self._waiting += 1
+        submitted = time.perf_counter()
+
+        def run() -> RefineResult:
+            with self._lock:
+                self._waiting -= 1
+            queue_s = time.perf_counter() - submitted
+            try:
+                result = self.refiner.refine(request)
+            except Exception:
+                self.failed += 1
+                raise
+            result.queue_s = queue_s
+            self.completed += 1
+            self.unet_calls += result.unet_steps
+            result.seq = self.completed  # type: ignore[attr-defined]
+            return result
+
+        return self._pool.submit(run)
+
+    def load(self) -> LoadReport:
+        return LoadReport(self._waiting, 0, 1, 0.0, 0.0, self.completed, self.failed, self.unet_calls, self._closing)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> bool:
+        self._closing = True
+        self._pool.shutdown(wait=drain, cancel_futures=not drain)
+        return True
+
+
+# ----- the service ------------------------------------------------------------------------------
+class Service:
+    """State behind one app: the refiner, auth, quotas, idempotency, counters, draining."""
+
+    def __init__(self, refiner: Any, *, tokens: set[str], insecure: bool, limits: Limits, replica: str):
+        self.refiner = refiner
+        self.engine: Engine | None = getattr(refiner, "engine", None)
+        self.tokens = set(tokens)
+        self.insecure = insecure
+        self.limits = limits
+        self.replica = replica
+        self.quota = _Quota(limits)
+        self.idempotency = _IdempotencyCache(limits.idempotency_cache, limits.idempotency_ttl_s)
+        self.draining = False
+        self.started = time.time()
+        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self.latency_buckets = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+        self.latency_counts = [0] * len(self.latency_buckets)
+        self.latency_sum = 0.0
+        self.latency_n = 0
+        self.replays = 0
+        self._lock = threading.Lock()
+
+    # auth: returns an identity for quotas/idempotency (a hash: the token itself is never stored twice)
+    def authenticate(self, header: str | None) -> str:
+        if not self.tokens:
+            return "anonymous"
+        if not header:
+            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>' header",
+                           {"WWW-Authenticate": "Bearer"})
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "the Authorization header must be 'Bearer <token>'",
+                           {"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(token, known) for known in self.tokens):
+            raise ApiError(403, "forbidden", "this token is not accepted by this server; check --tokens / "
+                           f"{TOKENS_ENV} on the server")
+        return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+    def check_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "draining", "the server is shutting down and accepts no new work; retry "
+                           "(another instance) shortly", _retry_after(5))
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        if path not in KNOWN_PATHS:
+            path = "other"
+        with self._lock:
+            self.requests[(path, status)] += 1
+            if path == "/v1/refine" and status == 200:
+                self.latency_sum += seconds
+                self.latency_n += 1
+                for i, bound in enumerate(self.latency_buckets):
+                    if seconds <= bound:
+                        self.latency_counts[i] += 1
+
+    def load(self) -> LoadReport:
+        return self.refiner.load()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting (503 + Retry-After) and finish every accepted request."""
+        self.draining = True
+        return self.refiner.close(drain=True, timeout=self.limits.drain_timeout_s if timeout is None else timeout)
+
+    # request -> RefineRequest, validating everything that needs no model call
+    def to_request(self, body: RefineBody) -> RefineRequest:
+        limits = self.limits
+        if not body.prompt.strip():
+            raise ApiError(422, "invalid_input", "prompt is empty: send the final prompt to refine")
+        if len(body.prompt) > limits.max_prompt_chars:
+            raise ApiError(422, "prompt_too_long", f"prompt is {len(body.prompt)} characters; this server takes "
+                           f"at most {limits.max_prompt_chars}")
+        if body.steps > limits.max_steps:
+            raise ApiError(422, "invalid_input", f"steps must be at most {limits.max_steps} on this server, "
+                           f"got {body.steps}")
+        if (body.latent is None) == (body.image is None):
+            raise ApiError(422, "invalid_input", "send exactly one of 'latent' (base64 safetensors) or "
+                           "'image' (base64 PNG)")
+        latents = _b64(body.latent, "latent") if body.latent is not None else None
+        image = _b64(body.image, "image") if body.image is not None else None
+        if latents is not None:
+            self._check_latents(latents)
+        if image is not None:
+            self._check_image(image)
+        request = RefineRequest(
+            prompt=body.prompt,
+            strength=body.strength,
+            steps=body.steps,
+            seed=body.seed,
+            guidance_scale=body.guidance,
+            scheduler=body.scheduler,
+            latents=latents,
+            image_png=image,
+            return_format=body.return_format,
+        )
+        try:
+            request.validate()
+        except InvalidInputError as err:
+            raise ApiError(422, "invalid_input", str(err)) from None
+        return request
+
+    def _check_latents(self, data: bytes) -> None:
+        from safetensors.torch import load as load_safetensors
+
+        from ..wire import latents_from_bytes
+
+        try:
+            load_safetensors(data)
+        except Exception as err:  # noqa: BLE001 - any parse failure is the client's payload
+            raise ApiError(400, "bad_payload", f"'latent' is not a readable safetensors file ({err}); encode "
+                           "with diffusionx.wire.latents_to_bytes") from None
+        try:
+            latents = latents_from_bytes(data)
+            if self.engine is not None:
+                self.engine.check_latents(latents)
+        except InvalidInputError as err:
+            raise ApiError(422, "latent_mismatch", str(err)) from None
+
+    def _check_image(self, data: bytes) -> None:
+        try:
+            image = _read_png(data)
+        except InvalidInputError as err:
+            raise ApiError(400, "bad_payload", str(err)) from None
+        if self.engine is not None:
+            size = self.engine.default_size
+            if image.size != (size, size):
+                raise ApiError(422, "image_size", f"image is {image.width}x{image.height}; the cloud model "
+                               f"{self.model_name} takes {size}x{size} PNGs")
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.name if self.engine is not None else "unknown"
+
+    @property
+    def latent_shape(self) -> list[int] | None:
+        return list(self.engine.latent_shape()) if self.engine is not None else None
+
+
+def _b64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", f"'{field}' is not valid base64 (standard alphabet, padded)") from None
+
+
+def _response(result: RefineResult, request_id: str, replica: str) -> dict[str, Any]:
+    t = result.timing
+    return {
+        "request_id": request_id,
+        "return_format": result.return_format,
+        "media_type": "image/png" if result.return_format == "png" else LATENT_MEDIA_TYPE,
+        "payload": base64.b64encode(result.payload).decode(),
+        "strength": result.strength,
+        "steps": result.steps,
+        "unet_steps": result.unet_steps,
+        "timings": {
+            "queue_s": result.queue_s,
+            "text_encode_s": t.text_encode_s,
+            "vae_encode_s": t.vae_encode_s,
+            "unet_s": t.unet_s,
+            "decode_s": t.decode_s,
+            "total_s": result.queue_s + t.total_s,
+        },
+        "cost": {"unet_steps": result.unet_steps, "unet_calls": t.unet_calls, "unet_compute_s": t.unet_compute_s},
+        "largest_batch": getattr(result, "largest_batch", 1),
+        "replica": replica,
+        "seq": getattr(result, "seq", 0),
+    }
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(length) > limit:
+            raise ApiError(413, "body_too_large", f"request body is {int(length)} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validation_message(err: ValidationError) -> tuple[int, str]:
+    errors = err.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return 400, "body is not valid JSON: " + "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors)
+    if any(e["type"] == "model_type" for e in errors):
+        return 400, "body must be a JSON object with the fields prompt, strength, latent or image, ..."
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        parts.append(f"{where}: {e['msg']}")
+    return 422, "; ".join(parts)
+
+
+# ----- the app ----------------------------------------------------------------------------------
+def create_app(
+    refiner_or_engine: Any,
+    *,
+    tokens: set[str] | None = None,
+    insecure: bool = False,
+    max_batch: int = 8,
+    limits: Limits | None = None,
+    replica: str | None = None,
+) -> FastAPI:
+    """The service around an Engine (gets a continuous batcher of `max_batch`), a BatchingRefiner,
+    or any blocking Refiner (run one at a time). Needs tokens unless `insecure` is explicit."""
+    limits = limits or Limits()
+    tokens = set(tokens or ())
+    if not tokens and not insecure:
+        raise InvalidInputError(
+            f"no API tokens: pass --tokens FILE or set {TOKENS_ENV}=token1,token2; or, for local use only, "
+            "run with --insecure to accept unauthenticated requests"
+        )
+    if isinstance(refiner_or_engine, Engine):
+        refiner = BatchingRefiner(refiner_or_engine, max_batch=max_batch, max_queue=limits.max_queue)
+    elif hasattr(refiner_or_engine, "submit") and hasattr(refiner_or_engine, "load"):
+        refiner = refiner_or_engine
+    elif hasattr(refiner_or_engine, "refine"):
+        refiner = _SerialRefiner(refiner_or_engine)
+    else:
+        raise InvalidInputError(f"create_app needs an Engine or a Refiner, got {type(refiner_or_engine).__name__}")
+    service = Service(
+        refiner, tokens=tokens, insecure=insecure, limits=limits,
+        replica=replica or f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(service.drain)
+
+    app = FastAPI(
+        title="DiffusionX cloud refinement",
+        version="1",
+        description="Refines an edge preview latent with the cloud model. See docs/serving.md.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return _error(err.status, err.code, err.message, err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return _error(err.status_code, code, str(err.detail), getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return _error(422, "invalid_input", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                      for e in err.errors()))
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - last resort: JSON, not a bare 500
+            response = _error(500, "internal", "internal server error; the server log has the details")
+        service.observe(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    error_responses = {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in (
+            (400, "body is not JSON, bad base64, unreadable safetensors or PNG"),
+            (401, "no or malformed bearer token"),
+            (403, "token not accepted"),
+            (413, "body larger than the limit"),
+            (422, "a field is out of range, or the latent/image does not fit the cloud model"),
+            (429, "per-token concurrency or rate quota; see Retry-After"),
+            (503, "draining or queue full; see Retry-After"),
+        )
+    }
+
+    @app.post(
+        "/v1/refine",
+        response_model=RefineResponse,
+        responses=error_responses,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": RefineBody.model_json_schema()}},
+            },
+            "parameters": [
+                {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "retries with the same key (per token) return the first result, computed once"},
+            ],
+        },
+    )
+    async def refine(request: Request):
+        service.check_draining()
+        who = service.authenticate(request.headers.get("authorization"))
+        raw = await _read_body(request, limits.max_body_bytes)
+        try:
+            body = RefineBody.model_validate_json(raw)
+        except ValidationError as err:
+            status, message = _validation_message(err)
+            raise ApiError(status, "bad_request" if status == 400 else "invalid_input", message) from None
+        key = request.headers.get("idempotency-key")
+        body_hash = hashlib.sha256(raw).hexdigest()
+        entry = None
+        if key is not None:
+            if not 1 <= len(key) <= 200 or not key.isprintable():
+                raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1-200 printable characters")
+            entry = service.idempotency.get((who, key))
+            if entry is not None and entry.body_hash != body_hash:
+                raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for a different "
+                               "request; use a fresh key per distinct request")
+        headers = {}
+        if entry is not None:
+            with service._lock:
+                service.replays += 1
+            headers["Idempotent-Replay"] = "true"
+        else:
+            refine_request = service.to_request(body)
+            service.quota.acquire(who, service.load().estimated_wait_s)
+            try:
+                future = service.refiner.submit(refine_request)
+            except ServiceUnavailableError as err:
+                service.quota.release(who)
+                raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
+            except InvalidInputError as err:
+                service.quota.release(who)
+                raise ApiError(422, "invalid_input", str(err)) from None
+            future.add_done_callback(lambda _: service.quota.release(who))
+            entry = _Entry(body_hash, future, uuid.uuid4().hex, time.monotonic())
+            if key is not None:
+                service.idempotency.put((who, key), entry)
+                future.add_done_callback(
+                    lambda f, k=(who, key), e=entry: f.exception() is not None and service.idempotency.drop(k, e)
+                )
+        try:
+            # shield: a client that disconnects does not cancel the work; its retry picks it up
+            result = await asyncio.shield(asyncio.wrap_future(entry.future))
+        except InvalidInputError as err:
+            raise ApiError(422, "invalid_input", str(err)) from None
+        except ServiceUnavailableError as err:
+            raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
+        return JSONResponse(_response(result, entry.request_id, service.replica), headers=headers)
+
+    @app.get("/v1/health")
+    async def health():
+        body = {
+            "status": "draining" if service.draining else "ok",
+            "model": service.model_name,
+            "latent_shape": service.latent_shape,
+            "image_size": service.engine.default_size if service.engine is not None else None,
+            "schedulers": list(SCHEDULERS),
+            "max_batch": service.refiner.max_batch,
+            "auth": "bearer" if service.tokens else "none (--insecure)",
+            "replica": service.replica,
+            "uptime_s": time.time() - service.started,
+        }
+        return JSONResponse(body, status_code=503 if service.draining else 200,
+                            headers=_retry_after(5) if service.draining else None)
+
+    @app.get("/v1/load")
+    async def load():
+        return {**service.load().as_dict(), "replica": service.replica}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(_prometheus(service), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _prometheus(service: Service) -> str:
+    load = service.load()
+    out = io.StringIO()
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        out.write(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+        for labels, value in samples:
+            out.write(f"{name}{labels} {value:g}\n" if not math.isinf(value) else f"{name}{labels} +Inf\n")
+
+    with service._lock:
+        requests = sorted(service.requests.items())
+        buckets = list(zip(service.latency_buckets, service.latency_counts))
+        lat_sum, lat_n, replays = service.latency_sum, service.latency_n, service.replays
+    metric("diffusionx_http_requests_total", "counter", "HTTP requests by path and status",
+           [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in requests])
+    cumulative, samples = 0, []
+    for bound, count in buckets:
+        cumulative += count
+        le = "+Inf" if math.isinf(bound) else f"{bound:g}"
+        samples.append((f'_bucket{{le="{le}"}}', cumulative))
+    out.write("# HELP diffusionx_refine_seconds end-to-end latency of successful refinements\n"
+              "# TYPE diffusionx_refine_seconds histogram\n")
+    for suffix, value in samples:
+        out.write(f"diffusionx_refine_seconds{suffix} {value:g}\n")
+    out.write(f"diffusionx_refine_seconds_sum {lat_sum:g}\ndiffusionx_refine_seconds_count {lat_n}\n")
+    metric("diffusionx_refinements_completed_total", "counter", "refinements finished", [("", load.completed)])
+    metric("diffusionx_refinements_failed_total", "counter", "refinements that failed", [("", load.failed)])
+    metric("diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency cache",
+           [("", replays)])
+    metric("diffusionx_unet_calls_total", "counter", "batched U-Net calls", [("", load.unet_calls)])
+    metric("diffusionx_queue_depth", "gauge", "requests waiting for a batch slot", [("", load.queue_depth)])
+    metric("diffusionx_running_batch", "gauge", "jobs in the running batch", [("", load.running)])
+    metric("diffusionx_max_batch", "gauge", "batch size limit", [("", load.max_batch)])
+    metric("diffusionx_step_seconds", "gauge", "recent wall time of one U-Net step", [("", load.step_time_s)])
+    metric("diffusionx_estimated_wait_seconds", "gauge", "estimated wait before a new request's first step",
+           [("", load.estimated_wait_s)])
+    metric("diffusionx_draining", "gauge", "1 while shutting down", [("", float(load.draining))])
+    return out.getvalue()

@@ -1,0 +1,125 @@
+"""Running the service: `diffusionx serve` (uvicorn, or Ray Serve with --ray) and a thread helper."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+
+import uvicorn
+
+from .app import Limits, create_app, load_tokens
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but on SIGINT/SIGTERM the service first answers 503 + Retry-After to new requests
+    (on connections still open), then uvicorn stops accepting and waits for in-flight requests, and
+    the app's shutdown finishes every accepted refinement."""
+
+    def handle_exit(self, sig, frame) -> None:
+        service = getattr(self.config.app, "state", None) and self.config.app.state.service
+        if service is not None:
+            service.draining = True
+        super().handle_exit(sig, frame)
+
+
+@dataclass
+class RunningServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, graceful_timeout: float = 60.0) -> RunningServer:
+    """Serve `app` on a background thread (tests, benchmarks). Port 0 picks a free port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout, lifespan="on")
+    server = DrainingServer(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    bound_port = sock.getsockname()[1]
+    return RunningServer(server, thread, f"http://{host}:{bound_port}")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The `diffusionx serve` options (cli.py calls this)."""
+    from ..models import PRESETS
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset (its cloud side)")
+    p.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
+    p.add_argument("--tokens", metavar="FILE", help="bearer tokens, one per line (also: $DIFFUSIONX_TOKENS)")
+    p.add_argument("--insecure", action="store_true", help="accept requests without a token (local use only)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests sharing one U-Net call (default 8)")
+    p.add_argument("--max-concurrent", type=int, default=Limits.max_concurrent_per_token,
+                   help="refinements in flight per token")
+    p.add_argument("--rate", type=float, default=Limits.rate_per_minute, help="refinements per minute per token")
+    p.add_argument("--max-body", type=int, default=Limits.max_body_bytes, help="request body limit in bytes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--max-replicas", type=int, default=0,
+                   help="with --ray: autoscale between --replicas and this many replicas")
+    p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
+
+
+def limits_from_args(args) -> Limits:
+    base = Limits()
+    return Limits(**{
+        **{f.name: getattr(base, f.name) for f in fields(Limits)},
+        "max_concurrent_per_token": args.max_concurrent,
+        "rate_per_minute": args.rate,
+        "max_body_bytes": args.max_body,
+    })
+
+
+def cmd_serve(args) -> int:
+    from ..errors import InvalidInputError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tokens = load_tokens(args.tokens)
+    if not tokens and not args.insecure:
+        raise InvalidInputError(
+            "no API tokens: pass --tokens FILE or set DIFFUSIONX_TOKENS=token1,token2; or, for local use "
+            "only, add --insecure to accept unauthenticated requests"
+        )
+    if args.max_batch < 1:
+        raise InvalidInputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    limits = limits_from_args(args)
+    if args.ray:
+        from .ray_serve import run_ray
+
+        return run_ray(args, tokens=tokens, limits=limits)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..models import load_pair
+
+    pair = load_pair(args.model, cloud=args.cloud)
+    print(f"cloud model: {pair.cloud_info.label}", file=sys.stderr)
+    app = create_app(pair.cloud, tokens=tokens, insecure=args.insecure, max_batch=args.max_batch, limits=limits)
+    if args.insecure and not tokens:
+        print("WARNING: --insecure: any client that can reach this port may use it", file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(limits.drain_timeout_s))
+    DrainingServer(config).run()
+    return 0
