@@ -27,10 +27,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from safetensors.torch import load as load_safetensors
+
 from ..cloud import RefineRequest, RefineResult, _read_png
 from ..engine import DenoiseJob, Engine, Timing, steps_for_strength
 from ..errors import InvalidInputError
-from ..wire import image_to_png, latents_from_bytes, latents_to_bytes
+from ..wire import LATENT_KEY, image_to_png, latents_from_bytes, latents_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class _Work:
     admitted: float = 0.0
     unet_steps: int = 0
     largest_batch: int = 0
+    wire_dtype: str = "fp16"
 
 
 @dataclass
@@ -201,6 +205,7 @@ class BatchingRefiner:
         if request.latents is not None:
             # The model's own size only: every job in a batch must have the same latent shape.
             latents = engine.check_latents(latents_from_bytes(request.latents))
+            work.wire_dtype = _wire_dtype(request.latents)
         else:
             start = time.perf_counter()
             image = _read_png(request.image_png)
@@ -259,7 +264,7 @@ class BatchingRefiner:
                 timing.decode_s = time.perf_counter() - start
                 payload = image_to_png(image)
             else:
-                payload = latents_to_bytes(job.latents)
+                payload = latents_to_bytes(job.latents, work.wire_dtype)
         except Exception as err:  # noqa: BLE001
             self._fail(work, err)
             return
@@ -288,6 +293,11 @@ class BatchingRefiner:
             self._cond.notify_all()
         if not work.future.done():
             work.future.set_exception(err)
+
+
+def _wire_dtype(data: bytes) -> str:
+    """Answer in the precision the client sent: fp32 in, fp32 out; fp16 otherwise."""
+    return "fp32" if load_safetensors(data)[LATENT_KEY].dtype == torch.float32 else "fp16"
 
 
 def _planned_steps(request: RefineRequest) -> int:

@@ -1,0 +1,335 @@
+"""The cloud refinement service: continuous batching, and the HTTP API on a real loopback server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusionx.cloud import CloudRefiner, RefineRequest
+from diffusionx.errors import InvalidInputError
+from diffusionx.server.app import Limits, create_app, load_tokens
+from diffusionx.server.batching import BatchingRefiner, ServiceUnavailableError
+from diffusionx.server.run import start_in_thread
+from diffusionx.wire import image_to_png, latents_from_bytes, latents_to_bytes
+
+TOKEN, OTHER = "test-token-aaaa", "test-token-bbbb"
+PROMPT = "a large red circle on the left on a blue background"
+
+
+def latent_bytes(engine, seed: int = 0, dtype: str = "fp32") -> bytes:
+    latents = torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(seed))
+    return latents_to_bytes(latents, dtype)
+
+
+def request(engine, **kw) -> RefineRequest:
+    return RefineRequest(**{
+        "prompt": PROMPT, "strength": 0.5, "steps": 4, "seed": 1, "guidance_scale": 1.0,
+        "latents": latent_bytes(engine), **kw,
+    })
+
+
+def body(engine, **kw) -> dict:
+    return {
+        "prompt": PROMPT, "strength": 0.5, "steps": 4, "seed": 1, "guidance": 1.0,
+        "latent": base64.b64encode(latent_bytes(engine)).decode(), **kw,
+    }
+
+
+def reference(engine, req: RefineRequest) -> torch.Tensor:
+    """The request run alone through the engine, in fp32 (CloudRefiner would round to fp16)."""
+    return engine.generate(
+        req.prompt, seed=req.seed, steps=req.steps, strength=req.strength, guidance_scale=req.guidance_scale,
+        scheduler=req.scheduler, init_latents=latents_from_bytes(req.latents), decode=False,
+    ).latents
+
+
+# ----- continuous batching (no HTTP) ----------------------------------------------------------
+@pytest.fixture
+def batcher(untrained_pair):
+    refiner = BatchingRefiner(untrained_pair.cloud, max_batch=4)
+    yield refiner
+    refiner.close(drain=False, timeout=60)
+
+
+def test_batched_result_equals_unbatched_at_mixed_strengths(untrained_pair, batcher, count_unet_calls):
+    engine = untrained_pair.cloud
+    requests = [
+        request(engine, strength=1.0, steps=5, seed=11),
+        request(engine, strength=0.6, steps=5, seed=12, guidance_scale=7.5, latents=latent_bytes(engine, 2)),
+        request(engine, strength=0.4, steps=5, seed=13, scheduler="euler", latents=latent_bytes(engine, 3)),
+    ]
+    counter = count_unet_calls(engine.unet)
+    futures = [batcher.submit(r) for r in requests]
+    results = [f.result(timeout=120) for f in futures]
+    batch_calls = len(counter.batches)
+    for req, result in zip(requests, results):
+        assert result.largest_batch >= 2, "the requests should have shared U-Net calls"
+        torch.testing.assert_close(latents_from_bytes(result.payload), reference(engine, req), atol=1e-4, rtol=0)
+    assert batch_calls < sum(r.unet_steps for r in results)  # 5 + 3 + 2 steps in fewer calls
+
+
+def test_late_request_joins_mid_flight_and_leaves_first(untrained_pair, batcher):
+    engine = untrained_pair.cloud
+    long = batcher.submit(request(engine, strength=1.0, steps=12, seed=5))
+    deadline = time.monotonic() + 60
+    while batcher.load().unet_calls < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    short_request = request(engine, strength=0.25, steps=8, seed=6)  # 2 U-Net steps
+    short = batcher.submit(short_request)
+    result = short.result(timeout=60)
+    assert not long.done(), "the short request should finish while the long one still runs"
+    assert result.largest_batch == 2
+    torch.testing.assert_close(latents_from_bytes(result.payload), reference(engine, short_request),
+                               atol=1e-4, rtol=0)
+    assert long.result(timeout=60).unet_steps == 12
+
+
+def test_strength_zero_and_bad_input(untrained_pair, batcher):
+    engine = untrained_pair.cloud
+    req = request(engine, strength=0.0)
+    result = batcher.refine(req)
+    assert result.unet_steps == 0
+    torch.testing.assert_close(latents_from_bytes(result.payload), latents_from_bytes(req.latents))
+    with pytest.raises(InvalidInputError, match="shape"):
+        batcher.refine(request(engine, latents=latents_to_bytes(torch.zeros(1, 4, 8, 8))))
+    assert batcher.load().failed == 1  # and the worker is still alive:
+    assert batcher.refine(request(engine, strength=0.25)).unet_steps == 1
+
+
+def test_close_finishes_accepted_work_then_refuses(untrained_pair):
+    refiner = BatchingRefiner(untrained_pair.cloud, max_batch=1)
+    futures = [refiner.submit(request(untrained_pair.cloud, seed=s)) for s in range(3)]
+    assert refiner.load().estimated_wait_s >= 0
+    assert refiner.close(drain=True, timeout=120)
+    assert all(f.result(timeout=0).unet_steps == 2 for f in futures)
+    with pytest.raises(ServiceUnavailableError):
+        refiner.submit(request(untrained_pair.cloud))
+
+
+# ----- HTTP ------------------------------------------------------------------------------------
+LIMITS = Limits(max_body_bytes=64 * 1024, max_prompt_chars=200, max_steps=50, max_concurrent_per_token=2,
+                rate_per_minute=600, burst=100)
+
+
+@pytest.fixture(scope="module")
+def server(untrained_pair):
+    app = create_app(untrained_pair.cloud, tokens={TOKEN, OTHER}, max_batch=4, limits=LIMITS)
+    running = start_in_thread(app)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as client:
+        yield client
+
+
+def test_round_trip_equals_in_process_refinement(untrained_pair, http):
+    engine = untrained_pair.cloud
+    fp16 = latent_bytes(engine, 3, "fp16")  # what the edge sends; the answer comes back in fp16 too
+    response = http.post("/v1/refine", json=body(engine, seed=7, strength=0.75, latent=_b64(fp16)))
+    assert response.status_code == 200, response.text
+    data = response.json()
+    expected = CloudRefiner(engine).refine(request(engine, seed=7, strength=0.75, latents=fp16)).payload
+    torch.testing.assert_close(latents_from_bytes(base64.b64decode(data["payload"])), latents_from_bytes(expected),
+                               atol=1e-3, rtol=0)  # at most one fp16 rounding step apart
+    fp32 = http.post("/v1/refine", json=body(engine, seed=7, strength=0.75)).json()  # fp32 in -> fp32 out
+    assert len(base64.b64decode(fp32["payload"])) > len(base64.b64decode(data["payload"]))
+    assert data["unet_steps"] == 3 and data["cost"]["unet_steps"] == 3 and data["cost"]["unet_compute_s"] > 0
+    assert set(data["timings"]) >= {"queue_s", "unet_s", "decode_s", "total_s"}
+
+
+def test_png_in_and_out(untrained_pair, http):
+    engine = untrained_pair.cloud
+    png = image_to_png(Image.new("RGB", (engine.default_size,) * 2, (200, 30, 30)))
+    response = http.post("/v1/refine", json=body(engine, latent=None, image=base64.b64encode(png).decode(),
+                                                 return_format="png"))
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["media_type"] == "image/png" and data["timings"]["decode_s"] > 0
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["payload"]))))
+    want = CloudRefiner(engine).refine(request(engine, latents=None, image_png=png, return_format="png")).payload
+    assert np.abs(got.astype(int) - np.asarray(Image.open(io.BytesIO(want))).astype(int)).max() <= 1
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    "change, status, fragment",
+    [
+        ({"strength": 1.5}, 422, "strength"),
+        ({"steps": 0}, 422, "steps"),
+        ({"steps": 51}, 422, "at most 50"),
+        ({"prompt": "x" * 201}, 422, "at most 200"),
+        ({"prompt": "  "}, 422, "prompt is empty"),
+        ({"scheduler": "plms"}, 422, "scheduler"),
+        ({"return_format": "jpeg"}, 422, "return_format"),
+        ({"colour": "red"}, 422, "colour"),
+        ({"latent": None}, 422, "exactly one"),
+        ({"image": "aGVsbG8="}, 422, "exactly one"),
+        ({"latent": "not base64!"}, 400, "base64"),
+        ({"latent": _b64(b"\x00" * 64)}, 400, "safetensors"),
+        ({"latent": _b64(latents_to_bytes(torch.zeros(1, 4, 8, 8)))}, 422, "shape"),
+        ({"latent": _b64(latents_to_bytes(torch.zeros(1, 3, 16, 16)))}, 422, "shape"),
+        ({"latent": None, "image": _b64(b"GIF89a....")}, 400, "PNG"),
+        ({"latent": None, "image": _b64(image_to_png(Image.new("RGB", (32, 32))))}, 422, "64x64"),
+        ({"seed": -1}, 422, "seed"),
+    ],
+)
+def test_validation_errors(untrained_pair, http, change, status, fragment):
+    response = http.post("/v1/refine", json=body(untrained_pair.cloud, **change))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["status"] == status and fragment in error["message"]
+
+
+def test_int_latents_are_refused(untrained_pair, http):
+    from safetensors.torch import save
+
+    data = save({"latents": torch.zeros(1, 4, 16, 16, dtype=torch.int32)})
+    response = http.post("/v1/refine", json=body(untrained_pair.cloud, latent=_b64(data)))
+    assert response.status_code == 422 and "fp16 or fp32" in response.json()["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies(http):
+    response = http.post("/v1/refine", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    response = http.post("/v1/refine", content=b"[1, 2]")
+    assert response.status_code == 400
+    big = b"x" * (LIMITS.max_body_bytes + 1)
+    response = http.post("/v1/refine", content=big)
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        for _ in range(LIMITS.max_body_bytes // 1024 + 2):
+            yield b"x" * 1024
+
+    response = http.post("/v1/refine", content=chunked())
+    assert response.status_code == 413
+
+
+def test_auth(untrained_pair, server):
+    payload = body(untrained_pair.cloud)
+    response = httpx.post(server.url + "/v1/refine", json=payload)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    response = httpx.post(server.url + "/v1/refine", json=payload, headers={"Authorization": "Basic abc"})
+    assert response.status_code == 401
+    response = httpx.post(server.url + "/v1/refine", json=payload, headers={"Authorization": "Bearer wrong-token"})
+    assert response.status_code == 403 and "not accepted" in response.json()["error"]["message"]
+
+
+def test_tokens_required_unless_insecure(untrained_pair, tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFUSIONX_TOKENS", raising=False)
+    with pytest.raises(InvalidInputError, match="--insecure"):
+        create_app(CloudRefiner(untrained_pair.cloud))
+    file = tmp_path / "tokens"
+    file.write_text("# edge devices\nfirst-token-123\n\nsecond-token-456  # lab\n")
+    monkeypatch.setenv("DIFFUSIONX_TOKENS", "third-token-789, fourth-token-000")
+    assert load_tokens(file) == {"first-token-123", "second-token-456", "third-token-789", "fourth-token-000"}
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        load_tokens(tmp_path / "missing")
+
+
+def test_idempotency_key_returns_the_first_result(untrained_pair, server, http):
+    service = server.server.config.app.state.service
+    payload = body(untrained_pair.cloud, seed=21)
+    before = service.refiner.load().completed
+    first = http.post("/v1/refine", json=payload, headers={"Idempotency-Key": "k-21"})
+    second = http.post("/v1/refine", json=payload, headers={"Idempotency-Key": "k-21"})
+    assert first.status_code == second.status_code == 200
+    assert second.headers.get("idempotent-replay") == "true"
+    assert first.json()["payload"] == second.json()["payload"]
+    assert first.json()["request_id"] == second.json()["request_id"]
+    assert service.refiner.load().completed == before + 1
+    # the same key is per token: another token's request with it is its own
+    other = httpx.post(server.url + "/v1/refine", json=payload, timeout=60,
+                       headers={"Authorization": f"Bearer {OTHER}", "Idempotency-Key": "k-21"})
+    assert other.status_code == 200 and "idempotent-replay" not in other.headers
+    reused = http.post("/v1/refine", json={**payload, "seed": 22}, headers={"Idempotency-Key": "k-21"})
+    assert reused.status_code == 422 and "different request" in reused.json()["error"]["message"]
+
+
+@pytest.fixture
+def quota_server(untrained_pair):
+    limits = Limits(max_concurrent_per_token=1, rate_per_minute=30, burst=3)
+    running = start_in_thread(create_app(untrained_pair.cloud, tokens={TOKEN, OTHER}, max_batch=2, limits=limits))
+    yield running
+    running.stop()
+
+
+def test_concurrency_and_rate_quotas(untrained_pair, quota_server):
+    url = quota_server.url + "/v1/refine"
+    engine = untrained_pair.cloud
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    long_result = {}
+    thread = threading.Thread(target=lambda: long_result.update(
+        r=httpx.post(url, json=body(engine, strength=1.0, steps=10), headers=auth, timeout=120)))
+    thread.start()
+    service = quota_server.server.config.app.state.service
+    deadline = time.monotonic() + 30
+    while service.refiner.load().running + service.refiner.load().queue_depth == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    busy = httpx.post(url, json=body(engine), headers=auth, timeout=60)
+    assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+    assert "in flight" in busy.json()["error"]["message"]
+    thread.join(120)
+    assert long_result["r"].status_code == 200
+
+    other = {"Authorization": f"Bearer {OTHER}"}  # its own bucket: burst 3, then 0.5 per second
+    statuses = [httpx.post(url, json=body(engine, strength=0.0), headers=other, timeout=60) for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert statuses[-1].json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(statuses[-1].headers["retry-after"]) <= 2
+
+
+def test_drain_finishes_in_flight_and_refuses_new(untrained_pair, quota_server):
+    url = quota_server.url
+    engine = untrained_pair.cloud
+    service = quota_server.server.config.app.state.service
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        r=httpx.post(url + "/v1/refine", json=body(engine, strength=1.0, steps=6), headers=auth, timeout=120)))
+    thread.start()
+    while service.refiner.load().running == 0:
+        time.sleep(0.01)
+    drained = threading.Thread(target=service.drain)
+    drained.start()
+    while not service.draining:
+        time.sleep(0.01)
+    refused = httpx.post(url + "/v1/refine", json=body(engine), headers=auth, timeout=60)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert httpx.get(url + "/v1/health").status_code == 503
+    thread.join(120)
+    drained.join(120)
+    assert result["r"].status_code == 200 and result["r"].json()["unet_steps"] == 6
+
+
+def test_health_load_metrics_openapi(server, http):
+    health = http.get("/v1/health").json()
+    assert health["status"] == "ok" and health["latent_shape"] == [1, 4, 16, 16]
+    load = http.get("/v1/load").json()
+    assert {"queue_depth", "running", "step_time_s", "estimated_wait_s", "max_batch"} <= set(load)
+    metrics = http.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "# TYPE diffusionx_refine_seconds histogram" in metrics.text
+    assert 'diffusionx_http_requests_total{path="/v1/refine",status="200"}' in metrics.text
+    spec = http.get("/openapi.json").json()
+    refine = spec["paths"]["/v1/refine"]["post"]
+    assert "prompt" in refine["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert {"200", "401", "413", "422", "429", "503"} <= set(refine["responses"])
+    missing = http.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
