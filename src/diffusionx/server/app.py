@@ -44,6 +44,7 @@ from ..cloud import RefineRequest, RefineResult, _read_png
 from ..engine import DEFAULT_SCHEDULER, SCHEDULERS, Engine
 from ..errors import InvalidInputError
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
+from .config import Limits
 
 TOKENS_ENV = "DIFFUSIONX_TOKENS"
 KNOWN_PATHS = frozenset({"/v1/refine", "/v1/health", "/v1/load", "/metrics", "/openapi.json", "/docs"})
@@ -51,20 +52,6 @@ LATENT_MEDIA_TYPE = "application/vnd.diffusionx.latents+safetensors"
 
 
 # ----- configuration ----------------------------------------------------------------------------
-@dataclass
-class Limits:
-    max_body_bytes: int = 4 * 1024 * 1024  # whole JSON body, base64 included
-    max_prompt_chars: int = 1000
-    max_steps: int = 100
-    max_concurrent_per_token: int = 4  # requests in flight per token
-    rate_per_minute: float = 120.0  # sustained requests per minute per token
-    burst: int = 20  # requests a token may send at once before the rate applies
-    max_queue: int = 256  # accepted requests waiting for a batch slot
-    idempotency_cache: int = 1024  # recent (token, Idempotency-Key) -> result entries kept
-    idempotency_ttl_s: float = 600.0
-    drain_timeout_s: float = 120.0
-
-
 def load_tokens(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> set[str]:
     """Bearer tokens from a file (one per line, '#' comments) and/or $DIFFUSIONX_TOKENS (comma-separated)."""
     tokens: set[str] = set()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import sys
@@ -12,7 +11,8 @@ from dataclasses import dataclass, fields
 
 import uvicorn
 
-from .app import Limits, create_app, load_tokens
+from .app import create_app, load_tokens
+from .config import Limits
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +57,6 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, graceful_timeou
         time.sleep(0.02)
     bound_port = sock.getsockname()[1]
     return RunningServer(server, thread, f"http://{host}:{bound_port}")
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The `diffusionx serve` options (cli.py calls this)."""
-    from ..models import PRESETS
-
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset (its cloud side)")
-    p.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
-    p.add_argument("--tokens", metavar="FILE", help="bearer tokens, one per line (also: $DIFFUSIONX_TOKENS)")
-    p.add_argument("--insecure", action="store_true", help="accept requests without a token (local use only)")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests sharing one U-Net call (default 8)")
-    p.add_argument("--max-concurrent", type=int, default=Limits.max_concurrent_per_token,
-                   help="refinements in flight per token")
-    p.add_argument("--rate", type=float, default=Limits.rate_per_minute, help="refinements per minute per token")
-    p.add_argument("--max-body", type=int, default=Limits.max_body_bytes, help="request body limit in bytes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
-    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
-    p.add_argument("--max-replicas", type=int, default=0,
-                   help="with --ray: autoscale between --replicas and this many replicas")
-    p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
 
 
 def limits_from_args(args) -> Limits:

@@ -1,0 +1,51 @@
+"""Service limits and the `diffusionx serve` options. Light: no web framework imported here, so
+`diffusionx --help` works without the `serve` extras installed."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 4 * 1024 * 1024  # whole JSON body, base64 included
+    max_prompt_chars: int = 1000
+    max_steps: int = 100
+    max_concurrent_per_token: int = 4  # requests in flight per token
+    rate_per_minute: float = 120.0  # sustained requests per minute per token
+    burst: int = 20  # requests a token may send at once before the rate applies
+    max_queue: int = 256  # accepted requests waiting for a batch slot
+    idempotency_cache: int = 1024  # recent (token, Idempotency-Key) -> result entries kept
+    idempotency_ttl_s: float = 600.0
+    drain_timeout_s: float = 120.0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The `diffusionx serve` options; cli.py calls this and sets `cmd_serve` as the handler."""
+    from ..models import PRESETS
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset (its cloud side)")
+    p.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
+    p.add_argument("--tokens", metavar="FILE", help="bearer tokens, one per line (also: $DIFFUSIONX_TOKENS)")
+    p.add_argument("--insecure", action="store_true", help="accept requests without a token (local use only)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests sharing one U-Net call (default 8)")
+    p.add_argument("--max-concurrent", type=int, default=Limits.max_concurrent_per_token,
+                   help=f"refinements in flight per token (default {Limits.max_concurrent_per_token})")
+    p.add_argument("--rate", type=float, default=Limits.rate_per_minute,
+                   help=f"refinements per minute per token (default {Limits.rate_per_minute:g})")
+    p.add_argument("--max-body", type=int, default=Limits.max_body_bytes, help="request body limit in bytes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray; default 1)")
+    p.add_argument("--max-replicas", type=int, default=0,
+                   help="with --ray: autoscale between --replicas and this many replicas")
+    p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
+
+
+def cmd_serve(args) -> int:
+    from .run import cmd_serve as run
+
+    return run(args)

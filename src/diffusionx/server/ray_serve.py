@@ -1,0 +1,149 @@
+"""The refinement service as a Ray Serve deployment: same HTTP API, N replicas, optional autoscaling.
+
+Each replica loads the cloud model once and runs the *same* FastAPI app (`create_app`) with the
+same continuous step-level batcher inside; Ray Serve's HTTP proxy spreads requests over replicas.
+Why not `@serve.batch`: it gathers whole requests into a batch and returns when the whole batch is
+done, so a 2-step refinement that arrives next to a 20-step one waits for all 20, and nobody joins
+a batch that has started. The step-level batcher admits and releases requests at every U-Net step.
+(docs/serving.md says more, and how to run it on a KubeRay cluster.)
+
+Per replica, as with several plain servers behind a load balancer: quotas and the idempotency
+cache are per replica (Ray's proxy does not pin a client to one replica).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from .config import Limits
+
+DEPLOYMENT_NAME = "diffusionx-refiner"
+APP_NAME = "diffusionx"
+
+
+def ray_environment() -> None:
+    """Settings Ray needs here, set before `import ray` (they are read at import/init time)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def autoscaling_config(replicas: int, max_replicas: int, max_batch: int) -> dict[str, Any] | None:
+    """Scale on requests in flight per replica: a replica is 'full' at one batch's worth."""
+    if max_replicas <= replicas:
+        return None
+    return {
+        "min_replicas": replicas,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": max_batch,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 120,
+    }
+
+
+def build_app(
+    *,
+    model: str = "embedded",
+    cloud: str | None = None,
+    tokens: set[str] | None = None,
+    insecure: bool = False,
+    max_batch: int = 8,
+    limits: Limits | None = None,
+    replicas: int = 1,
+    max_replicas: int = 0,
+    threads: int = 1,
+    cpus_per_replica: float = 1.0,
+):
+    """A bound Ray Serve application; pass it to `serve.run`."""
+    ray_environment()
+    from ray import serve
+
+    class RefinerReplica:
+        def __init__(self, model, cloud, tokens, insecure, max_batch, limits, threads):
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
+            from diffusionx.models import load_pair
+            from diffusionx.server.app import create_app
+
+            pair = load_pair(model, cloud=cloud)
+            self._app = create_app(
+                pair.cloud,
+                tokens=tokens,
+                insecure=insecure,
+                max_batch=max_batch,
+                limits=limits,
+                replica=_replica_name(),
+            )
+
+        def __serve_build_asgi_app__(self):
+            return self._app
+
+    scaling = autoscaling_config(replicas, max_replicas, max_batch)
+    options: dict[str, Any] = {
+        "name": DEPLOYMENT_NAME,
+        "ray_actor_options": {"num_cpus": cpus_per_replica},
+        # Above the batch size, so a replica holds a full batch plus a queue to admit from at the
+        # next step boundary; beyond this, requests wait at the proxy for a free replica.
+        "max_ongoing_requests": max(4 * max_batch, 16),
+        "graceful_shutdown_timeout_s": (limits or Limits()).drain_timeout_s,
+        "health_check_period_s": 10,
+    }
+    if scaling:
+        options["autoscaling_config"] = scaling
+    else:
+        options["num_replicas"] = replicas
+    deployment = serve.deployment(serve.ingress()(RefinerReplica), **options)
+    return deployment.bind(model, cloud, set(tokens or ()), insecure, max_batch, limits or Limits(), threads)
+
+
+def _replica_name() -> str:
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - outside a replica
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_ray(args, *, tokens: set[str], limits: Limits) -> int:
+    """`diffusionx serve --ray`: start (or join) Ray, deploy, serve until interrupted."""
+    ray_environment()
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("error: --ray needs Ray Serve: pip install 'diffusionx[serve]' (or 'ray[serve]')", file=sys.stderr)
+        return 2
+    if args.replicas < 1:
+        print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
+        return 2
+    if args.ray_address:
+        ray.init(address=args.ray_address)
+    else:
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(
+        model=args.model,
+        cloud=args.cloud,
+        tokens=tokens,
+        insecure=args.insecure,
+        max_batch=args.max_batch,
+        limits=limits,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        threads=args.threads or 1,
+    )
+    print(f"Ray Serve: {args.replicas} replica(s) on http://{args.host}:{args.port}", file=sys.stderr)
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
