@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="checkpoints and logs (resumable)")
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
     p.set_defaults(func=cmd_train)
+
+    from .server.config import add_serve_arguments, cmd_serve
+
+    p = sub.add_parser("serve", help="the cloud refinement service over HTTP (docs/serving.md)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
