@@ -180,7 +180,7 @@ def load_pipeline(source: str | Path, *, dtype: torch.dtype = torch.float32, sha
         _check_folder(folder)
         try:
             return _components(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **kwargs))
-        except Exception as err:  # noqa: BLE001 - re-raised with the file and the fix
+        except Exception as err:
             raise ModelNotAvailableError(f"could not load the model in {folder}: {err}. {_hint(folder)}") from None
     if str(source).startswith((".", "/")) or str(source).count("/") != 1:
         raise ModelNotAvailableError(
@@ -193,7 +193,7 @@ def load_pipeline(source: str | Path, *, dtype: torch.dtype = torch.float32, sha
     for local_only in attempts:
         try:
             return _components(StableDiffusionPipeline.from_pretrained(source, local_files_only=local_only, **kwargs))
-        except Exception as err:  # noqa: BLE001 - summarised below
+        except Exception as err:
             last_error = err
     raise ModelNotAvailableError(
         f"model {source!r} is not in the local Hugging Face cache and could not be downloaded "
@@ -204,8 +204,10 @@ def load_pipeline(source: str | Path, *, dtype: torch.dtype = torch.float32, sha
 
 
 def _hint(folder: Path) -> str:
-    return REBUILD_HINT if folder.resolve().is_relative_to(EMBEDDED_DIR.resolve()) else (
-        "Re-download or re-export that folder (a diffusers StableDiffusionPipeline folder)."
+    return (
+        REBUILD_HINT
+        if folder.resolve().is_relative_to(EMBEDDED_DIR.resolve())
+        else ("Re-download or re-export that folder (a diffusers StableDiffusionPipeline folder).")
     )
 
 
@@ -232,7 +234,7 @@ def _check_folder(folder: Path) -> None:
                 with safe_open(str(path), framework="pt") as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                         f.get_slice(key)
-            except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+            except Exception as err:
                 raise ModelNotAvailableError(f"weights file {path} is corrupt ({err}). {_hint(folder)}") from None
 
 

@@ -203,7 +203,7 @@ class EdgeSession:
             result = self.cloud.refine(request)
         except InvalidInputError:
             raise
-        except Exception as err:  # noqa: BLE001 - any cloud failure falls back to the preview
+        except Exception as err:
             self.final = FinalResult(
                 prompt=source.prompt,
                 source_round=source.index,

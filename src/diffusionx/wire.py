@@ -30,7 +30,9 @@ def latents_from_bytes(data: bytes) -> torch.Tensor:
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise InvalidInputError(f"latent payload is not a valid safetensors file: {err}") from None
     if set(tensors) != {LATENT_KEY}:
-        raise InvalidInputError(f"latent payload must hold exactly one tensor named {LATENT_KEY!r}, got {sorted(tensors)}")
+        raise InvalidInputError(
+            f"latent payload must hold exactly one tensor named {LATENT_KEY!r}, got {sorted(tensors)}"
+        )
     latents = tensors[LATENT_KEY]
     if latents.dtype not in WIRE_DTYPES.values():
         raise InvalidInputError(f"latents must be fp16 or fp32, got {latents.dtype}")
