@@ -123,7 +123,7 @@ def test_retries_5xx_and_429_honouring_retry_after():
 
     client = CloudClient("http://127.0.0.1:9", retries=2, backoff=0.01, transport=httpx.MockTransport(handler))
     request = RefineRequest(prompt="x", strength=0.5, latents=latents_to_bytes(torch.zeros(1, 4, 16, 16)))
-    with pytest.raises(CloudError, match="3 attempts.*boom"):
+    with pytest.raises(CloudError, match=r"3 attempts.*boom"):
         client.refine(request)
     assert len(calls) == 3 and calls[1][0] - calls[0][0] >= 1.0  # waited for Retry-After
     assert len({key for _, key in calls}) == 1  # one key for every attempt

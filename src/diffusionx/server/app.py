@@ -380,7 +380,7 @@ class Service:
 
         try:
             load_safetensors(data)
-        except Exception as err:  # noqa: BLE001 - any parse failure is the client's payload
+        except Exception as err:
             raise ApiError(400, "bad_payload", f"'latent' is not a readable safetensors file ({err}); encode "
                            "with diffusionx.wire.latents_to_bytes") from None
         try:
@@ -535,7 +535,7 @@ def create_app(
         start = time.perf_counter()
         try:
             response = await call_next(request)
-        except Exception:  # noqa: BLE001 - last resort: JSON, not a bare 500
+        except Exception:
             response = _error(500, "internal", "internal server error; the server log has the details")
         service.observe(request.url.path, response.status_code, time.perf_counter() - start)
         return response

@@ -192,7 +192,7 @@ class BatchingRefiner:
         work.admitted = time.perf_counter()
         try:
             work.job = self._start(work)
-        except Exception as err:  # noqa: BLE001 - handed to the caller
+        except Exception as err:
             self._fail(work, err)
             return
         with self._cond:
@@ -265,7 +265,7 @@ class BatchingRefiner:
                 payload = image_to_png(image)
             else:
                 payload = latents_to_bytes(job.latents, work.wire_dtype)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self._fail(work, err)
             return
         result = ServedResult(

@@ -14,6 +14,7 @@ cache are per replica (Ray's proxy does not pin a client to one replica).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -106,7 +107,7 @@ def _replica_name() -> str:
         from ray import serve
 
         return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:  # noqa: BLE001 - outside a replica
+    except Exception:
         return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -139,6 +140,11 @@ def run_ray(args, *, tokens: set[str], limits: Limits) -> int:
         threads=args.threads or 1,
     )
     print(f"Ray Serve: {args.replicas} replica(s) on http://{args.host}:{args.port}", file=sys.stderr)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # SIGTERM (e.g. from Kubernetes) shuts down like Ctrl-C
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
