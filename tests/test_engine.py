@@ -240,3 +240,22 @@ def test_bad_input_is_a_clear_error(untrained_pair, kwargs, message):
 def test_unknown_scheduler(untrained_pair):
     with pytest.raises(InvalidInputError, match="ddim"):
         untrained_pair.edge.generate("a ring", seed=0, steps=2, scheduler="plms")
+
+
+def test_a_job_may_carry_several_samples(untrained_pair):
+    """Attention control runs its source and edit branches as one job of two samples."""
+    from diffusionx.engine import PromptEmbeddings
+
+    engine = untrained_pair.edge
+    a, b = engine.encode_prompt("a red ring"), engine.encode_prompt("a blue ring")
+    single = []
+    for emb, seed in ((a, 1), (b, 2)):
+        job = engine.start(emb, seed=seed, steps=4)
+        engine.run([job])
+        single.append(job.latents)
+    jobs = [engine.start(a, seed=1, steps=4), engine.start(b, seed=2, steps=4)]
+    pair = PromptEmbeddings(torch.cat([a.cond, b.cond]), torch.cat([a.uncond, b.uncond]))
+    both = engine.start(pair, seed=1, steps=4)
+    both.latents = torch.cat([j.latents for j in jobs])
+    engine.run([both])
+    torch.testing.assert_close(both.latents, torch.cat(single), rtol=0, atol=1e-4)

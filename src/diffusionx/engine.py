@@ -129,8 +129,8 @@ class AttentionHook(Protocol):
 
 @dataclass
 class DenoiseJob:
-    latents: torch.Tensor  # (1, C, h, w), updated in place step by step
-    embeddings: PromptEmbeddings
+    latents: torch.Tensor  # (n, C, h, w), usually n=1; replaced step by step
+    embeddings: PromptEmbeddings  # cond / uncond with n rows to match
     guidance_scale: float
     scheduler: Any
     timesteps: torch.Tensor  # the timesteps this job still walks, in order
@@ -340,7 +340,7 @@ class Engine:
         for job, kind in rows:
             t = job.timesteps[job.step_index]
             samples.append(job.scheduler.scale_model_input(job.latents, t))
-            timesteps.append(t.reshape(1))
+            timesteps.append(t.reshape(1).expand(job.latents.shape[0]))
             context.append(job.embeddings.uncond if kind == "uncond" else job.embeddings.cond)
         start = time.perf_counter()
         out = self.unet(
@@ -348,7 +348,8 @@ class Engine:
         )[0]
         elapsed = time.perf_counter() - start
         predictions: dict[int, dict[str, torch.Tensor]] = {}
-        for (job, kind), prediction in zip(rows, out.split(1)):
+        # A job may carry several samples (e.g. Prompt-to-Prompt's source and edit branches).
+        for (job, kind), prediction in zip(rows, out.split([sample.shape[0] for sample in samples])):
             predictions.setdefault(id(job), {})[kind] = prediction
         for job in active:
             pred = predictions[id(job)]
@@ -359,7 +360,8 @@ class Engine:
             job.latents = job.scheduler.step(noise, t, job.latents, return_dict=False)[0]
             job.step_index += 1
             job.timing.unet_s += elapsed
-            job.timing.unet_compute_s += elapsed * (2 if job.uses_guidance else 1) / len(rows)
+            job_rows = job.latents.shape[0] * (2 if job.uses_guidance else 1)
+            job.timing.unet_compute_s += elapsed * job_rows / sum(sample.shape[0] for sample in samples)
             job.timing.unet_calls += 1
 
     def run(self, jobs: list[DenoiseJob], progress: bool = False, desc: str | None = None) -> None:
