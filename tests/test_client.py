@@ -31,10 +31,17 @@ def server(untrained_pair):
 
 def make_request(engine, **kw) -> RefineRequest:
     latents = torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(4))
-    return RefineRequest(**{
-        "prompt": PROMPT, "strength": 0.5, "steps": 6, "seed": 9, "guidance_scale": 1.0,
-        "latents": latents_to_bytes(latents), **kw,
-    })
+    return RefineRequest(
+        **{
+            "prompt": PROMPT,
+            "strength": 0.5,
+            "steps": 6,
+            "seed": 9,
+            "guidance_scale": 1.0,
+            "latents": latents_to_bytes(latents),
+            **kw,
+        }
+    )
 
 
 def free_port_url() -> str:
@@ -50,8 +57,9 @@ def test_client_round_trip_equals_in_process(untrained_pair, server):
         assert client.load()["max_batch"] == 4
         assert client.health()["status"] == "ok"
     expected = CloudRefiner(engine).refine(make_request(engine))
-    torch.testing.assert_close(latents_from_bytes(result.payload), latents_from_bytes(expected.payload),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        latents_from_bytes(result.payload), latents_from_bytes(expected.payload), atol=1e-3, rtol=0
+    )
     assert result.unet_steps == 3 and result.timing.unet_calls == 3 and result.cloud_seconds > 0
 
 

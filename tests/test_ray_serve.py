@@ -48,11 +48,19 @@ def test_two_replicas_answer_every_request_once(untrained_pair, ray_url):
 
     def send(i: int) -> httpx.Response:
         body = {
-            "prompt": PROMPT, "strength": 0.5, "steps": 4, "seed": i, "guidance": 1.0,
+            "prompt": PROMPT,
+            "strength": 0.5,
+            "steps": 4,
+            "seed": i,
+            "guidance": 1.0,
             "latent": base64.b64encode(latents_to_bytes(latents[i], "fp32")).decode(),
         }
-        return httpx.post(ray_url + "/v1/refine", json=body, timeout=180,
-                          headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"req-{i}"})
+        return httpx.post(
+            ray_url + "/v1/refine",
+            json=body,
+            timeout=180,
+            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"req-{i}"},
+        )
 
     with ThreadPoolExecutor(n) as pool:
         responses = list(pool.map(send, range(n)))
@@ -71,8 +79,9 @@ def test_two_replicas_answer_every_request_once(untrained_pair, ray_url):
 
     # and each answer is the refinement of its own request
     for i, d in enumerate(data):
-        expected = engine.generate(PROMPT, seed=i, steps=4, strength=0.5, guidance_scale=1.0,
-                                   init_latents=latents[i], decode=False).latents
+        expected = engine.generate(
+            PROMPT, seed=i, steps=4, strength=0.5, guidance_scale=1.0, init_latents=latents[i], decode=False
+        ).latents
         got = latents_from_bytes(base64.b64decode(d["payload"]))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 

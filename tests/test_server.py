@@ -30,24 +30,42 @@ def latent_bytes(engine, seed: int = 0, dtype: str = "fp32") -> bytes:
 
 
 def request(engine, **kw) -> RefineRequest:
-    return RefineRequest(**{
-        "prompt": PROMPT, "strength": 0.5, "steps": 4, "seed": 1, "guidance_scale": 1.0,
-        "latents": latent_bytes(engine), **kw,
-    })
+    return RefineRequest(
+        **{
+            "prompt": PROMPT,
+            "strength": 0.5,
+            "steps": 4,
+            "seed": 1,
+            "guidance_scale": 1.0,
+            "latents": latent_bytes(engine),
+            **kw,
+        }
+    )
 
 
 def body(engine, **kw) -> dict:
     return {
-        "prompt": PROMPT, "strength": 0.5, "steps": 4, "seed": 1, "guidance": 1.0,
-        "latent": base64.b64encode(latent_bytes(engine)).decode(), **kw,
+        "prompt": PROMPT,
+        "strength": 0.5,
+        "steps": 4,
+        "seed": 1,
+        "guidance": 1.0,
+        "latent": base64.b64encode(latent_bytes(engine)).decode(),
+        **kw,
     }
 
 
 def reference(engine, req: RefineRequest) -> torch.Tensor:
     """The request run alone through the engine, in fp32 (CloudRefiner would round to fp16)."""
     return engine.generate(
-        req.prompt, seed=req.seed, steps=req.steps, strength=req.strength, guidance_scale=req.guidance_scale,
-        scheduler=req.scheduler, init_latents=latents_from_bytes(req.latents), decode=False,
+        req.prompt,
+        seed=req.seed,
+        steps=req.steps,
+        strength=req.strength,
+        guidance_scale=req.guidance_scale,
+        scheduler=req.scheduler,
+        init_latents=latents_from_bytes(req.latents),
+        decode=False,
     ).latents
 
 
@@ -88,8 +106,7 @@ def test_late_request_joins_mid_flight_and_leaves_first(untrained_pair, batcher)
     result = short.result(timeout=60)
     assert not long.done(), "the short request should finish while the long one still runs"
     assert result.largest_batch == 2
-    torch.testing.assert_close(latents_from_bytes(result.payload), reference(engine, short_request),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(latents_from_bytes(result.payload), reference(engine, short_request), atol=1e-4, rtol=0)
     assert long.result(timeout=60).unet_steps == 12
 
 
@@ -116,8 +133,14 @@ def test_close_finishes_accepted_work_then_refuses(untrained_pair):
 
 
 # ----- HTTP ------------------------------------------------------------------------------------
-LIMITS = Limits(max_body_bytes=64 * 1024, max_prompt_chars=200, max_steps=50, max_concurrent_per_token=2,
-                rate_per_minute=600, burst=100)
+LIMITS = Limits(
+    max_body_bytes=64 * 1024,
+    max_prompt_chars=200,
+    max_steps=50,
+    max_concurrent_per_token=2,
+    rate_per_minute=600,
+    burst=100,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +164,9 @@ def test_round_trip_equals_in_process_refinement(untrained_pair, http):
     assert response.status_code == 200, response.text
     data = response.json()
     expected = CloudRefiner(engine).refine(request(engine, seed=7, strength=0.75, latents=fp16)).payload
-    torch.testing.assert_close(latents_from_bytes(base64.b64decode(data["payload"])), latents_from_bytes(expected),
-                               atol=1e-3, rtol=0)  # at most one fp16 rounding step apart
+    torch.testing.assert_close(
+        latents_from_bytes(base64.b64decode(data["payload"])), latents_from_bytes(expected), atol=1e-3, rtol=0
+    )  # at most one fp16 rounding step apart
     fp32 = http.post("/v1/refine", json=body(engine, seed=7, strength=0.75)).json()  # fp32 in -> fp32 out
     assert len(base64.b64decode(fp32["payload"])) > len(base64.b64decode(data["payload"]))
     assert data["unet_steps"] == 3 and data["cost"]["unet_steps"] == 3 and data["cost"]["unet_compute_s"] > 0
@@ -152,8 +176,9 @@ def test_round_trip_equals_in_process_refinement(untrained_pair, http):
 def test_png_in_and_out(untrained_pair, http):
     engine = untrained_pair.cloud
     png = image_to_png(Image.new("RGB", (engine.default_size,) * 2, (200, 30, 30)))
-    response = http.post("/v1/refine", json=body(engine, latent=None, image=base64.b64encode(png).decode(),
-                                                 return_format="png"))
+    response = http.post(
+        "/v1/refine", json=body(engine, latent=None, image=base64.b64encode(png).decode(), return_format="png")
+    )
     assert response.status_code == 200, response.text
     data = response.json()
     assert data["media_type"] == "image/png" and data["timings"]["decode_s"] > 0
@@ -254,8 +279,12 @@ def test_idempotency_key_returns_the_first_result(untrained_pair, server, http):
     assert first.json()["request_id"] == second.json()["request_id"]
     assert service.refiner.load().completed == before + 1
     # the same key is per token: another token's request with it is its own
-    other = httpx.post(server.url + "/v1/refine", json=payload, timeout=60,
-                       headers={"Authorization": f"Bearer {OTHER}", "Idempotency-Key": "k-21"})
+    other = httpx.post(
+        server.url + "/v1/refine",
+        json=payload,
+        timeout=60,
+        headers={"Authorization": f"Bearer {OTHER}", "Idempotency-Key": "k-21"},
+    )
     assert other.status_code == 200 and "idempotent-replay" not in other.headers
     reused = http.post("/v1/refine", json={**payload, "seed": 22}, headers={"Idempotency-Key": "k-21"})
     assert reused.status_code == 422 and "different request" in reused.json()["error"]["message"]
@@ -274,8 +303,11 @@ def test_concurrency_and_rate_quotas(untrained_pair, quota_server):
     engine = untrained_pair.cloud
     auth = {"Authorization": f"Bearer {TOKEN}"}
     long_result = {}
-    thread = threading.Thread(target=lambda: long_result.update(
-        r=httpx.post(url, json=body(engine, strength=1.0, steps=10), headers=auth, timeout=120)))
+    thread = threading.Thread(
+        target=lambda: long_result.update(
+            r=httpx.post(url, json=body(engine, strength=1.0, steps=10), headers=auth, timeout=120)
+        )
+    )
     thread.start()
     service = quota_server.server.config.app.state.service
     deadline = time.monotonic() + 30
@@ -301,8 +333,11 @@ def test_drain_finishes_in_flight_and_refuses_new(untrained_pair, quota_server):
     service = quota_server.server.config.app.state.service
     auth = {"Authorization": f"Bearer {TOKEN}"}
     result = {}
-    thread = threading.Thread(target=lambda: result.update(
-        r=httpx.post(url + "/v1/refine", json=body(engine, strength=1.0, steps=6), headers=auth, timeout=120)))
+    thread = threading.Thread(
+        target=lambda: result.update(
+            r=httpx.post(url + "/v1/refine", json=body(engine, strength=1.0, steps=6), headers=auth, timeout=120)
+        )
+    )
     thread.start()
     while service.refiner.load().running == 0:
         time.sleep(0.01)

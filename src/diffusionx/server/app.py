@@ -299,22 +299,31 @@ class Service:
         if not self.tokens:
             return "anonymous"
         if not header:
-            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>' header",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "missing 'Authorization: Bearer <token>' header", {"WWW-Authenticate": "Bearer"}
+            )
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "the Authorization header must be 'Bearer <token>'",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "the Authorization header must be 'Bearer <token>'", {"WWW-Authenticate": "Bearer"}
+            )
         if not any(hmac.compare_digest(token, known) for known in self.tokens):
-            raise ApiError(403, "forbidden", "this token is not accepted by this server; check --tokens / "
-                           f"{TOKENS_ENV} on the server")
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this token is not accepted by this server; check --tokens / {TOKENS_ENV} on the server",
+            )
         return hashlib.sha256(token.encode()).hexdigest()[:16]
 
     def check_draining(self) -> None:
         if self.draining:
-            raise ApiError(503, "draining", "the server is shutting down and accepts no new work; retry "
-                           "(another instance) shortly", _retry_after(5))
+            raise ApiError(
+                503,
+                "draining",
+                "the server is shutting down and accepts no new work; retry (another instance) shortly",
+                _retry_after(5),
+            )
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         if path not in KNOWN_PATHS:
@@ -342,14 +351,19 @@ class Service:
         if not body.prompt.strip():
             raise ApiError(422, "invalid_input", "prompt is empty: send the final prompt to refine")
         if len(body.prompt) > limits.max_prompt_chars:
-            raise ApiError(422, "prompt_too_long", f"prompt is {len(body.prompt)} characters; this server takes "
-                           f"at most {limits.max_prompt_chars}")
+            raise ApiError(
+                422,
+                "prompt_too_long",
+                f"prompt is {len(body.prompt)} characters; this server takes at most {limits.max_prompt_chars}",
+            )
         if body.steps > limits.max_steps:
-            raise ApiError(422, "invalid_input", f"steps must be at most {limits.max_steps} on this server, "
-                           f"got {body.steps}")
+            raise ApiError(
+                422, "invalid_input", f"steps must be at most {limits.max_steps} on this server, got {body.steps}"
+            )
         if (body.latent is None) == (body.image is None):
-            raise ApiError(422, "invalid_input", "send exactly one of 'latent' (base64 safetensors) or "
-                           "'image' (base64 PNG)")
+            raise ApiError(
+                422, "invalid_input", "send exactly one of 'latent' (base64 safetensors) or 'image' (base64 PNG)"
+            )
         latents = _b64(body.latent, "latent") if body.latent is not None else None
         image = _b64(body.image, "image") if body.image is not None else None
         if latents is not None:
@@ -381,8 +395,11 @@ class Service:
         try:
             load_safetensors(data)
         except Exception as err:
-            raise ApiError(400, "bad_payload", f"'latent' is not a readable safetensors file ({err}); encode "
-                           "with diffusionx.wire.latents_to_bytes") from None
+            raise ApiError(
+                400,
+                "bad_payload",
+                f"'latent' is not a readable safetensors file ({err}); encode with diffusionx.wire.latents_to_bytes",
+            ) from None
         try:
             latents = latents_from_bytes(data)
             if self.engine is not None:
@@ -398,8 +415,12 @@ class Service:
         if self.engine is not None:
             size = self.engine.default_size
             if image.size != (size, size):
-                raise ApiError(422, "image_size", f"image is {image.width}x{image.height}; the cloud model "
-                               f"{self.model_name} takes {size}x{size} PNGs")
+                raise ApiError(
+                    422,
+                    "image_size",
+                    f"image is {image.width}x{image.height}; the cloud model "
+                    f"{self.model_name} takes {size}x{size} PNGs",
+                )
 
     @property
     def model_name(self) -> str:
@@ -499,7 +520,10 @@ def create_app(
     else:
         raise InvalidInputError(f"create_app needs an Engine or a Refiner, got {type(refiner_or_engine).__name__}")
     service = Service(
-        refiner, tokens=tokens, insecure=insecure, limits=limits,
+        refiner,
+        tokens=tokens,
+        insecure=insecure,
+        limits=limits,
         replica=replica or f"{socket.gethostname()}:{os.getpid()}",
     )
 
@@ -527,8 +551,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
-        return _error(422, "invalid_input", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                      for e in err.errors()))
+        return _error(
+            422, "invalid_input", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        )
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
@@ -563,8 +588,13 @@ def create_app(
                 "content": {"application/json": {"schema": RefineBody.model_json_schema()}},
             },
             "parameters": [
-                {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "retries with the same key (per token) return the first result, computed once"},
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "retries with the same key (per token) return the first result, computed once",
+                },
             ],
         },
     )
@@ -585,8 +615,11 @@ def create_app(
                 raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1-200 printable characters")
             entry = service.idempotency.get((who, key))
             if entry is not None and entry.body_hash != body_hash:
-                raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used for a different "
-                               "request; use a fresh key per distinct request")
+                raise ApiError(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a different request; use a fresh key per distinct request",
+                )
         headers = {}
         if entry is not None:
             with service._lock:
@@ -632,8 +665,9 @@ def create_app(
             "replica": service.replica,
             "uptime_s": time.time() - service.started,
         }
-        return JSONResponse(body, status_code=503 if service.draining else 200,
-                            headers=_retry_after(5) if service.draining else None)
+        return JSONResponse(
+            body, status_code=503 if service.draining else 200, headers=_retry_after(5) if service.draining else None
+        )
 
     @app.get("/v1/load")
     async def load():
@@ -659,28 +693,39 @@ def _prometheus(service: Service) -> str:
         requests = sorted(service.requests.items())
         buckets = list(zip(service.latency_buckets, service.latency_counts))
         lat_sum, lat_n, replays = service.latency_sum, service.latency_n, service.replays
-    metric("diffusionx_http_requests_total", "counter", "HTTP requests by path and status",
-           [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in requests])
+    metric(
+        "diffusionx_http_requests_total",
+        "counter",
+        "HTTP requests by path and status",
+        [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in requests],
+    )
     cumulative, samples = 0, []
     for bound, count in buckets:
         cumulative += count
         le = "+Inf" if math.isinf(bound) else f"{bound:g}"
         samples.append((f'_bucket{{le="{le}"}}', cumulative))
-    out.write("# HELP diffusionx_refine_seconds end-to-end latency of successful refinements\n"
-              "# TYPE diffusionx_refine_seconds histogram\n")
+    out.write(
+        "# HELP diffusionx_refine_seconds end-to-end latency of successful refinements\n"
+        "# TYPE diffusionx_refine_seconds histogram\n"
+    )
     for suffix, value in samples:
         out.write(f"diffusionx_refine_seconds{suffix} {value:g}\n")
     out.write(f"diffusionx_refine_seconds_sum {lat_sum:g}\ndiffusionx_refine_seconds_count {lat_n}\n")
     metric("diffusionx_refinements_completed_total", "counter", "refinements finished", [("", load.completed)])
     metric("diffusionx_refinements_failed_total", "counter", "refinements that failed", [("", load.failed)])
-    metric("diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency cache",
-           [("", replays)])
+    metric(
+        "diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency cache", [("", replays)]
+    )
     metric("diffusionx_unet_calls_total", "counter", "batched U-Net calls", [("", load.unet_calls)])
     metric("diffusionx_queue_depth", "gauge", "requests waiting for a batch slot", [("", load.queue_depth)])
     metric("diffusionx_running_batch", "gauge", "jobs in the running batch", [("", load.running)])
     metric("diffusionx_max_batch", "gauge", "batch size limit", [("", load.max_batch)])
     metric("diffusionx_step_seconds", "gauge", "recent wall time of one U-Net step", [("", load.step_time_s)])
-    metric("diffusionx_estimated_wait_seconds", "gauge", "estimated wait before a new request's first step",
-           [("", load.estimated_wait_s)])
+    metric(
+        "diffusionx_estimated_wait_seconds",
+        "gauge",
+        "estimated wait before a new request's first step",
+        [("", load.estimated_wait_s)],
+    )
     metric("diffusionx_draining", "gauge", "1 while shutting down", [("", float(load.draining))])
     return out.getvalue()

@@ -311,4 +311,3 @@ def job_remaining(work: _Work) -> int:
     if work.job is None:
         return _planned_steps(work.request)
     return work.job.num_steps - work.job.step_index
-

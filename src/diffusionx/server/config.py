@@ -32,16 +32,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", metavar="FILE", help="bearer tokens, one per line (also: $DIFFUSIONX_TOKENS)")
     p.add_argument("--insecure", action="store_true", help="accept requests without a token (local use only)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests sharing one U-Net call (default 8)")
-    p.add_argument("--max-concurrent", type=int, default=Limits.max_concurrent_per_token,
-                   help=f"refinements in flight per token (default {Limits.max_concurrent_per_token})")
-    p.add_argument("--rate", type=float, default=Limits.rate_per_minute,
-                   help=f"refinements per minute per token (default {Limits.rate_per_minute:g})")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=Limits.max_concurrent_per_token,
+        help=f"refinements in flight per token (default {Limits.max_concurrent_per_token})",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=Limits.rate_per_minute,
+        help=f"refinements per minute per token (default {Limits.rate_per_minute:g})",
+    )
     p.add_argument("--max-body", type=int, default=Limits.max_body_bytes, help="request body limit in bytes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray; default 1)")
-    p.add_argument("--max-replicas", type=int, default=0,
-                   help="with --ray: autoscale between --replicas and this many replicas")
+    p.add_argument(
+        "--max-replicas", type=int, default=0, help="with --ray: autoscale between --replicas and this many replicas"
+    )
     p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
 
 

@@ -61,12 +61,14 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, graceful_timeou
 
 def limits_from_args(args) -> Limits:
     base = Limits()
-    return Limits(**{
-        **{f.name: getattr(base, f.name) for f in fields(Limits)},
-        "max_concurrent_per_token": args.max_concurrent,
-        "rate_per_minute": args.rate,
-        "max_body_bytes": args.max_body,
-    })
+    return Limits(
+        **{
+            **{f.name: getattr(base, f.name) for f in fields(Limits)},
+            "max_concurrent_per_token": args.max_concurrent,
+            "rate_per_minute": args.rate,
+            "max_body_bytes": args.max_body,
+        }
+    )
 
 
 def cmd_serve(args) -> int:
