@@ -45,6 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=f"refinements per minute per token (default {Limits.rate_per_minute:g})",
     )
     p.add_argument("--max-body", type=int, default=Limits.max_body_bytes, help="request body limit in bytes")
+    p.add_argument("--device", default="auto", help="torch device for the model: auto (cuda if present), cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray; default 1)")
@@ -58,3 +59,11 @@ def cmd_serve(args) -> int:
     from .run import cmd_serve as run
 
     return run(args)
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

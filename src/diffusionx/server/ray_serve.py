@@ -57,21 +57,24 @@ def build_app(
     max_replicas: int = 0,
     threads: int = 1,
     cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    device: str = "auto",
 ):
     """A bound Ray Serve application; pass it to `serve.run`."""
     ray_environment()
     from ray import serve
 
     class RefinerReplica:
-        def __init__(self, model, cloud, tokens, insecure, max_batch, limits, threads):
+        def __init__(self, model, cloud, tokens, insecure, max_batch, limits, threads, device):
             import torch
 
             if threads:
                 torch.set_num_threads(threads)
             from diffusionx.models import load_pair
             from diffusionx.server.app import create_app
+            from diffusionx.server.config import resolve_device
 
-            pair = load_pair(model, cloud=cloud)
+            pair = load_pair(model, cloud=cloud, device=resolve_device(device))
             self._app = create_app(
                 pair.cloud,
                 tokens=tokens,
@@ -87,7 +90,7 @@ def build_app(
     scaling = autoscaling_config(replicas, max_replicas, max_batch)
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
-        "ray_actor_options": {"num_cpus": cpus_per_replica},
+        "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         # Above the batch size, so a replica holds a full batch plus a queue to admit from at the
         # next step boundary; beyond this, requests wait at the proxy for a free replica.
         "max_ongoing_requests": max(4 * max_batch, 16),
@@ -99,7 +102,34 @@ def build_app(
     else:
         options["num_replicas"] = replicas
     deployment = serve.deployment(serve.ingress()(RefinerReplica), **options)
-    return deployment.bind(model, cloud, set(tokens or ()), insecure, max_batch, limits or Limits(), threads)
+    return deployment.bind(model, cloud, set(tokens or ()), insecure, max_batch, limits or Limits(), threads, device)
+
+
+def app_from_env(args: dict[str, Any] | None = None):
+    """Application builder for Ray Serve config files / KubeRay (`import_path:
+    diffusionx.server.ray_serve:app_from_env`): settings from the config's `args` or from
+    DIFFUSIONX_MODEL, DIFFUSIONX_MAX_BATCH, DIFFUSIONX_TOKENS, DIFFUSIONX_INSECURE. Replica counts
+    and autoscaling come from the config's `deployments:` section."""
+    from .app import load_tokens
+
+    args = dict(args or {})
+
+    def setting(name: str, default: str) -> str:
+        return str(args.get(name, os.environ.get(f"DIFFUSIONX_{name.upper()}", default)))
+
+    tokens = load_tokens(args.get("tokens_file"))
+    insecure = setting("insecure", "0").lower() in ("1", "true", "yes")
+    if not tokens and not insecure:
+        raise ValueError("no API tokens: set DIFFUSIONX_TOKENS (or args.tokens_file), or insecure: true")
+    return build_app(
+        model=setting("model", "embedded"),
+        tokens=tokens,
+        insecure=insecure,
+        max_batch=int(setting("max_batch", "8")),
+        threads=int(setting("threads", "0")),
+        device=setting("device", "auto"),
+        gpus_per_replica=float(setting("gpus_per_replica", "0")),
+    )
 
 
 def _replica_name() -> str:
@@ -138,6 +168,8 @@ def run_ray(args, *, tokens: set[str], limits: Limits) -> int:
         replicas=args.replicas,
         max_replicas=args.max_replicas,
         threads=args.threads or 1,
+        device=args.device,
+        gpus_per_replica=1.0 if args.device == "cuda" else 0.0,
     )
     print(f"Ray Serve: {args.replicas} replica(s) on http://{args.host}:{args.port}", file=sys.stderr)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import uvicorn
 
 from .app import create_app, load_tokens
-from .config import Limits
+from .config import Limits, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
     from ..models import load_pair
 
-    pair = load_pair(args.model, cloud=args.cloud)
+    pair = load_pair(args.model, cloud=args.cloud, device=resolve_device(args.device))
     print(f"cloud model: {pair.cloud_info.label}", file=sys.stderr)
     app = create_app(pair.cloud, tokens=tokens, insecure=args.insecure, max_batch=args.max_batch, limits=limits)
     if args.insecure and not tokens:
