@@ -169,6 +169,58 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import default_methods, get_profile, load_sessions, parse_policy, run_bench
+    from .engine import check_steps
+
+    check_steps(args.steps)
+    profile = get_profile(args.profile)
+    sessions, workload = load_sessions(args.sessions, args.n)
+    if args.policy:
+        methods = default_methods([]) + [parse_policy(spec, args.edge_strength) for spec in args.policy]
+    else:
+        methods = default_methods([0.3, 0.5], edge_strength=args.edge_strength)
+    pair = _load(args)
+    report = run_bench(
+        pair,
+        sessions,
+        methods,
+        profile,
+        args.out,
+        workload=workload,
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+    )
+    print(Path(args.out, "results.md").read_text())
+    print(
+        f"wrote {args.out}/results.json, results.md, latency_quality.png, per_round_latency.png, finals_grid.png "
+        f"in {report['wall_seconds']:.0f} s"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .bench.quality import evaluate_pair
+    from .bench.run import load_sessions
+    from .engine import check_steps
+
+    check_steps(args.steps)
+    sessions, _ = load_sessions(args.sessions, args.n)
+    pair = _load(args)
+    report = evaluate_pair(pair, sessions, args.out, steps=args.steps, batch=args.batch, seed=args.seed)
+    print(f"{'model':<6} {'CLIP score':>10} {'FID':>8} {'attribute acc.':>15}")
+    for role in ("edge", "cloud"):
+        q = report[role]
+        fid = "n/a" if q["fid"] is None else f"{q['fid']:.2f}"
+        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {q['attribute_accuracy']:>15.3f}")
+    print(
+        f"wrote {args.out}/quality.json and samples.png ({report['settings']['n_prompts']} prompts, "
+        f"{report['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
 def _strength(text: str) -> float:
     try:
         value = float(text)
@@ -215,6 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     session_args(p)
     p.add_argument("--out", default="outputs/session")
     p.set_defaults(func=cmd_session)
+
+    p = sub.add_parser("bench", help="the paper's comparison: cloud-only vs edge-only vs DiffusionX")
+    model_args(p)
+    p.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's test split)")
+    p.add_argument("--n", type=int, default=256, help="number of sessions (default 256: FID needs many finals)")
+    p.add_argument("--out", default="outputs/bench", help="output folder")
+    p.add_argument("--policy", action="append", help="DiffusionX policy, repeatable: fixed-C or fixed-E-C")
+    p.add_argument("--edge-strength", type=_strength, default=0.6, help="edge strength for fixed-C policies")
+    p.add_argument("--profile", default="laptop-gpu", help="device profile: measured, laptop-gpu, phone-4g")
+    p.add_argument("--batch", type=int, default=32, help="sessions per U-Net call while generating")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("evaluate", help="quality of the edge vs the cloud model on the test split's final prompts")
+    model_args(p)
+    p.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's test split)")
+    p.add_argument("--n", type=int, default=256, help="number of final prompts (default 256)")
+    p.add_argument("--out", default="outputs/evaluate", help="output folder")
+    p.add_argument("--batch", type=int, default=32, help="prompts per U-Net call")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train the embedded model pair or the evaluator from scratch")
     p.add_argument("what", choices=("embedded", "evaluator"))

@@ -1,0 +1,19 @@
+"""The paper's comparison harness: cloud-only vs edge-only vs DiffusionX."""
+
+from .harness import Method, calibrate, default_methods, run_method, session_latency
+from .profiles import PROFILES, DeviceProfile, get_profile
+from .run import load_sessions, parse_policy, run_bench
+
+__all__ = [
+    "PROFILES",
+    "DeviceProfile",
+    "Method",
+    "calibrate",
+    "default_methods",
+    "get_profile",
+    "load_sessions",
+    "parse_policy",
+    "run_bench",
+    "run_method",
+    "session_latency",
+]

@@ -1,0 +1,262 @@
+"""The paper's comparison: cloud-only vs edge-only vs DiffusionX on multi-round sessions.
+
+Quality comes from real generations with the pair's models (batched across sessions for
+throughput; a batched result equals its unbatched one, see tests/test_engine.py). Latency is
+built from per-model compute times *measured* on this machine at batch 1 (`calibrate`) and the
+step counts each method runs, mapped to a deployment by a `DeviceProfile` (modelled).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..engine import Engine, steps_for_strength
+from ..models import ModelPair
+from ..policies import FixedStrength, StrengthPolicy
+from ..wire import image_to_png, latents_from_bytes, latents_to_bytes
+from .profiles import DeviceProfile
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # "cloud-only" | "edge-only" | "diffusionx"
+    policy: StrengthPolicy | None = None
+    reuse_latents: bool = True  # diffusionx only: False = every round fresh on the edge
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.policy is not None:
+            out["policy"] = type(self.policy).__name__
+            if isinstance(self.policy, FixedStrength):
+                out["edge_strength"], out["cloud_strength"] = self.policy.edge, self.policy.cloud
+            out["reuse_latents"] = self.reuse_latents
+        return out
+
+
+def default_methods(cloud_strengths: list[float], edge_strength: float = 0.6) -> list[Method]:
+    methods = [Method("cloud-only", "cloud-only"), Method("edge-only", "edge-only")]
+    for s in cloud_strengths:
+        policy = FixedStrength(edge=edge_strength, cloud=s)
+        methods.append(Method(f"diffusionx-fixed-{s:g}", "diffusionx", policy))
+    if cloud_strengths:
+        policy = FixedStrength(edge=1.0, cloud=cloud_strengths[0])
+        methods.append(Method(f"diffusionx-noreuse-{cloud_strengths[0]:g}", "diffusionx", policy, reuse_latents=False))
+    return methods
+
+
+# ----- measured compute ------------------------------------------------------------------------
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(pair: ModelPair, repeats: int = 5, guidance_scale: float = 7.5) -> dict[str, dict[str, float]]:
+    """Seconds per U-Net step (batch 1, with CFG), per text encode and per VAE decode/encode,
+    measured on this machine for the edge and the cloud model."""
+    out = {}
+    for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
+        emb = engine.encode_prompt("a large red circle on the left on a blue background")
+        latents = torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(0))
+
+        def one_step(engine=engine, emb=emb, latents=latents):
+            job = engine.start(emb, seed=0, steps=1, guidance_scale=guidance_scale)
+            job.latents = latents
+            engine.step([job])
+
+        def encode_text(engine=engine):
+            engine._encode_text("a small blue star at the top right")  # uncached on purpose
+
+        decode = engine.decode
+        image = decode(latents)[0]
+        out[role] = {
+            "unet_step_s": _median_time(one_step, repeats),
+            "text_encode_s": 2 * _median_time(encode_text, repeats),  # prompt + negative prompt
+            "decode_s": _median_time(lambda decode=decode, latents=latents: decode(latents), repeats),
+            "vae_encode_s": _median_time(lambda engine=engine, image=image: engine.encode_image(image), repeats),
+        }
+    return out
+
+
+# ----- batched generation ----------------------------------------------------------------------
+@dataclass
+class Item:
+    prompt: str
+    seed: int
+    strength: float = 1.0
+    init_latents: torch.Tensor | None = None
+
+
+def generate_batched(
+    engine: Engine, items: list[Item], *, steps: int, guidance_scale: float, batch: int, desc: str
+) -> list[torch.Tensor]:
+    """Latents for each item, `batch` jobs sharing each U-Net call."""
+    results: list[torch.Tensor] = []
+    with tqdm(total=len(items), desc=desc, leave=False) as bar:
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            jobs = [
+                engine.start(
+                    engine.encode_prompt(item.prompt, guidance=guidance_scale > 1.0),
+                    seed=item.seed,
+                    steps=steps,
+                    strength=item.strength,
+                    init_latents=item.init_latents,
+                    guidance_scale=guidance_scale,
+                )
+                for item in chunk
+            ]
+            engine.run(jobs)
+            results.extend(job.latents for job in jobs)
+            bar.update(len(chunk))
+    return results
+
+
+def decode_batched(engine: Engine, latents: list[torch.Tensor], batch: int = 64) -> list:
+    images = []
+    for start in range(0, len(latents), batch):
+        images.extend(engine.decode(torch.cat(latents[start : start + batch])))
+    return images
+
+
+# ----- one method over all sessions ------------------------------------------------------------
+@dataclass
+class SessionRecord:
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: steps, strength
+    final: dict[str, Any] = field(default_factory=dict)
+    final_image: Any = None
+    previews: list[Any] = field(default_factory=list)  # (round index, image) pairs
+
+
+def run_method(
+    method: Method,
+    pair: ModelPair,
+    sessions: list[dict],
+    *,
+    steps: int,
+    guidance_scale: float,
+    batch: int,
+    seed: int,
+) -> list[SessionRecord]:
+    records = [SessionRecord() for _ in sessions]
+    seeds = [seed + i for i in range(len(sessions))]
+    if method.kind in ("cloud-only", "edge-only"):
+        # Every round is a fresh generation, independent of the others: only the final is
+        # generated (intermediate rounds are the same kind of generation; their cost is counted).
+        engine = pair.cloud if method.kind == "cloud-only" else pair.edge
+        items = [Item(s["rounds"][-1]["prompt"], sd) for s, sd in zip(sessions, seeds)]
+        latents = generate_batched(
+            engine, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=method.name
+        )
+        images = decode_batched(engine, latents)
+        for record, session, image in zip(records, sessions, images):
+            record.rounds = [{"strength": 1.0, "unet_steps": steps} for _ in session["rounds"]]
+            record.final_image = image
+            record.previews = [(len(session["rounds"]), image)]
+            if method.kind == "cloud-only":
+                png = len(image_to_png(image))
+                for r, round_ in zip(record.rounds, session["rounds"]):
+                    r["bytes_up"], r["bytes_down"] = len(round_["prompt"].encode()), png
+        return records
+
+    # DiffusionX: rounds in lock-step across sessions, each from its own previous latent.
+    policy = method.policy or FixedStrength()
+    previous: list[tuple[str, torch.Tensor] | None] = [None] * len(sessions)
+    n_rounds = max(len(s["rounds"]) for s in sessions)
+    for r in range(n_rounds):
+        active = [i for i, s in enumerate(sessions) if r < len(s["rounds"])]
+        items = []
+        for i in active:
+            prompt = sessions[i]["rounds"][r]["prompt"]
+            prev = previous[i]
+            if prev is None or not method.reuse_latents:
+                items.append(Item(prompt, seeds[i]))
+            else:
+                strength = policy.edge_strength(prev[0], prompt, prev[1])
+                items.append(Item(prompt, seeds[i], strength, None if strength == 1.0 else prev[1]))
+        latents = generate_batched(
+            pair.edge, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=f"{method.name} r{r + 1}"
+        )
+        images = decode_batched(pair.edge, latents)
+        for i, item, lat, image in zip(active, items, latents, images):
+            previous[i] = (item.prompt, lat)
+            records[i].rounds.append(
+                {"strength": item.strength, "unet_steps": steps_for_strength(item.strength, steps)}
+            )
+            records[i].previews.append((r + 1, image))
+
+    # Finalize: the final latent crosses the wire as fp16 safetensors, the cloud refines it.
+    items, wire_up = [], []
+    for i in range(len(sessions)):
+        prompt, lat = previous[i]
+        payload = latents_to_bytes(lat)
+        wire_up.append(len(payload) + len(prompt.encode()))
+        strength = policy.cloud_strength(prompt, lat, None)
+        items.append(Item(prompt, seeds[i], strength, latents_from_bytes(payload)))
+    refined = generate_batched(
+        pair.cloud, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=f"{method.name} cloud"
+    )
+    refined = [latents_from_bytes(latents_to_bytes(lat)) for lat in refined]  # the way back, fp16 too
+    images = decode_batched(pair.edge, refined)
+    for record, item, up, lat, image in zip(records, items, wire_up, refined, images):
+        record.final = {
+            "strength": item.strength,
+            "unet_steps": steps_for_strength(item.strength, steps),
+            "bytes_up": up,
+            "bytes_down": len(latents_to_bytes(lat)),
+        }
+        record.final_image = image
+    return records
+
+
+# ----- latency model ---------------------------------------------------------------------------
+def session_latency(
+    method: Method, record: SessionRecord, calib: dict[str, dict[str, float]], profile: DeviceProfile
+) -> dict[str, Any]:
+    """User-visible seconds per round and per session, and what the cloud and the wire carried."""
+    edge, cloud = calib["edge"], calib["cloud"]
+    waits, cloud_unet_measured, bytes_total = [], 0.0, 0
+    for r in record.rounds:
+        if method.kind == "cloud-only":
+            compute = cloud["text_encode_s"] + r["unet_steps"] * cloud["unet_step_s"] + cloud["decode_s"]
+            cloud_unet_measured += r["unet_steps"] * cloud["unet_step_s"]
+            bytes_total += r["bytes_up"] + r["bytes_down"]
+            waits.append(profile.cloud_seconds(compute) + profile.transfer_seconds(r["bytes_up"], r["bytes_down"]))
+        else:
+            compute = edge["text_encode_s"] + r["unet_steps"] * edge["unet_step_s"] + edge["decode_s"]
+            waits.append(profile.edge_seconds(compute))
+    final_wait = 0.0
+    if method.kind == "diffusionx":
+        f = record.final
+        cloud_compute = cloud["text_encode_s"] + f["unet_steps"] * cloud["unet_step_s"]
+        cloud_unet_measured += f["unet_steps"] * cloud["unet_step_s"]
+        bytes_total += f["bytes_up"] + f["bytes_down"]
+        final_wait = (
+            profile.transfer_seconds(f["bytes_up"], f["bytes_down"])
+            + profile.cloud_seconds(cloud_compute)
+            + profile.edge_seconds(edge["decode_s"])
+        )
+    return {
+        "round_waits_s": waits,
+        "final_wait_s": final_wait,
+        "session_s": sum(waits) + final_wait,
+        "cloud_unet_measured_s": cloud_unet_measured,
+        "cloud_unet_modelled_s": profile.cloud_seconds(cloud_unet_measured),
+        "bytes": bytes_total,
+    }
+
+
+def p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95)) if values else float("nan")

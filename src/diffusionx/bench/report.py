@@ -1,0 +1,135 @@
+"""The benchmark's human outputs: the paper-form table (Markdown) and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _rel(value: float, base: float) -> str:
+    return f"{(value / base - 1) * 100:+.1f}%" if base else "n/a"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    methods = report["methods"]
+    cloud = methods.get("cloud-only", {}).get("session_latency_mean_s")
+    edge = methods.get("edge-only", {}).get("session_latency_mean_s")
+    profile, workload = report["profile"], report["workload"]
+    lines = [
+        "# DiffusionX benchmark",
+        "",
+        f"Workload: {workload['n_sessions']} sessions ({workload['source']}), "
+        f"{workload['rounds_mean']:.2f} rounds on average, {workload['steps']} steps, "
+        f"guidance {workload['guidance_scale']}. Models: edge {report['models']['edge']['source']} "
+        f"[{report['models']['edge']['status']}], cloud {report['models']['cloud']['source']} "
+        f"[{report['models']['cloud']['status']}].",
+        "",
+        f"Device profile **{profile['name']}**: cloud GPU = this machine x {profile['cloud_speedup']:g}, "
+        f"edge = cloud / {profile['edge_slowdown']:g}, RTT {profile['rtt_s'] * 1000:g} ms. "
+        f"Source: {profile['source']}.",
+        "",
+        "| method | session latency mean (s) | p95 (s) | vs cloud-only | vs edge-only | cloud U-Net s/session "
+        "| bytes/session | CLIP score | FID | attribute acc. |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        lat = m["session_latency_mean_s"]
+        lines.append(
+            f"| {name} | {lat:.3f} | {m['session_latency_p95_s']:.3f} | {_rel(lat, cloud)} | {_rel(lat, edge)} "
+            f"| {m['cloud_unet_seconds_per_session']:.3f} | {m['bytes_per_session']:.0f} | {_fmt(m['clip_score'], 2)} "
+            f"| {_fmt(m['fid'], 2)} | {_fmt(m['attribute_accuracy'])} |"
+        )
+    calib = report["calibration_measured_s"]
+    lines += [
+        "",
+        "## Measured on this machine (batch 1, CFG)",
+        "",
+        "| model | U-Net step (s) | text encode (s) | VAE decode (s) |",
+        "|---|---|---|---|",
+    ]
+    for role in ("edge", "cloud"):
+        c = calib[role]
+        lines.append(f"| {role} | {c['unet_step_s']:.4f} | {c['text_encode_s']:.4f} | {c['decode_s']:.4f} |")
+    lines += ["", "## Measured vs modelled", ""]
+    for kind, items in report["measured_vs_modelled"].items():
+        lines.append(f"**{kind}**")
+        lines += [f"- {item}" for item in items]
+        lines.append("")
+    lines += [
+        "Raw (measured-profile) seconds: rerun with `--profile measured`.",
+        "",
+        "Plots: `latency_quality.png`, `per_round_latency.png`, `finals_grid.png`.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(report: dict[str, Any], finals: dict[str, list], prompts: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, m in methods.items():
+        for ax, key in zip(axes, ("attribute_accuracy", "fid")):
+            if m.get(key) is None:
+                continue
+            ax.scatter(m["session_latency_mean_s"], m[key], s=40)
+            ax.annotate(
+                name, (m["session_latency_mean_s"], m[key]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            )
+    axes[0].set_ylabel("final attribute accuracy (higher is better)")
+    axes[1].set_ylabel("final FID (lower is better)")
+    for ax in axes:
+        ax.set_xlabel(f"mean session latency (s), profile {report['profile']['name']}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Latency vs quality, one point per method")
+    fig.tight_layout()
+    fig.savefig(out / "latency_quality.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for name, m in methods.items():
+        waits = list(m["round_wait_mean_s"])
+        xs = list(range(1, len(waits) + 1))
+        if m["kind"] == "diffusionx":
+            waits.append(m["final_wait_mean_s"])
+            xs.append(len(xs) + 1)
+        ax.plot(xs, waits, marker="o", label=name)
+    ax.set_xlabel("round (the last point of a DiffusionX line is the finalize wait)")
+    ax.set_ylabel("mean user wait (s)")
+    ax.set_title("Per-round user wait")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "per_round_latency.png", dpi=110)
+    plt.close(fig)
+
+    finals_grid(finals, prompts, out / "finals_grid.png")
+
+
+def finals_grid(finals: dict[str, list], prompts: list[str], path: Path, columns: int = 8, cell: int = 128) -> None:
+    """Rows: methods; columns: the first sessions' final images; prompts as column captions."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    names = list(finals)
+    columns = min(columns, len(prompts))
+    label_w, caption_h = 170, 70
+    grid = Image.new("RGB", (label_w + columns * cell, caption_h + len(names) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for c in range(columns):
+        text = "\n".join(textwrap.wrap(prompts[c], 22)[:5])
+        draw.text((label_w + c * cell + 3, 2), text, fill="black")
+    for r, name in enumerate(names):
+        draw.text((4, caption_h + r * cell + cell // 2 - 6), name, fill="black")
+        for c in range(columns):
+            image = finals[name][c].resize((cell, cell), Image.NEAREST)
+            grid.paste(image, (label_w + c * cell, caption_h + r * cell))
+    grid.save(path)

@@ -1,0 +1,176 @@
+"""`diffusionx bench`: run the methods, score them, write results.json / results.md / plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import InvalidInputError
+from ..models import ModelPair
+from ..policies import FixedStrength
+from .harness import Method, calibrate, default_methods, p95, run_method, session_latency
+from .profiles import DeviceProfile
+from .report import write_markdown, write_plots
+
+MEASURED_VS_MODELLED = {
+    "measured": [
+        "per-model compute on this machine at batch 1: seconds per U-Net step (with CFG), text encode, VAE decode",
+        "U-Net steps each method runs per round (ceil(strength x steps))",
+        "bytes on the wire: fp16 safetensors latents (DiffusionX), prompt + PNG per round (cloud-only)",
+        "image quality: real generations by the pair's models, scored by the independent evaluator",
+    ],
+    "modelled": [
+        "deployment speed: cloud GPU = this machine x profile.cloud_speedup; edge device = cloud / edge_slowdown",
+        "network: profile RTT and bandwidths applied to the measured bytes",
+        "cloud queue: 0 (one user, no contention); the load-aware policy models load separately",
+        "cloud-only and edge-only rounds before the final: counted in latency and cost, not regenerated "
+        "(a fresh generation per round, the same kind as the final one, whose quality is measured)",
+    ],
+}
+
+
+def parse_policy(spec: str, edge_strength: float) -> Method:
+    """`fixed-C` (cloud strength C, edge strength from --edge-strength) or `fixed-E-C`."""
+    parts = spec.split("-")
+    try:
+        if parts[0] == "fixed" and len(parts) == 2:
+            policy = FixedStrength(edge=edge_strength, cloud=float(parts[1]))
+        elif parts[0] == "fixed" and len(parts) == 3:
+            policy = FixedStrength(edge=float(parts[1]), cloud=float(parts[2]))
+        else:
+            raise ValueError
+    except ValueError:
+        raise InvalidInputError(f"unknown policy {spec!r}: use fixed-C or fixed-E-C, e.g. fixed-0.5") from None
+    name = (
+        f"diffusionx-fixed-{policy.cloud:g}"
+        if len(parts) == 2
+        else f"diffusionx-fixed-{policy.edge:g}-{policy.cloud:g}"
+    )
+    return Method(name, "diffusionx", policy)
+
+
+def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:
+    from ..world import generate_sessions, read_jsonl
+
+    if n < 1:
+        raise InvalidInputError(f"--n must be at least 1, got {n}")
+    if path is None:
+        return generate_sessions(n, "test"), "embedded world, test split"
+    try:
+        sessions = read_jsonl(path)[:n]
+    except (OSError, json.JSONDecodeError) as err:
+        raise InvalidInputError(f"cannot read sessions from {path}: {err}") from None
+    for i, s in enumerate(sessions):
+        rounds = s.get("rounds") if isinstance(s, dict) else None
+        if not rounds or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rounds):
+            raise InvalidInputError(f"{path}: session {i} needs a non-empty 'rounds' list of objects with a 'prompt'")
+    if not sessions:
+        raise InvalidInputError(f"{path} holds no sessions")
+    return sessions, str(path)
+
+
+def _quality(evaluator, images: list, prompts: list[str], references: list | None) -> dict[str, Any]:
+    scores = evaluator.clip_score(images, prompts)
+    attributes = evaluator.attribute_accuracy(images, prompts)
+    return {
+        "clip_score": float(np.mean(scores)),
+        "fid": float(evaluator.fid(images, references)) if references is not None else None,
+        "attribute_accuracy": attributes["mean"],
+        "n_unparseable": attributes["n_unparseable"],
+    }
+
+
+def _references(sessions: list[dict]) -> list | None:
+    from ..world import Scene, render
+
+    finals = [s["rounds"][-1].get("scene") for s in sessions]
+    if any(scene is None for scene in finals):
+        return None  # FID needs reference renders: only sessions with scene graphs have them
+    return [render(Scene.from_dict(scene)) for scene in finals]
+
+
+def run_bench(
+    pair: ModelPair,
+    sessions: list[dict],
+    methods: list[Method],
+    profile: DeviceProfile,
+    out: str | Path,
+    *,
+    workload: str,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    batch: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    from ..metrics import get_evaluator
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluator = get_evaluator()
+    started = time.perf_counter()
+    calib = calibrate(pair, guidance_scale=guidance_scale)
+    prompts = [s["rounds"][-1]["prompt"] for s in sessions]
+    references = _references(sessions)
+    results: dict[str, Any] = {}
+    finals: dict[str, list] = {}
+    for method in tqdm(methods, desc="methods"):
+        records = run_method(method, pair, sessions, steps=steps, guidance_scale=guidance_scale, batch=batch, seed=seed)
+        latencies = [session_latency(method, r, calib, profile) for r in records]
+        finals[method.name] = [r.final_image for r in records]
+        by_round: dict[int, list] = {}
+        for session, record in zip(sessions, records):
+            for index, image in record.previews:
+                by_round.setdefault(index, []).append((image, session["rounds"][index - 1]["prompt"]))
+        preview_quality = {
+            index: evaluator.attribute_accuracy([i for i, _ in pairs], [p for _, p in pairs])["mean"]
+            for index, pairs in sorted(by_round.items())
+        }
+        max_rounds = max(len(lat["round_waits_s"]) for lat in latencies)
+        round_waits = [
+            float(np.mean([lat["round_waits_s"][k] for lat in latencies if k < len(lat["round_waits_s"])]))
+            for k in range(max_rounds)
+        ]
+        session_s = [lat["session_s"] for lat in latencies]
+        results[method.name] = {
+            **method.describe(),
+            "session_latency_mean_s": float(np.mean(session_s)),
+            "session_latency_p95_s": p95(session_s),
+            "round_wait_mean_s": round_waits,
+            "final_wait_mean_s": float(np.mean([lat["final_wait_s"] for lat in latencies])),
+            "cloud_unet_seconds_per_session": float(np.mean([lat["cloud_unet_modelled_s"] for lat in latencies])),
+            "cloud_unet_seconds_per_session_measured": float(
+                np.mean([lat["cloud_unet_measured_s"] for lat in latencies])
+            ),
+            "bytes_per_session": float(np.mean([lat["bytes"] for lat in latencies])),
+            **_quality(evaluator, finals[method.name], prompts, references),
+            "preview_attribute_accuracy_by_round": preview_quality,
+        }
+    report = {
+        "methods": results,
+        "workload": {
+            "source": workload,
+            "n_sessions": len(sessions),
+            "rounds_mean": float(np.mean([len(s["rounds"]) for s in sessions])),
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "fid_finals": len(sessions) if references is not None else 0,
+        },
+        "profile": profile.as_dict(),
+        "calibration_measured_s": calib,
+        "measured_vs_modelled": MEASURED_VS_MODELLED,
+        "models": pair.describe(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_markdown(report, out / "results.md")
+    write_plots(report, finals, prompts, out)
+    return report
+
+
+__all__ = ["default_methods", "load_sessions", "parse_policy", "run_bench"]
