@@ -170,7 +170,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import default_methods, get_profile, load_sessions, parse_policy, run_bench
+    from .bench import default_methods, get_profile, load_sessions, parse_policy, read_calibration, run_bench
     from .engine import check_steps
 
     check_steps(args.steps)
@@ -181,6 +181,16 @@ def cmd_bench(args) -> int:
     else:
         methods = default_methods([0.3, 0.5], edge_strength=args.edge_strength)
     pair = _load(args)
+    if args.calibrate_only:
+        from .bench import write_calibration
+
+        path = Path(args.out, "calibration.json")
+        calib = write_calibration(pair, path)
+        for role in ("edge", "cloud"):
+            print(f"{role}: " + ", ".join(f"{k} {v:.4f}" for k, v in calib[role].items()))
+        print(f"wrote {path}")
+        return 0
+    calibration = read_calibration(args.calibration) if args.calibration else None
     report = run_bench(
         pair,
         sessions,
@@ -191,6 +201,7 @@ def cmd_bench(args) -> int:
         steps=args.steps,
         batch=args.batch,
         seed=args.seed,
+        calibration=calibration,
     )
     print(Path(args.out, "results.md").read_text())
     print(
@@ -277,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-strength", type=_strength, default=0.6, help="edge strength for fixed-C policies")
     p.add_argument("--profile", default="laptop-gpu", help="device profile: measured, laptop-gpu, phone-4g")
     p.add_argument("--batch", type=int, default=32, help="sessions per U-Net call while generating")
+    p.add_argument(
+        "--calibration",
+        help="compute times for the latency model from this JSON (e.g. of the real SD v1.5 / Tiny-SD "
+        "architectures, written by --calibrate-only --model random-sd15) instead of measuring --model",
+    )
+    p.add_argument(
+        "--calibrate-only", action="store_true", help="measure --model's compute times, write OUT/calibration.json"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("evaluate", help="quality of the edge vs the cloud model on the test split's final prompts")

@@ -2,7 +2,7 @@
 
 from .harness import Method, calibrate, default_methods, run_method, session_latency
 from .profiles import PROFILES, DeviceProfile, get_profile
-from .run import load_sessions, parse_policy, run_bench
+from .run import load_sessions, parse_policy, read_calibration, run_bench, write_calibration
 
 __all__ = [
     "PROFILES",
@@ -13,7 +13,9 @@ __all__ = [
     "get_profile",
     "load_sessions",
     "parse_policy",
+    "read_calibration",
     "run_bench",
     "run_method",
     "session_latency",
+    "write_calibration",
 ]

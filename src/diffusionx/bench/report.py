@@ -44,9 +44,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"| {_fmt(m['fid'], 2)} | {_fmt(m['attribute_accuracy'])} |"
         )
     calib = report["calibration_measured_s"]
+    timed = calib.get("models", report["models"])
     lines += [
         "",
         "## Measured on this machine (batch 1, CFG)",
+        "",
+        f"Compute times of edge {timed['edge']['source']} [{timed['edge']['status']}] and cloud "
+        f"{timed['cloud']['source']} [{timed['cloud']['status']}] (the latency model uses these; "
+        "quality comes from the models above).",
         "",
         "| model | U-Net step (s) | text encode (s) | VAE decode (s) |",
         "|---|---|---|---|",

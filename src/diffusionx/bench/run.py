@@ -74,6 +74,25 @@ def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:
     return sessions, str(path)
 
 
+def write_calibration(pair: ModelPair, path: str | Path, repeats: int = 3) -> dict[str, Any]:
+    """Measure the pair's compute times on this machine and save them for `run_bench(calibration=)`."""
+    calib = {**calibrate(pair, repeats=repeats), "models": pair.describe()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(calib, indent=2))
+    return calib
+
+
+def read_calibration(path: str | Path) -> dict[str, Any]:
+    try:
+        calib = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InvalidInputError(f"cannot read calibration {path}: {err}") from None
+    keys = {"unet_step_s", "text_encode_s", "decode_s"}
+    if not all(isinstance(calib.get(role), dict) and keys <= set(calib[role]) for role in ("edge", "cloud")):
+        raise InvalidInputError(f"{path}: needs 'edge' and 'cloud' objects with {sorted(keys)}")
+    return calib
+
+
 def _quality(evaluator, images: list, prompts: list[str], references: list | None) -> dict[str, Any]:
     scores = evaluator.clip_score(images, prompts)
     attributes = evaluator.attribute_accuracy(images, prompts)
@@ -106,14 +125,17 @@ def run_bench(
     guidance_scale: float = 7.5,
     batch: int = 32,
     seed: int = 0,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`calibration` replaces the compute times measured on `pair` for the latency model, e.g. those
+    of the real SD v1.5 / Tiny-SD architectures (`write_calibration` with the random-sd15 preset)."""
     from ..metrics import get_evaluator
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = get_evaluator()
     started = time.perf_counter()
-    calib = calibrate(pair, guidance_scale=guidance_scale)
+    calib = calibration or {**calibrate(pair, guidance_scale=guidance_scale), "models": pair.describe()}
     prompts = [s["rounds"][-1]["prompt"] for s in sessions]
     references = _references(sessions)
     results: dict[str, Any] = {}
@@ -173,4 +195,4 @@ def run_bench(
     return report
 
 
-__all__ = ["default_methods", "load_sessions", "parse_policy", "run_bench"]
+__all__ = ["default_methods", "load_sessions", "parse_policy", "read_calibration", "run_bench", "write_calibration"]
