@@ -1,0 +1,135 @@
+"""The benchmark harness: methods, latency model, outputs."""
+
+import json
+
+import pytest
+
+from diffusionx import InvalidInputError
+from diffusionx.bench import (
+    PROFILES,
+    Method,
+    default_methods,
+    get_profile,
+    load_sessions,
+    parse_policy,
+    run_method,
+    session_latency,
+)
+from diffusionx.bench.harness import SessionRecord
+from diffusionx.policies import FixedStrength
+
+CALIB = {
+    "edge": {"unet_step_s": 0.1, "text_encode_s": 0.01, "decode_s": 0.02},
+    "cloud": {"unet_step_s": 0.3, "text_encode_s": 0.01, "decode_s": 0.02},
+}
+
+
+def test_latency_model_by_hand():
+    """Every term of the latency model, checked against arithmetic done by hand."""
+    measured, laptop = get_profile("measured"), get_profile("laptop-gpu")
+    rounds = [{"strength": 1.0, "unet_steps": 10}, {"strength": 0.5, "unet_steps": 5}]
+    dx = Method("dx", "diffusionx", FixedStrength(0.5, 0.3))
+    record = SessionRecord(rounds=rounds, final={"unet_steps": 3, "bytes_up": 2000, "bytes_down": 2000})
+    lat = session_latency(dx, record, CALIB, measured)
+    edge_rounds = [0.01 + 10 * 0.1 + 0.02, 0.01 + 5 * 0.1 + 0.02]
+    final = (0.01 + 3 * 0.3) + 0.02  # cloud text + U-Net, then the edge decodes
+    assert lat["round_waits_s"] == pytest.approx(edge_rounds)
+    assert lat["session_s"] == pytest.approx(sum(edge_rounds) + final)
+    assert lat["cloud_unet_measured_s"] == pytest.approx(0.9) and lat["bytes"] == 4000
+
+    modelled = session_latency(dx, record, CALIB, laptop)
+    edge_factor = laptop.edge_slowdown / laptop.cloud_speedup
+    expected_final = (
+        laptop.rtt_s
+        + 2000 / laptop.up_bytes_per_s
+        + 2000 / laptop.down_bytes_per_s
+        + (0.01 + 0.9) / laptop.cloud_speedup
+        + 0.02 * edge_factor
+    )
+    assert modelled["final_wait_s"] == pytest.approx(expected_final)
+    assert modelled["round_waits_s"] == pytest.approx([w * edge_factor for w in edge_rounds])
+
+    cloud_rounds = [dict(r, strength=1.0, unet_steps=10, bytes_up=50, bytes_down=5000) for r in rounds]
+    cloud = session_latency(Method("c", "cloud-only"), SessionRecord(rounds=cloud_rounds), CALIB, laptop)
+    per_round = (0.01 + 10 * 0.3 + 0.02) / laptop.cloud_speedup + laptop.transfer_seconds(50, 5000)
+    assert cloud["session_s"] == pytest.approx(2 * per_round) and cloud["bytes"] == 2 * 5050
+
+
+def test_policies_and_sessions_parse():
+    assert parse_policy("fixed-0.4", 0.6).policy == FixedStrength(0.6, 0.4)
+    assert parse_policy("fixed-0.7-0.2", 0.6).name == "diffusionx-fixed-0.7-0.2"
+    for bad in ("magic", "fixed-x", "fixed-1.5"):
+        with pytest.raises(InvalidInputError):
+            parse_policy(bad, 0.6)
+    with pytest.raises(InvalidInputError, match="at least 1"):
+        load_sessions(None, 0)
+    names = [m.name for m in default_methods([0.3, 0.5])]
+    assert names[:2] == ["cloud-only", "edge-only"] and "diffusionx-fixed-0.5" in names
+    assert set(PROFILES) >= {"measured", "laptop-gpu", "phone-4g"}
+
+
+def test_bad_session_file(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"rounds": [{"text": "no prompt key"}]}\n')
+    with pytest.raises(InvalidInputError, match="prompt"):
+        load_sessions(str(path), 5)
+
+
+def test_diffusionx_runs_fewer_steps_and_hands_over_latents(untrained_pair):
+    sessions, _ = load_sessions(None, 3)
+    dx = Method("dx", "diffusionx", FixedStrength(edge=0.5, cloud=0.25))
+    records = run_method(dx, untrained_pair, sessions, steps=4, guidance_scale=7.5, batch=8, seed=0)
+    for record, session in zip(records, sessions):
+        assert [r["unet_steps"] for r in record.rounds] == [4] + [2] * (len(session["rounds"]) - 1)
+        assert record.final["unet_steps"] == 1
+        assert 2048 < record.final["bytes_down"] < 2300  # 4x16x16 fp16 latents in safetensors
+        assert record.final_image.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_results(tmp_path):
+    from diffusionx.cli import main
+
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "--model",
+            "untrained",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            "--policy",
+            "fixed-0.5",
+            "--profile",
+            "phone-4g",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    methods = results["methods"]
+    assert set(methods) == {"cloud-only", "edge-only", "diffusionx-fixed-0.5"}
+    keys = {
+        "session_latency_mean_s",
+        "session_latency_p95_s",
+        "cloud_unet_seconds_per_session",
+        "bytes_per_session",
+        "clip_score",
+        "fid",
+        "attribute_accuracy",
+    }
+    for m in methods.values():
+        assert keys <= set(m)
+    assert methods["edge-only"]["cloud_unet_seconds_per_session"] == 0
+    assert methods["edge-only"]["bytes_per_session"] == 0
+    dx = methods["diffusionx-fixed-0.5"]
+    assert dx["cloud_unet_seconds_per_session"] < methods["cloud-only"]["cloud_unet_seconds_per_session"]
+    assert results["profile"]["name"] == "phone-4g" and results["workload"]["n_sessions"] == 4
+    assert {"measured", "modelled"} <= set(results["measured_vs_modelled"])
+    table = (out / "results.md").read_text()
+    assert "| diffusionx-fixed-0.5 |" in table and "vs cloud-only" in table
+    for name in ("latency_quality.png", "per_round_latency.png", "finals_grid.png"):
+        assert (out / name).stat().st_size > 1000
