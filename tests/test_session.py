@@ -137,3 +137,25 @@ def test_cloud_refiner_rejects_bad_requests(untrained_pair):
     ]:
         with pytest.raises(InvalidInputError, match=message):
             refiner.refine(request)
+
+
+def test_latent_hand_off_matches_image_hand_off_within_vae_error(embedded_pair):
+    """Handing the cloud the latent skips a VAE decode+encode; the result differs from the image
+    hand-off by no more than that round trip's own error (trained VAE, so the bound means something)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    prompt = "a large red circle on the left and a small yellow star at the top right on a blue background"
+    finals, preview = [], None
+    for shared in (True, False):
+        session = EdgeSession(replace(embedded_pair, shared_latent_space=shared), steps=20, seed=3)
+        preview = session.generate(prompt)
+        final = session.finalize(strength=0.5)
+        assert final.refined and final.image.size == preview.image.size
+        finals.append(np.asarray(final.image, dtype=np.float32))
+    cloud = embedded_pair.cloud
+    round_trip = cloud.decode(cloud.encode_image(preview.image))[0]
+    vae_error = np.abs(np.asarray(round_trip, dtype=np.float32) - np.asarray(preview.image, dtype=np.float32)).mean()
+    hand_off_gap = np.abs(finals[0] - finals[1]).mean()
+    assert hand_off_gap <= 2 * vae_error + 1.0, (hand_off_gap, vae_error)
