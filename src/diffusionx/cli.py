@@ -317,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the cloud refinement service over HTTP (docs/serving.md)")
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    from .ui import add_ui_arguments, cmd_ui
+
+    p = sub.add_parser("ui", help="the web page for interactive sessions (docs/ui.md)")
+    add_ui_arguments(p)
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -1,0 +1,564 @@
+"""The web UI's server: a small FastAPI app around per-tab `EdgeSession`s, and a static page.
+
+Every browser tab asks for its own session id (kept in the tab's sessionStorage) and sends it with
+each call, so tabs are independent sessions. The models are shared: one render runs at a time
+(`model_lock`); a tab whose render waits says so in its progress line. Long calls (generate,
+finalize, load) are plain blocking requests; while one runs the page polls `/progress`, which
+reports the U-Net step and, on request, an intermediate preview decoded from the current
+prediction of the clean latent (x0).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..cloud import Refiner
+from ..engine import DEFAULT_SCHEDULER, Engine, check_seed, check_steps, check_strength, make_scheduler
+from ..errors import DiffusionXError, InvalidInputError, PromptTruncatedWarning
+from ..models import ModelPair
+from ..policies import FixedStrength, StrengthPolicy
+from ..session import EdgeSession, FinalResult, Round
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+SESSION_FORMAT = "diffusionx-ui-session/1"
+MAX_PROMPT_CHARS = 1000  # the cloud service's default limit, so a prompt the page takes can be refined
+MAX_ROUNDS = 200  # per session, and per loaded session file
+MAX_SESSIONS = 64  # tabs kept; the least recently used one is dropped beyond this
+MAX_LOAD_BYTES = 2 * 1024 * 1024
+MAX_LOAD_STEPS = 200
+
+
+class BusyError(DiffusionXError):
+    """The session is already rendering or finalizing."""
+
+
+@dataclass
+class Progress:
+    phase: str = "idle"  # idle | waiting | rendering | finalizing | replaying
+    step: int = 0
+    total: int = 0
+    note: str = ""
+    x0: torch.Tensor | None = None  # latest predicted clean latent (for the intermediate preview)
+    x0_step: int = 0
+    started: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "total": self.total,
+            "note": self.note,
+            "preview_step": self.x0_step if self.x0 is not None else 0,
+            "elapsed_s": time.perf_counter() - self.started if self.phase != "idle" else 0.0,
+        }
+
+
+@dataclass
+class TabSession:
+    id: str
+    edge: EdgeSession
+    epoch: int = 0  # bumped when a load replaces the rounds, so image URLs change
+    busy: str | None = None  # "generate" | "finalize" | "load"
+    progress: Progress = field(default_factory=Progress)
+    final_info: dict[str, Any] | None = None  # the final result's summary plus what the page shows
+    notes: list[str] = field(default_factory=list)  # warnings of the last load
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class UIState:
+    def __init__(
+        self,
+        pair: ModelPair,
+        *,
+        cloud: Refiner | None = None,
+        cloud_label: str = "in-process",
+        policy: StrengthPolicy | None = None,
+        steps: int = 20,
+        seed: int = 0,
+        guidance_scale: float = 7.5,
+        max_prompt_chars: int = MAX_PROMPT_CHARS,
+        threads: int = 0,
+    ):
+        self.pair = pair
+        self.cloud = cloud
+        self.cloud_label = cloud_label
+        self.policy = policy or FixedStrength()
+        self.steps = check_steps(steps)
+        self.seed = check_seed(seed)
+        self.guidance_scale = guidance_scale
+        self.max_prompt_chars = max_prompt_chars
+        self.threads = threads or torch.get_num_threads()
+        self.sessions: OrderedDict[str, TabSession] = OrderedDict()
+        self.sessions_lock = threading.Lock()
+        self.model_lock = threading.Lock()  # one render (edge or in-process cloud) at a time
+        self._alphas = make_scheduler(DEFAULT_SCHEDULER, pair.edge.scheduler_config).alphas_cumprod
+
+    # ----- sessions ---------------------------------------------------------------------------
+    def new_edge_session(self, steps: int | None = None, seed: int | None = None) -> EdgeSession:
+        return EdgeSession(
+            self.pair,
+            policy=self.policy,
+            cloud=self.cloud,
+            steps=self.steps if steps is None else steps,
+            seed=self.seed if seed is None else seed,
+            guidance_scale=self.guidance_scale,
+        )
+
+    def create(self) -> TabSession:
+        tab = TabSession(secrets.token_urlsafe(12), self.new_edge_session())
+        with self.sessions_lock:
+            self.sessions[tab.id] = tab
+            while len(self.sessions) > MAX_SESSIONS:
+                oldest = next(iter(self.sessions))
+                if self.sessions[oldest].busy:
+                    break
+                del self.sessions[oldest]
+        return tab
+
+    def get(self, sid: str) -> TabSession:
+        with self.sessions_lock:
+            tab = self.sessions.get(sid)
+            if tab is None:
+                raise LookupError("this session is no longer on the server (it restarted or the tab was idle)")
+            self.sessions.move_to_end(sid)
+            return tab
+
+    @contextmanager
+    def busy(self, tab: TabSession, what: str):
+        with tab.lock:
+            if tab.busy == "finalize" and what == "finalize":
+                raise BusyError("a Finalize is already running for this session; wait for its result")
+            if tab.busy:
+                raise BusyError(f"this session is busy ({_BUSY_WORDS[tab.busy]}); wait until it is done")
+            tab.busy = what
+            tab.progress = Progress(phase="waiting", started=time.perf_counter())
+        try:
+            yield
+        finally:
+            with tab.lock:
+                tab.busy = None
+                tab.progress = Progress()
+
+    @contextmanager
+    def render(self, tab: TabSession, engine: Engine | None, phase: str):
+        """Hold the model lock; while held, count `engine`'s U-Net calls into the tab's progress
+        and keep the predicted clean latent of the newest one."""
+        if self.model_lock.locked():
+            tab.progress.note = "waiting for another tab's render to finish"
+        with self.model_lock:
+            torch.set_num_threads(self.threads)  # worker threads do not inherit the main thread's setting
+            progress = tab.progress
+            progress.phase, progress.note, progress.step, progress.x0 = phase, "", 0, None
+            if engine is None:
+                yield progress
+                return
+            original_start = engine.start
+
+            def start(*args, **kwargs):
+                job = original_start(*args, **kwargs)
+                progress.total, progress.step = job.num_steps, 0
+                return job
+
+            handle = engine.unet.register_forward_hook(self._hook(progress), with_kwargs=True)
+            engine.start = start  # type: ignore[method-assign]
+            try:
+                yield progress
+            finally:
+                handle.remove()
+                del engine.start
+
+    def _hook(self, progress: Progress):
+        alphas = self._alphas
+
+        def hook(module, args, kwargs, output) -> None:
+            progress.step += 1
+            try:
+                sample, t = args[0], args[1]
+                eps = output[0] if isinstance(output, tuple) else output.sample
+                n = sample.shape[0]
+                if n >= 2 and n % 2 == 0 and self.guidance_scale > 1.0:  # [uncond..., cond...]
+                    uncond, cond = eps.chunk(2)
+                    eps, sample = uncond + self.guidance_scale * (cond - uncond), sample[n // 2 :]
+                a = alphas[int(t.flatten()[0])].to(sample.dtype)
+                x0 = (sample[-1:] - (1 - a).sqrt() * eps[-1:]) / a.sqrt()
+                progress.x0, progress.x0_step = x0.detach().clone(), progress.step
+            except Exception:  # a preview is a nicety; never break a render for it
+                progress.x0 = None
+
+        return hook
+
+
+_BUSY_WORDS = {"generate": "rendering a round", "finalize": "finalizing", "load": "loading a session"}
+
+
+# ----- JSON views ---------------------------------------------------------------------------------
+def _describe_round(r: Round) -> str:
+    if r.mode == "fresh":
+        return "fresh, from noise"
+    source = f"from round {r.parent}" if r.parent else "from the previous latent"
+    if r.mode == "sdedit":
+        return f"{source} at strength {r.strength:.2f} (SDEdit)"
+    if r.mode == "controlled":
+        return f"attention-controlled, {source} at strength {r.strength:.2f}"
+    return f"{r.mode}, {source} at strength {r.strength:.2f}"
+
+
+def _round_view(tab: TabSession, r: Round) -> dict[str, Any]:
+    return {
+        **r.summary(),
+        "how": _describe_round(r),
+        "image": f"/api/s/{tab.id}/round/{r.index}.png?v={tab.epoch}",
+    }
+
+
+def _final_view(tab: TabSession, final: FinalResult, wall_s: float) -> dict[str, Any]:
+    edge = tab.edge
+    source = edge.round(final.source_round)
+    cloud_compute = final.cloud_timing.total_s
+    queue = max(0.0, final.cloud_seconds - cloud_compute)
+    transfer = max(0.0, wall_s - final.cloud_seconds - final.edge_decode_s) if final.refined else 0.0
+    return {
+        **final.summary(),
+        "edge_seconds": sum(r.timing.total_s for r in edge.rounds),
+        "source_edge_seconds": source.timing.total_s,
+        "cloud_queue_s": queue,
+        "cloud_compute_s": cloud_compute,
+        "transfer_s": transfer,
+        "finalize_wall_s": wall_s,
+        "preview_image": f"/api/s/{tab.id}/round/{final.source_round}.png?v={tab.epoch}",
+        "image": f"/api/s/{tab.id}/final.png?v={tab.epoch}-{time.monotonic_ns()}",
+    }
+
+
+def _state(state: UIState, tab: TabSession) -> dict[str, Any]:
+    edge = tab.edge
+    return {
+        "id": tab.id,
+        "epoch": tab.epoch,
+        "steps": edge.steps,
+        "seed": edge.seed,
+        "head": edge.head,
+        "rounds": [_round_view(tab, r) for r in edge.rounds],
+        "final": tab.final_info,
+        "busy": tab.busy,
+        "notes": tab.notes,
+    }
+
+
+def session_document(state: UIState, tab: TabSession) -> dict[str, Any]:
+    """What the page downloads: enough to replay the session (prompts, seeds, strengths, parents)
+    plus every timing. Latents are not included: replaying regenerates them exactly."""
+    edge = tab.edge
+    return {
+        "format": SESSION_FORMAT,
+        "models": state.pair.describe(),
+        "steps": edge.steps,
+        "guidance_scale": edge.guidance_scale,
+        "scheduler": edge.scheduler,
+        "seed": edge.seed,
+        "head": edge.head,
+        "rounds": edge.history(),
+        "final": tab.final_info and {k: v for k, v in tab.final_info.items() if k not in ("image", "preview_image")},
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _png(image: Image.Image, meta: dict[str, Any] | None = None, scale: int = 1) -> bytes:
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    info = None
+    if meta is not None:
+        info = PngInfo()
+        info.add_text("diffusionx", json.dumps(meta))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _png_response(data: bytes, filename: str | None = None) -> Response:
+    headers = {"Cache-Control": "no-store"}
+    if filename:
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return Response(data, media_type="image/png", headers=headers)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def check_prompt(prompt: Any, limit: int) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInputError("the prompt is empty: type what the image should show")
+    prompt = prompt.strip()
+    if len(prompt) > limit:
+        raise InvalidInputError(f"the prompt is {len(prompt)} characters; the limit is {limit}. Shorten it.")
+    return prompt
+
+
+# ----- the rounds ---------------------------------------------------------------------------------
+def _generate(state: UIState, tab: TabSession, prompt: str, strength: float | None, seed: int | None) -> Round:
+    with state.render(tab, state.pair.edge, "rendering"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        r = tab.edge.generate(prompt, strength=strength, seed=seed)
+    cut = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    if cut:
+        tab.notes = [cut[0]]
+    return r
+
+
+def _replay(state: UIState, tab: TabSession, doc: Any) -> list[str]:
+    """Rebuild a saved session by regenerating each round from its saved prompt, seed, strength
+    and parent, in order. The result is a fresh EdgeSession that replaces the tab's one."""
+    if not isinstance(doc, dict) or doc.get("format") != SESSION_FORMAT:
+        raise InvalidInputError(f"not a DiffusionX session file (expected format {SESSION_FORMAT!r})")
+    rounds = doc.get("rounds")
+    if not isinstance(rounds, list) or not rounds:
+        raise InvalidInputError("the session file has no rounds")
+    if len(rounds) > MAX_ROUNDS:
+        raise InvalidInputError(f"the session file has {len(rounds)} rounds; at most {MAX_ROUNDS} can be loaded")
+    steps = check_steps(doc.get("steps", state.steps))
+    if steps > MAX_LOAD_STEPS:
+        raise InvalidInputError(f"the session uses {steps} steps; at most {MAX_LOAD_STEPS} can be replayed here")
+    edge = state.new_edge_session(steps=steps, seed=check_seed(doc.get("seed", state.seed)))
+    plan = []
+    for i, r in enumerate(rounds, start=1):
+        if not isinstance(r, dict):
+            raise InvalidInputError(f"round {i} of the session file is not an object")
+        prompt = check_prompt(r.get("prompt"), state.max_prompt_chars)
+        seed = check_seed(r.get("seed", edge.seed))
+        strength = check_strength(r.get("strength", 1.0))
+        parent = r.get("parent")
+        if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or not 1 <= parent < i):
+            raise InvalidInputError(f"round {i} names parent {parent!r}, which is not an earlier round")
+        if i == 1 or parent is None:
+            strength = 1.0  # no latent to start from: a fresh round, as it was made
+        plan.append((prompt, seed, strength, parent, r.get("mode")))
+    notes = []
+    models = doc.get("models", {})
+    if isinstance(models, dict) and models.get("pair") not in (None, state.pair.describe().get("pair")):
+        notes.append(f"saved with model pair {models.get('pair')!r}, replayed with {state.pair.describe()['pair']!r}")
+    with state.render(tab, state.pair.edge, "replaying") as progress:
+        for i, (prompt, seed, strength, parent, mode) in enumerate(plan, start=1):
+            progress.note = f"replaying round {i} of {len(plan)}"
+            if parent is not None:
+                edge.back(parent)
+            edge.generate(prompt, strength=strength, seed=seed)
+            if mode == "controlled":
+                notes.append(f"round {i} was attention-controlled; it was replayed as SDEdit at the same strength")
+    head = doc.get("head")
+    if isinstance(head, int) and not isinstance(head, bool) and 1 <= head <= len(edge.rounds):
+        edge.back(head)
+    tab.edge = edge
+    tab.epoch += 1
+    tab.final_info = None
+    return notes
+
+
+# ----- the app ------------------------------------------------------------------------------------
+def create_app(state: UIState) -> FastAPI:
+    app = FastAPI(title="DiffusionX", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ui = state
+
+    @app.exception_handler(InvalidInputError)
+    async def invalid(request: Request, err: InvalidInputError):
+        return _error(422, str(err))
+
+    @app.exception_handler(BusyError)
+    async def busy(request: Request, err: BusyError):
+        return _error(409, str(err))
+
+    @app.exception_handler(LookupError)
+    async def missing(request: Request, err: LookupError):
+        return _error(404, str(err))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception):
+        log.exception("UI request failed: %s", request.url.path)
+        return _error(500, f"the server failed ({type(err).__name__}: {err}); the session is kept")
+
+    @app.get("/")
+    def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/{name}")
+    def static(name: str):
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            return _error(404, "no such file")
+        return FileResponse(path, headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/config")
+    def config():
+        describe = state.pair.describe()
+        return {
+            "models": describe,
+            "edge_label": state.pair.edge_info.label,
+            "cloud_label": state.pair.cloud_info.label,
+            "cloud": state.cloud_label,
+            "steps": state.steps,
+            "max_prompt_chars": state.max_prompt_chars,
+            "untrained": bool(describe.get("untrained") or describe.get("random_weight")),
+        }
+
+    @app.post("/api/session")
+    def new_session():
+        return _state(state, state.create())
+
+    @app.get("/api/s/{sid}")
+    def get_state(sid: str):
+        return _state(state, state.get(sid))
+
+    @app.get("/api/s/{sid}/progress")
+    def progress(sid: str):
+        return state.get(sid).progress.as_dict()
+
+    @app.get("/api/s/{sid}/progress.png")
+    def progress_png(sid: str):
+        x0 = state.get(sid).progress.x0
+        if x0 is None:
+            return _error(404, "no intermediate preview yet")
+        engine = state.pair.edge
+        image = engine.decode(x0.to(engine.device, engine.dtype))[0]  # tiny; runs beside the render
+        return _png_response(_png(image))
+
+    @app.post("/api/s/{sid}/generate")
+    def generate(sid: str, body: dict[str, Any]):
+        tab = state.get(sid)
+        prompt = check_prompt(body.get("prompt"), state.max_prompt_chars)
+        strength = body.get("strength")
+        strength = None if strength in (None, "") else check_strength(strength)
+        seed = body.get("seed")
+        seed = None if seed in (None, "") else check_seed(seed)
+        with state.busy(tab, "generate"):
+            tab.notes = []
+            r = _generate(state, tab, prompt, strength, seed)
+        return {**_state(state, tab), "round": _round_view(tab, r)}
+
+    @app.post("/api/s/{sid}/back")
+    def back(sid: str, body: dict[str, Any]):
+        tab = state.get(sid)
+        index = body.get("round")
+        with state.busy(tab, "generate"):
+            tab.edge.back(index)
+        return _state(state, tab)
+
+    @app.post("/api/s/{sid}/finalize")
+    def finalize(sid: str, body: dict[str, Any] | None = None):
+        tab = state.get(sid)
+        body = body or {}
+        strength = body.get("strength")
+        strength = None if strength in (None, "") else check_strength(strength)
+        with state.busy(tab, "finalize"):
+            if tab.edge.current is None:
+                raise InvalidInputError("nothing to finalize yet: generate a preview first")
+            load = None
+            if hasattr(state.cloud, "load"):
+                try:
+                    load = state.cloud.load()  # for a load-aware policy; unreachable -> None
+                except Exception:
+                    load = None
+            start = time.perf_counter()
+            if state.cloud is None:  # the in-process cloud model shares this machine: take turns
+                with state.render(tab, state.pair.cloud, "finalizing"):
+                    final = tab.edge.finalize(strength=strength, load=load)
+            else:  # the cloud renders elsewhere; the edge only decodes
+                tab.progress.phase = "finalizing"
+                final = tab.edge.finalize(strength=strength, load=load)
+            tab.final_info = _final_view(tab, final, time.perf_counter() - start)
+        return _state(state, tab)
+
+    @app.get("/api/s/{sid}/round/{index}.png")
+    def round_png(sid: str, index: int):
+        tab = state.get(sid)
+        return _png_response(_png(tab.edge.round(index).image))
+
+    @app.get("/api/s/{sid}/final.png")
+    def final_png(sid: str, download: int = 0):
+        tab = state.get(sid)
+        final = tab.edge.final
+        if final is None:
+            return _error(404, "no final image yet: press Finalize")
+        meta = {"models": state.pair.describe(), "final": final.summary()}
+        name = "diffusionx-final.png" if final.refined else "diffusionx-final-preview-not-refined.png"
+        return _png_response(_png(final.image, meta), name if download else None)
+
+    @app.get("/api/s/{sid}/session.json")
+    def session_json(sid: str):
+        tab = state.get(sid)
+        body = json.dumps(session_document(state, tab), indent=2)
+        headers = {"Content-Disposition": 'attachment; filename="diffusionx-session.json"', "Cache-Control": "no-store"}
+        return Response(body, media_type="application/json", headers=headers)
+
+    @app.post("/api/s/{sid}/load")
+    async def load(sid: str, request: Request):
+        tab = state.get(sid)
+        raw = await request.body()
+        if len(raw) > MAX_LOAD_BYTES:
+            raise InvalidInputError(f"the session file is {len(raw)} bytes; the limit is {MAX_LOAD_BYTES}")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InvalidInputError(f"the session file is not valid JSON ({err})") from None
+        from starlette.concurrency import run_in_threadpool
+
+        def replay():
+            with state.busy(tab, "load"):
+                tab.notes = _replay(state, tab, doc)
+            return _state(state, tab)
+
+        return await run_in_threadpool(replay)
+
+    return app
+
+
+# ----- `diffusionx ui` ----------------------------------------------------------------------------
+def build_state(args) -> UIState:
+    import sys
+
+    from ..models import load_pair
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pair = load_pair(args.model)
+    print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
+    cloud, label = None, "in-process"
+    if args.cloud:
+        from ..client import CloudClient
+
+        token = args.token or os.environ.get("DIFFUSIONX_TOKEN")
+        cloud = CloudClient(args.cloud, token, retries=2, backoff=0.25, connect_timeout=3.0)
+        label = args.cloud
+    policy = FixedStrength(edge=check_strength(args.edge_strength), cloud=check_strength(args.cloud_strength))
+    return UIState(pair, cloud=cloud, cloud_label=label, policy=policy, steps=args.steps, seed=args.seed)
+
+
+def run_ui(args) -> int:
+    import uvicorn
+
+    state = build_state(args)
+    if not math.isfinite(args.port) or not 0 <= args.port <= 65535:
+        raise InvalidInputError(f"port must be in 0-65535, got {args.port}")
+    print(f"DiffusionX UI on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    return 0
