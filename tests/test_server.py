@@ -132,6 +132,33 @@ def test_close_finishes_accepted_work_then_refuses(untrained_pair):
         refiner.submit(request(untrained_pair.cloud))
 
 
+def test_png_requests_finishing_together_share_one_decode(untrained_pair, batcher):
+    engine = untrained_pair.cloud
+    requests = [request(engine, seed=s, return_format="png") for s in (41, 42)]
+    futures = [batcher.submit(r) for r in requests]
+    results = [f.result(timeout=120) for f in futures]
+    for req, result in zip(requests, results):
+        want = np.asarray(Image.open(io.BytesIO(CloudRefiner(engine).refine(req).payload))).astype(int)
+        got = np.asarray(Image.open(io.BytesIO(result.payload))).astype(int)
+        assert np.abs(got - want).max() <= 1
+
+
+def test_a_crashed_worker_fails_its_requests_instead_of_hanging(untrained_pair):
+    refiner = BatchingRefiner(untrained_pair.cloud, max_batch=2)
+
+    def broken():
+        raise RuntimeError("a bug in the loop")
+
+    refiner._step = broken
+    future = refiner.submit(request(untrained_pair.cloud))
+    with pytest.raises(ServiceUnavailableError, match="crashed"):
+        future.result(timeout=60)
+    refiner._thread.join(10)
+    assert not refiner.alive and isinstance(refiner.crashed, RuntimeError)
+    with pytest.raises(ServiceUnavailableError):
+        refiner.submit(request(untrained_pair.cloud))
+
+
 # ----- HTTP ------------------------------------------------------------------------------------
 LIMITS = Limits(
     max_body_bytes=64 * 1024,
@@ -218,6 +245,16 @@ def test_validation_errors(untrained_pair, http, change, status, fragment):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["status"] == status and fragment in error["message"]
+
+
+@pytest.mark.parametrize("side", [10000, 14000])  # 100 M pixels; 196 M (past PIL's bomb limit)
+def test_huge_png_is_refused_from_its_header(untrained_pair, http, side):
+    bomb = image_to_png(Image.new("1", (side, side)))  # a small file that decodes to gigabytes
+    assert len(bomb) < LIMITS.max_body_bytes // 2
+    start = time.perf_counter()
+    response = http.post("/v1/refine", json=body(untrained_pair.cloud, latent=None, image=_b64(bomb)))
+    assert response.status_code == 422 and response.json()["error"]["code"] == "image_size"
+    assert time.perf_counter() - start < 5
 
 
 def test_int_latents_are_refused(untrained_pair, http):

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -408,19 +410,37 @@ class Service:
             raise ApiError(422, "latent_mismatch", str(err)) from None
 
     def _check_image(self, data: bytes) -> None:
+        # The size is read from the header before any pixel is decoded (no decompression bombs).
         try:
-            image = _read_png(data)
-        except InvalidInputError as err:
-            raise ApiError(400, "bad_payload", str(err)) from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size is checked below
+                header = Image.open(io.BytesIO(data))
+            with header:
+                fmt, width, height = header.format, header.width, header.height
+        except Image.DecompressionBombError:
+            raise ApiError(422, "image_size", f"image dimensions are far beyond {self._size_text}") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise ApiError(400, "bad_payload", f"image is not a readable PNG: {err}") from None
+        if fmt != "PNG":
+            raise ApiError(400, "bad_payload", f"image must be a PNG, got {fmt}")
         if self.engine is not None:
             size = self.engine.default_size
-            if image.size != (size, size):
+            if (width, height) != (size, size):
                 raise ApiError(
                     422,
                     "image_size",
-                    f"image is {image.width}x{image.height}; the cloud model "
-                    f"{self.model_name} takes {size}x{size} PNGs",
+                    f"image is {width}x{height}; the cloud model {self.model_name} takes {size}x{size} PNGs",
                 )
+        try:
+            _read_png(data)
+        except InvalidInputError as err:
+            raise ApiError(400, "bad_payload", str(err)) from None
+
+    @property
+    def _size_text(self) -> str:
+        if self.engine is None:
+            return "what this server takes"
+        return f"the {self.engine.default_size}x{self.engine.default_size} PNGs the cloud model takes"
 
     @property
     def model_name(self) -> str:
@@ -665,9 +685,12 @@ def create_app(
             "replica": service.replica,
             "uptime_s": time.time() - service.started,
         }
-        return JSONResponse(
-            body, status_code=503 if service.draining else 200, headers=_retry_after(5) if service.draining else None
-        )
+        alive = getattr(service.refiner, "alive", True)
+        if not alive and not service.draining:
+            body["status"] = "failed"
+            body["reason"] = f"the refiner's worker stopped: {getattr(service.refiner, 'crashed', None)!r}"
+        healthy = alive and not service.draining
+        return JSONResponse(body, status_code=200 if healthy else 503, headers=None if healthy else _retry_after(5))
 
     @app.get("/v1/load")
     async def load():

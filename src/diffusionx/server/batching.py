@@ -102,6 +102,7 @@ class BatchingRefiner:
         self.unet_calls = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._step_time = 0.0
+        self.crashed: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"diffusionx-{name}-batcher", daemon=True)
         self._thread.start()
 
@@ -169,22 +170,41 @@ class BatchingRefiner:
         return float(slots[0] * step) if slots else 0.0
 
     # ----- the worker -------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """False once the worker has stopped (closed, or crashed: then `crashed` says why)."""
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
         try:
-            while True:
-                with self._cond:
-                    while not self._pending and not self._active and not self._closing:
-                        self._cond.wait()
-                    if self._closing and not self._pending and not self._active:
-                        return
-                    admit = []
-                    while self._pending and len(self._active) + len(admit) < self.max_batch:
-                        admit.append(self._pending.popleft())
-                for work in admit:
-                    self._admit(work)
-                self._step()
+            self._run()
+        except BaseException as err:  # a bug in the loop: fail everything rather than hang callers
+            log.exception("the batching worker crashed")
+            self.crashed = err
+            with self._cond:
+                self._closing = True
+                waiting = list(self._pending) + list(self._active)
+                self._pending.clear()
+                self._active.clear()
+            for work in waiting:
+                if not work.future.done():
+                    work.future.set_exception(ServiceUnavailableError(f"the refiner's worker crashed: {err!r}", 5.0))
         finally:
             self._stopped.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._active and not self._closing:
+                    self._cond.wait()
+                if self._closing and not self._pending and not self._active:
+                    return
+                admit = []
+                while self._pending and len(self._active) + len(admit) < self.max_batch:
+                    admit.append(self._pending.popleft())
+            for work in admit:
+                self._admit(work)
+            self._step()
 
     def _admit(self, work: _Work) -> None:
         if not work.future.set_running_or_notify_cancel():
@@ -251,17 +271,37 @@ class BatchingRefiner:
                 self.unet_calls += 1
                 self.batch_sizes[len(active)] += 1
                 self._step_time = elapsed if not self._step_time else 0.8 * self._step_time + 0.2 * elapsed
-        for work in list(active):
-            if work.job.done:
-                self._finish(work)
+        done = [work for work in active if work.job.done]
+        images = self._decode([work for work in done if work.request.return_format == "png"])
+        for work in done:
+            self._finish(work, images.get(id(work)))
 
-    def _finish(self, work: _Work) -> None:
+    def _decode(self, works: list[_Work]) -> dict[int, Any]:
+        """VAE-decode the PNG requests that finished on the same step in one call."""
+        if not works:
+            return {}
+        start = time.perf_counter()
+        try:
+            images = self.engine.decode(torch.cat([work.job.latents for work in works]))
+        except Exception as err:
+            for work in works:
+                self._fail(work, err)
+            return {}
+        elapsed = time.perf_counter() - start
+        for work in works:
+            work.timing.decode_s = elapsed
+        return {id(work): image for work, image in zip(works, images)}
+
+    def _finish(self, work: _Work, image: Any = None) -> None:
         job, request, timing = work.job, work.request, work.timing
+        if work.future.done():  # failed while decoding
+            return
         try:
             if request.return_format == "png":
-                start = time.perf_counter()
-                image = self.engine.decode(job.latents)[0]
-                timing.decode_s = time.perf_counter() - start
+                if image is None:
+                    start = time.perf_counter()
+                    image = self.engine.decode(job.latents)[0]
+                    timing.decode_s = time.perf_counter() - start
                 payload = image_to_png(image)
             else:
                 payload = latents_to_bytes(job.latents, work.wire_dtype)

@@ -87,6 +87,12 @@ def build_app(
         def __serve_build_asgi_app__(self):
             return self._app
 
+        def check_health(self):
+            """Ray restarts a replica whose batching worker died."""
+            refiner = self._app.state.service.refiner
+            if not getattr(refiner, "alive", True) and not self._app.state.service.draining:
+                raise RuntimeError(f"the batching worker stopped: {getattr(refiner, 'crashed', None)!r}")
+
     scaling = autoscaling_config(replicas, max_replicas, max_batch)
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
