@@ -182,13 +182,15 @@ function renderFinal(f) {
   $("final-refined").src = f.image;
   $("refined-caption").textContent = f.refined ? "refined by the cloud" : "NOT refined: the edge preview, kept";
   if (!f.refined) {
-    $("cloud-message").textContent = "The cloud could not be reached, so your preview is kept as the final image. " +
+    $("cloud-message").textContent = "The cloud could not be reached or did not answer, so your preview is kept as the final image. " +
       "(" + f.reason + ")";
   }
   const rows = [
     ["round", String(f.source_round)],
     ["edge time", secs(f.edge_seconds) + " over all rounds (" + secs(f.source_edge_seconds) + " this round)"],
-    ["transfer", kib(f.bytes_up) + " up, " + kib(f.bytes_down) + " down" + (f.refined ? ", " + secs(f.transfer_s) : "")],
+    ["transfer", kib(f.bytes_up) + " up, " + kib(f.bytes_down) + " down" +
+      (f.refined ? ", " + secs(f.transfer_s) + (dx.config.cloud === "in-process" ? " (in-process: no network)" : "")
+        : " (not delivered)")],
     ["cloud queue", f.refined ? secs(f.cloud_queue_s) : "—"],
     ["cloud compute", f.refined ? secs(f.cloud_compute_s) + " (" + f.unet_steps + " U-Net steps)" : "—"],
     ["decode on the edge", f.refined ? secs(f.edge_decode_s) : "—"],

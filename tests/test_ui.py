@@ -1,0 +1,222 @@
+"""The web UI end to end: the real page in headless Chromium (Debian's `chromium`, driven by
+Playwright without its own browser download), against the UI server and a real cloud service on
+loopback, with the untrained model pair (fast, 64x64)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffusionx.client import CloudClient
+from diffusionx.server.app import create_app as create_cloud_app
+from diffusionx.server.run import start_in_thread
+from diffusionx.ui.app import SESSION_FORMAT, UIState, create_app
+
+pytestmark = pytest.mark.slow
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[ui]' for the browser tests")
+
+CHROMIUM = os.environ.get("DIFFUSIONX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN = "ui-test-token"
+STEPS = 10
+PROMPT_LIMIT = 200
+PROMPTS = (
+    "a large red circle on the left on a blue background",
+    "a large red circle on the left and a small yellow star at the top right on a blue background",
+    "a large green circle on the left and a small yellow star at the top right on a blue background",
+)
+BRANCH_PROMPT = "a large red circle on the left on a white background"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "ui-screenshot.png"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set DIFFUSIONX_CHROMIUM)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def start_cloud(pair, port: int = 0):
+    return start_in_thread(create_cloud_app(pair.cloud, tokens={TOKEN}, max_batch=4), port=port, graceful_timeout=5)
+
+
+def start_ui(pair, cloud_url: str):
+    client = CloudClient(cloud_url, TOKEN, retries=1, backoff=0.05, connect_timeout=2)
+    state = UIState(pair, cloud=client, cloud_label=cloud_url, steps=STEPS, max_prompt_chars=PROMPT_LIMIT)
+    return start_in_thread(create_app(state), graceful_timeout=5), client
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(90_000)  # a shared, busy machine
+    yield page
+    context.close()
+
+
+def open_page(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#untrained").is_visible()  # the page says the models are stand-ins
+
+
+def submit(page, prompt: str, rounds_after: int) -> None:
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+    page.wait_for_function(f"document.querySelectorAll('#history .round').length === {rounds_after}")
+    page.wait_for_selector("#progress-box", state="hidden")
+
+
+def message(page) -> str:
+    page.wait_for_selector("#message", state="visible")
+    return page.inner_text("#message")
+
+
+def image_loaded(page, selector: str) -> None:
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth === 64; }",
+        arg=selector,
+    )
+
+
+def download(page, selector: str) -> bytes:
+    with page.expect_download() as info:
+        page.click(selector)
+    return Path(info.value.path()).read_bytes()
+
+
+def test_three_rounds_branch_finalize_download_and_load(untrained_pair, browser, page, tmp_path):
+    cloud = start_cloud(untrained_pair)
+    ui, client = start_ui(untrained_pair, cloud.url)
+    try:
+        open_page(page, ui.url)
+
+        # bad input is a message on the page, and the session survives it
+        page.click("#generate")
+        assert "empty" in message(page)
+        page.fill("#prompt", "a red circle " * 20)
+        page.click("#generate")
+        assert f"limit is {PROMPT_LIMIT}" in message(page)
+        assert "over" in page.get_attribute("#count", "class")
+
+        # three rounds; the progress indicator shows while each renders
+        page.fill("#prompt", PROMPTS[0])
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#progress-box", state="visible")
+        page.wait_for_function("document.querySelectorAll('#history .round').length === 1")
+        page.wait_for_selector("#progress-box", state="hidden")
+        assert page.inner_text("#current-info .info-made") == "made: fresh, from noise"
+        submit(page, PROMPTS[1], 2)
+        submit(page, PROMPTS[2], 3)
+        assert "from round 2 at strength 0.60 (SDEdit)" in page.inner_text("#current-info .info-made")
+        assert "sdedit" in page.inner_text("#current-info .info-mode")
+        assert "U-Net" in page.inner_text("#current-info .info-cost")
+        assert page.evaluate("window.__dx.maxStepSeen") >= 1  # step progress was polled during renders
+        image_loaded(page, "#current-img")
+
+        # branch from round 1: the next round starts from round 1's latent
+        page.click("#history .round[data-round='1']")
+        page.wait_for_selector("#history .round.head[data-round='1']")
+        assert "branches from round 1" in page.inner_text("#branch-note")
+        submit(page, BRANCH_PROMPT, 4)
+        assert "from round 1 at strength 0.60" in page.inner_text("#current-info .info-made")
+        assert page.get_attribute("#history .round.head", "data-round") == "4"
+
+        # finalize through the cloud service; a second press while it runs gets a message
+        page.click("#finalize")
+        page.click("#finalize")
+        assert "already running" in message(page)
+        page.wait_for_selector("#final", state="visible")
+        image_loaded(page, "#final-refined")
+        image_loaded(page, "#final-preview")
+        assert page.inner_text("#refined-caption") == "refined by the cloud"
+        assert page.locator("#cloud-down").is_hidden()
+        stats = page.inner_text("#final-stats")
+        for word in ("edge time", "transfer", "cloud queue", "cloud compute", "strength", "0.50"):
+            assert word in stats
+
+        # downloads: the final PNG and the session JSON with every round
+        final_png = Image.open(io.BytesIO(download(page, "#download-png")))
+        assert final_png.size == (64, 64) and "diffusionx" in final_png.info
+        saved = tmp_path / "session.json"
+        saved.write_bytes(download(page, "#download-json"))
+        doc = json.loads(saved.read_text())
+        assert doc["format"] == SESSION_FORMAT and doc["head"] == 4 and doc["steps"] == STEPS
+        assert [r["prompt"] for r in doc["rounds"]] == [*PROMPTS, BRANCH_PROMPT]
+        assert [r["parent"] for r in doc["rounds"]] == [None, 1, 2, 1]
+        assert [r["strength"] for r in doc["rounds"]] == [1.0, 0.6, 0.6, 0.6]
+        for r in doc["rounds"]:
+            assert r["seed"] == 0 and r["edge_seconds"] > 0 and r["timing"]["unet_calls"] == r["unet_steps"]
+        assert doc["final"]["refined"] and doc["final"]["strength"] == 0.5 and doc["final"]["cloud_seconds"] > 0
+
+        page.screenshot(path=str(tmp_path / "ui-finished.png"), full_page=True)
+        if os.environ.get("DIFFUSIONX_UPDATE_SCREENSHOT"):
+            shutil.copyfile(tmp_path / "ui-finished.png", DOCS_SCREENSHOT)
+        originals = [page.request.get(ui.url + f"/api/s/{doc_sid(page)}/round/{i}.png").body() for i in range(1, 5)]
+
+        # another tab is another session; loading the saved file there replays it exactly
+        other = page.context.new_page()
+        open_page(other, ui.url)
+        assert other.locator("#history .round").count() == 0
+        assert doc_sid(other) != doc_sid(page)
+        other.set_input_files("#load-file", str(saved))
+        other.wait_for_function("document.querySelectorAll('#history .round').length === 4")
+        assert "4 rounds replayed" in message(other)
+        assert other.get_attribute("#history .round.head", "data-round") == "4"
+        replayed = [other.request.get(ui.url + f"/api/s/{doc_sid(other)}/round/{i}.png").body() for i in range(1, 5)]
+        assert replayed == originals
+        assert page.locator("#history .round").count() == 4  # the first tab is untouched
+
+        # a file that is not a session is a message, not a stack trace
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"format": "something else"}')
+        other.set_input_files("#load-file", str(bad))
+        other.wait_for_function("document.querySelector('#message').textContent.includes('not a DiffusionX')")
+        assert other.locator("#history .round").count() == 4
+    finally:
+        ui.stop()
+        client.close()
+        cloud.stop()
+
+
+def doc_sid(page) -> str:
+    return page.evaluate("window.__dx.sid")
+
+
+def test_cloud_down_keeps_the_preview_and_retry_refines(untrained_pair, browser, page, tmp_path):
+    cloud = start_cloud(untrained_pair)
+    port = int(cloud.url.rsplit(":", 1)[1])
+    ui, client = start_ui(untrained_pair, cloud.url)
+    try:
+        open_page(page, ui.url)
+        submit(page, PROMPTS[0], 1)
+        cloud.stop()
+
+        page.click("#finalize")
+        page.wait_for_selector("#cloud-down", state="visible")
+        text = page.inner_text("#cloud-message")
+        assert "could not be reached" in text and "preview is kept" in text and cloud.url in text
+        assert "NOT refined" in page.inner_text("#refined-caption")
+        image_loaded(page, "#final-refined")
+        preview = page.request.get(ui.url + f"/api/s/{doc_sid(page)}/round/1.png").body()
+        kept = Image.open(io.BytesIO(download(page, "#download-png")))
+        assert kept.tobytes() == Image.open(io.BytesIO(preview)).tobytes()  # the preview, unchanged
+        page.screenshot(path=str(tmp_path / "ui-cloud-down.png"), full_page=True)
+
+        cloud = start_cloud(untrained_pair, port=port)  # the cloud comes back; Retry refines
+        page.click("#retry")
+        page.wait_for_function("document.querySelector('#refined-caption').textContent === 'refined by the cloud'")
+        assert page.locator("#cloud-down").is_hidden()
+    finally:
+        ui.stop()
+        client.close()
+        cloud.stop()
