@@ -220,3 +220,48 @@ def test_cloud_down_keeps_the_preview_and_retry_refines(untrained_pair, browser,
         ui.stop()
         client.close()
         cloud.stop()
+
+
+def test_round_modes_from_the_page_and_controlled_rounds_replay(untrained_pair, browser, page, tmp_path):
+    state = UIState(untrained_pair, steps=STEPS)  # in-process cloud
+    if "controlled" not in state.modes:
+        pytest.skip("this EdgeSession.generate has no mode argument")
+    ui = start_in_thread(create_app(state), graceful_timeout=5)
+    try:
+        open_page(page, ui.url)
+        assert page.locator("#mode-box").is_visible()
+        submit(page, PROMPTS[0], 1)
+        page.select_option("#mode", "controlled")
+        submit(page, PROMPTS[0].replace("red", "green"), 2)
+        assert page.inner_text("#current-info .info-made").startswith("made: attention-controlled, from round 1")
+        assert "controlled" in page.inner_text("#history .round[data-round='2']")
+        page.select_option("#mode", "fresh")
+        submit(page, PROMPTS[1], 3)
+        assert page.inner_text("#current-info .info-made") == "made: fresh, from noise"
+
+        saved = tmp_path / "session.json"
+        saved.write_bytes(download(page, "#download-json"))
+        assert [r["mode"] for r in json.loads(saved.read_text())["rounds"]] == ["fresh", "controlled", "fresh"]
+        originals = [page.request.get(ui.url + f"/api/s/{doc_sid(page)}/round/{i}.png").body() for i in (1, 2, 3)]
+
+        other = page.context.new_page()
+        open_page(other, ui.url)
+        other.set_input_files("#load-file", str(saved))
+        other.wait_for_function("document.querySelectorAll('#history .round').length === 3")
+        replayed = [other.request.get(ui.url + f"/api/s/{doc_sid(other)}/round/{i}.png").body() for i in (1, 2, 3)]
+        assert replayed == originals
+        assert "controlled" in other.inner_text("#history .round[data-round='2']")
+
+        # in-process Finalize: the page says there is no network in between
+        other.click("#finalize")
+        other.wait_for_selector("#final", state="visible")
+        assert "in-process" in other.inner_text("#final-stats")
+    finally:
+        ui.stop()
+
+
+def test_cli_has_the_ui_command():
+    from diffusionx.cli import build_parser
+
+    args = build_parser().parse_args(["ui", "--port", "7999", "--cloud", "http://127.0.0.1:1", "--model", "untrained"])
+    assert (args.port, args.cloud, args.model, args.host) == (7999, "http://127.0.0.1:1", "untrained", "127.0.0.1")

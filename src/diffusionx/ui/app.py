@@ -10,6 +10,7 @@ prediction of the clean latent (x0).
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -47,6 +48,16 @@ MAX_ROUNDS = 200  # per session, and per loaded session file
 MAX_SESSIONS = 64  # tabs kept; the least recently used one is dropped beyond this
 MAX_LOAD_BYTES = 2 * 1024 * 1024
 MAX_LOAD_STEPS = 200
+
+
+def round_modes() -> tuple[str, ...]:
+    """The round modes EdgeSession.generate takes (fresh / sdedit / controlled / auto), or none
+    when this version of the session has no `mode` argument."""
+    from .. import session
+
+    if "mode" not in inspect.signature(EdgeSession.generate).parameters:
+        return ()
+    return tuple(getattr(session, "ROUND_MODES", ("fresh", "sdedit", "controlled")))
 
 
 class BusyError(DiffusionXError):
@@ -112,6 +123,7 @@ class UIState:
         self.sessions: OrderedDict[str, TabSession] = OrderedDict()
         self.sessions_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one render (edge or in-process cloud) at a time
+        self.modes = round_modes()
         self._alphas = make_scheduler(DEFAULT_SCHEDULER, pair.edge.scheduler_config).alphas_cumprod
 
     # ----- sessions ---------------------------------------------------------------------------
@@ -317,10 +329,13 @@ def check_prompt(prompt: Any, limit: int) -> str:
 
 
 # ----- the rounds ---------------------------------------------------------------------------------
-def _generate(state: UIState, tab: TabSession, prompt: str, strength: float | None, seed: int | None) -> Round:
+def _generate(
+    state: UIState, tab: TabSession, prompt: str, strength: float | None, seed: int | None, mode: str | None
+) -> Round:
+    extra = {} if mode is None else {"mode": mode}
     with state.render(tab, state.pair.edge, "rendering"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PromptTruncatedWarning)
-        r = tab.edge.generate(prompt, strength=strength, seed=seed)
+        r = tab.edge.generate(prompt, strength=strength, seed=seed, **extra)
     cut = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
     if cut:
         tab.notes = [cut[0]]
@@ -363,6 +378,9 @@ def _replay(state: UIState, tab: TabSession, doc: Any) -> list[str]:
             progress.note = f"replaying round {i} of {len(plan)}"
             if parent is not None:
                 edge.back(parent)
+            if mode == "controlled" and "controlled" in state.modes and parent is not None:
+                edge.generate(prompt, mode="controlled")  # re-walks the parent's trajectory (its seed, strength)
+                continue
             edge.generate(prompt, strength=strength, seed=seed)
             if mode == "controlled":
                 notes.append(f"round {i} was attention-controlled; it was replayed as SDEdit at the same strength")
@@ -419,6 +437,7 @@ def create_app(state: UIState) -> FastAPI:
             "steps": state.steps,
             "max_prompt_chars": state.max_prompt_chars,
             "untrained": bool(describe.get("untrained") or describe.get("random_weight")),
+            "modes": list(state.modes),
         }
 
     @app.post("/api/session")
@@ -450,9 +469,13 @@ def create_app(state: UIState) -> FastAPI:
         strength = None if strength in (None, "") else check_strength(strength)
         seed = body.get("seed")
         seed = None if seed in (None, "") else check_seed(seed)
+        mode = body.get("mode") or None
+        if mode is not None and mode not in state.modes:
+            choices = ", ".join(state.modes) if state.modes else "none in this version"
+            raise InvalidInputError(f"round mode must be one of {choices}; got {mode!r}")
         with state.busy(tab, "generate"):
             tab.notes = []
-            r = _generate(state, tab, prompt, strength, seed)
+            r = _generate(state, tab, prompt, strength, seed, mode)
         return {**_state(state, tab), "round": _round_view(tab, r)}
 
     @app.post("/api/s/{sid}/back")

@@ -84,10 +84,12 @@ async function pollProgress() {
   let text = words[p.phase] || p.phase;
   if (p.total) {
     $("progress").max = p.total;
-    $("progress").value = p.step;
+    $("progress").value = Math.min(p.step, p.total);
     text += " step " + p.step + " / " + p.total;
-    dx.maxStepSeen = Math.max(dx.maxStepSeen, p.step);
+  } else if (p.step) {
+    text += " step " + p.step;
   }
+  dx.maxStepSeen = Math.max(dx.maxStepSeen, p.step);
   if (p.note) text += " — " + p.note;
   text += " (" + p.elapsed_s.toFixed(1) + " s)";
   $("progress-text").textContent = text;
@@ -215,7 +217,8 @@ async function generate(event) {
   button.disabled = true;
   startProgress("rendering…");
   try {
-    render(await sessionCall("POST", "/generate", { prompt }));
+    const mode = $("mode").value;
+    render(await sessionCall("POST", "/generate", mode ? { prompt, mode } : { prompt }));
   } catch (err) {
     showMessage(err.message);
   } finally {
@@ -294,6 +297,17 @@ async function init() {
       " · " + dx.config.steps + " steps";
     $("untrained").hidden = !dx.config.untrained;
     $("cloud-label").textContent = dx.config.cloud;
+    const modeWords = {
+      auto: "auto (from the word edit)", fresh: "fresh, from noise", sdedit: "SDEdit from the selected round",
+      controlled: "attention-controlled (keeps the layout)",
+    };
+    for (const m of dx.config.modes || []) {
+      const option = document.createElement("option");
+      option.value = m;
+      option.textContent = modeWords[m] || m;
+      $("mode").append(option);
+    }
+    $("mode-box").hidden = !(dx.config.modes && dx.config.modes.length);
     countChars();
     const saved = sessionStorage.getItem("diffusionx-session");
     if (saved) {
