@@ -110,7 +110,7 @@ def test_retry_after_a_lost_response_is_not_computed_twice(untrained_pair, serve
     before, replays = service.refiner.load().completed, service.replays
     engine = untrained_pair.cloud
     request = make_request(engine, strength=1.0, steps=8, guidance_scale=7.5, seed=31)  # ~2 s of U-Net
-    with CloudClient(server.url, TOKEN, timeout=0.4, retries=30, backoff=0.1, max_backoff=0.3) as client:
+    with CloudClient(server.url, TOKEN, timeout=0.4, retries=100, backoff=0.1, max_backoff=0.3) as client:
         result = client.refine(request)
         assert client.attempts >= 2
     assert service.refiner.load().completed == before + 1
