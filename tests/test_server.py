@@ -393,6 +393,20 @@ def test_drain_finishes_in_flight_and_refuses_new(untrained_pair, quota_server):
     assert result["r"].status_code == 200 and result["r"].json()["unet_steps"] == 6
 
 
+def test_any_refiner_can_be_served_one_at_a_time(untrained_pair):
+    engine = untrained_pair.cloud
+    running = start_in_thread(create_app(CloudRefiner(engine), insecure=True))
+    try:
+        response = httpx.post(running.url + "/v1/refine", json=body(engine, seed=3), timeout=60)
+        load = httpx.get(running.url + "/v1/load").json()
+    finally:
+        running.stop()
+    assert response.status_code == 200, response.text
+    expected = CloudRefiner(engine).refine(request(engine, seed=3)).payload
+    assert base64.b64decode(response.json()["payload"]) == expected
+    assert load["max_batch"] == 1 and load["completed"] == 1
+
+
 def test_full_queue_is_503_with_retry_after(untrained_pair):
     running = start_in_thread(create_app(untrained_pair.cloud, insecure=True, limits=Limits(max_queue=0)))
     try:
