@@ -407,6 +407,20 @@ def test_any_refiner_can_be_served_one_at_a_time(untrained_pair):
     assert load["max_batch"] == 1 and load["completed"] == 1
 
 
+def test_a_failing_refinement_is_a_json_500(untrained_pair):
+    class Broken:
+        def refine(self, request):
+            raise RuntimeError("the accelerator fell off")
+
+    running = start_in_thread(create_app(Broken(), insecure=True))
+    try:
+        response = httpx.post(running.url + "/v1/refine", json=body(untrained_pair.cloud), timeout=60)
+    finally:
+        running.stop()
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "refinement_failed"
+
+
 def test_full_queue_is_503_with_retry_after(untrained_pair):
     running = start_in_thread(create_app(untrained_pair.cloud, insecure=True, limits=Limits(max_queue=0)))
     try:

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import logging
 import math
 import os
 import socket
@@ -48,6 +49,7 @@ from ..errors import InvalidInputError
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
 
+log = logging.getLogger(__name__)
 TOKENS_ENV = "DIFFUSIONX_TOKENS"
 KNOWN_PATHS = frozenset({"/v1/refine", "/v1/health", "/v1/load", "/metrics", "/openapi.json", "/docs"})
 LATENT_MEDIA_TYPE = "application/vnd.diffusionx.latents+safetensors"
@@ -670,6 +672,14 @@ def create_app(
             raise ApiError(422, "invalid_input", str(err)) from None
         except ServiceUnavailableError as err:
             raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
+        except Exception as err:
+            log.exception("refinement %s failed", entry.request_id)
+            raise ApiError(
+                500,
+                "refinement_failed",
+                f"the refinement failed on the server ({type(err).__name__}); "
+                "retrying may help, the server log has the details",
+            ) from None
         return JSONResponse(_response(result, entry.request_id, service.replica), headers=headers)
 
     @app.get("/v1/health")
