@@ -48,6 +48,7 @@ MAX_ROUNDS = 200  # per session, and per loaded session file
 MAX_SESSIONS = 64  # tabs kept; the least recently used one is dropped beyond this
 MAX_LOAD_BYTES = 2 * 1024 * 1024
 MAX_LOAD_STEPS = 200
+PREVIEW_MAX_LATENT = 32 * 32  # step previews (a VAE decode each) only for latents up to this many pixels
 
 
 def round_modes() -> tuple[str, ...]:
@@ -71,8 +72,10 @@ class Progress:
     total: int = 0
     note: str = ""
     x0: torch.Tensor | None = None  # latest predicted clean latent (for the intermediate preview)
-    x0_step: int = 0
+    x0_step: int = 0  # U-Net calls so far in this busy spell (only grows), when x0 was taken
+    calls: int = 0
     started: float = 0.0
+    png: tuple[int, bytes] | None = None  # the last decoded intermediate preview (step, PNG)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +113,7 @@ class UIState:
         guidance_scale: float = 7.5,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
         threads: int = 0,
+        step_previews: bool | None = None,
     ):
         self.pair = pair
         self.cloud = cloud
@@ -124,6 +128,11 @@ class UIState:
         self.sessions_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one render (edge or in-process cloud) at a time
         self.modes = round_modes()
+        if step_previews is None:  # cheap enough only for small latents (the embedded pair: 16x16)
+            height, width = pair.edge.latent_shape()[-2:]
+            step_previews = height * width <= PREVIEW_MAX_LATENT
+        self.step_previews = step_previews
+        self.preview_lock = threading.Lock()  # one intermediate decode at a time; others get the last one
         self._alphas = make_scheduler(DEFAULT_SCHEDULER, pair.edge.scheduler_config).alphas_cumprod
 
     # ----- sessions ---------------------------------------------------------------------------
@@ -192,7 +201,7 @@ class UIState:
                 progress.total, progress.step = job.num_steps, 0
                 return job
 
-            handle = engine.unet.register_forward_hook(self._hook(progress), with_kwargs=True)
+            handle = engine.unet.register_forward_hook(self._hook(progress, self.step_previews), with_kwargs=True)
             engine.start = start  # type: ignore[method-assign]
             try:
                 yield progress
@@ -200,11 +209,14 @@ class UIState:
                 handle.remove()
                 del engine.start
 
-    def _hook(self, progress: Progress):
+    def _hook(self, progress: Progress, previews: bool):
         alphas = self._alphas
 
         def hook(module, args, kwargs, output) -> None:
             progress.step += 1
+            progress.calls += 1
+            if not previews:
+                return
             try:
                 sample, t = args[0], args[1]
                 eps = output[0] if isinstance(output, tuple) else output.sample
@@ -214,7 +226,7 @@ class UIState:
                     eps, sample = uncond + self.guidance_scale * (cond - uncond), sample[n // 2 :]
                 a = alphas[int(t.flatten()[0])].to(sample.dtype)
                 x0 = (sample[-1:] - (1 - a).sqrt() * eps[-1:]) / a.sqrt()
-                progress.x0, progress.x0_step = x0.detach().clone(), progress.step
+                progress.x0, progress.x0_step = x0.detach().clone(), progress.calls
             except Exception:  # a preview is a nicety; never break a render for it
                 progress.x0 = None
 
@@ -339,6 +351,8 @@ def _generate(
     cut = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
     if cut:
         tab.notes = [cut[0]]
+    elif r.prompt_truncated:  # the engine warns once per prompt; say it every time
+        tab.notes = ["the prompt is longer than the text encoder reads; its end was cut and ignored"]
     return r
 
 
@@ -438,6 +452,7 @@ def create_app(state: UIState) -> FastAPI:
             "max_prompt_chars": state.max_prompt_chars,
             "untrained": bool(describe.get("untrained") or describe.get("random_weight")),
             "modes": list(state.modes),
+            "step_previews": state.step_previews,
         }
 
     @app.post("/api/session")
@@ -449,17 +464,28 @@ def create_app(state: UIState) -> FastAPI:
         return _state(state, state.get(sid))
 
     @app.get("/api/s/{sid}/progress")
-    def progress(sid: str):
+    async def progress(sid: str):  # on the event loop: answers even when every worker thread is busy
         return state.get(sid).progress.as_dict()
 
     @app.get("/api/s/{sid}/progress.png")
     def progress_png(sid: str):
-        x0 = state.get(sid).progress.x0
+        progress = state.get(sid).progress
+        x0, step = progress.x0, progress.x0_step
         if x0 is None:
             return _error(404, "no intermediate preview yet")
-        engine = state.pair.edge
-        image = engine.decode(x0.to(engine.device, engine.dtype))[0]  # tiny; runs beside the render
-        return _png_response(_png(image))
+        if progress.png is not None and progress.png[0] == step:
+            return _png_response(progress.png[1])
+        if not state.preview_lock.acquire(blocking=False):  # a decode is running: the last one will do
+            if progress.png is None:
+                return _error(404, "no intermediate preview yet")
+            return _png_response(progress.png[1])
+        try:
+            engine = state.pair.edge
+            image = engine.decode(x0.to(engine.device, engine.dtype))[0]  # small; runs beside the render
+            progress.png = (step, _png(image))
+        finally:
+            state.preview_lock.release()
+        return _png_response(progress.png[1])
 
     @app.post("/api/s/{sid}/generate")
     def generate(sid: str, body: dict[str, Any]):
@@ -483,6 +509,7 @@ def create_app(state: UIState) -> FastAPI:
         tab = state.get(sid)
         index = body.get("round")
         with state.busy(tab, "generate"):
+            tab.notes = []
             tab.edge.back(index)
         return _state(state, tab)
 
@@ -493,10 +520,11 @@ def create_app(state: UIState) -> FastAPI:
         strength = body.get("strength")
         strength = None if strength in (None, "") else check_strength(strength)
         with state.busy(tab, "finalize"):
+            tab.notes = []
             if tab.edge.current is None:
                 raise InvalidInputError("nothing to finalize yet: generate a preview first")
             load = None
-            if hasattr(state.cloud, "load"):
+            if hasattr(state.cloud, "load") and not isinstance(state.policy, FixedStrength):
                 try:
                     load = state.cloud.load()  # for a load-aware policy; unreachable -> None
                 except Exception:
@@ -536,6 +564,9 @@ def create_app(state: UIState) -> FastAPI:
     @app.post("/api/s/{sid}/load")
     async def load(sid: str, request: Request):
         tab = state.get(sid)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_LOAD_BYTES:
+            raise InvalidInputError(f"the session file is {declared} bytes; the limit is {MAX_LOAD_BYTES}")
         raw = await request.body()
         if len(raw) > MAX_LOAD_BYTES:
             raise InvalidInputError(f"the session file is {len(raw)} bytes; the limit is {MAX_LOAD_BYTES}")
