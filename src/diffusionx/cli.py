@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
     p.set_defaults(func=cmd_train)
 
+    from .predictors.cli import add_predictors_parser
+
+    add_predictors_parser(sub)
+
     from .server.config import add_serve_arguments, cmd_serve
 
     p = sub.add_parser("serve", help="the cloud refinement service over HTTP (docs/serving.md)")

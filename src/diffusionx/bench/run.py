@@ -35,7 +35,20 @@ MEASURED_VS_MODELLED = {
 
 
 def parse_policy(spec: str, edge_strength: float) -> Method:
-    """`fixed-C` (cloud strength C, edge strength from --edge-strength) or `fixed-E-C`."""
+    """`fixed-C` (cloud strength C, edge strength from --edge-strength) or `fixed-E-C`; or a
+    predictor policy: `learned[-eps0.02...]`, `load-aware[-wait10...]`, `similarity-rule[...]`
+    (see diffusionx.predictors.specs)."""
+    from ..predictors.specs import is_predictor_spec, policy_from_spec
+
+    if is_predictor_spec(spec):
+        try:
+            return Method(f"diffusionx-{spec}", "diffusionx", policy_from_spec(spec))
+        except ValueError as err:
+            raise InvalidInputError(f"policy {spec!r}: {err}") from None
+    if spec == "oracle" or spec.startswith("oracle-"):
+        raise InvalidInputError(
+            "the oracle needs per-case sweeps: its numbers are in `diffusionx predictors train`'s report"
+        )
     parts = spec.split("-")
     try:
         if parts[0] == "fixed" and len(parts) == 2:
@@ -45,7 +58,9 @@ def parse_policy(spec: str, edge_strength: float) -> Method:
         else:
             raise ValueError
     except ValueError:
-        raise InvalidInputError(f"unknown policy {spec!r}: use fixed-C or fixed-E-C, e.g. fixed-0.5") from None
+        raise InvalidInputError(
+            f"unknown policy {spec!r}: use fixed-C, fixed-E-C, learned, load-aware or similarity-rule"
+        ) from None
     name = (
         f"diffusionx-fixed-{policy.cloud:g}"
         if len(parts) == 2

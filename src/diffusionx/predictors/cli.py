@@ -1,0 +1,169 @@
+"""`diffusionx predictors collect | train | curve` (wired into diffusionx.cli.build_parser)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _strengths(text: str) -> list[float]:
+    import argparse
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"strengths must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values) or values != sorted(values) or values[-1] != 1.0:
+        raise argparse.ArgumentTypeError("strengths must be increasing, in (0, 1], and end at 1.0")
+    return values
+
+
+def cmd_collect(args) -> int:
+    from ..errors import InvalidInputError
+    from ..models import load_pair
+    from ..world import generate_sessions, read_jsonl
+    from .collect import collect, interleave
+
+    groups: list[tuple[str, list[dict[str, Any]]]] = []
+    for split in ("train", "validation", "test"):
+        n = getattr(args, split)
+        if n < 0:
+            raise InvalidInputError(f"--{split} must be >= 0")
+        if n:
+            groups.append((split, generate_sessions(n, split)))
+    if args.sessions:
+        try:
+            custom = read_jsonl(args.sessions)
+        except (OSError, json.JSONDecodeError) as err:
+            raise InvalidInputError(f"cannot read sessions from {args.sessions}: {err}") from None
+        groups.append((args.sessions_split, custom))
+    if not groups:
+        raise InvalidInputError("nothing to collect: give --train/--validation/--test counts or --sessions FILE")
+    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
+    print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
+    budget = args.time_budget_min * 60 if args.time_budget_min else None
+    summary = collect(
+        pair,
+        interleave(groups),
+        args.out,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        grid=args.strengths,
+        seed=args.seed,
+        batch=args.batch,
+        chunk=args.chunk,
+        rollout_eps=args.rollout_eps,
+        time_budget_s=budget,
+    )
+    print(json.dumps(summary, indent=1))
+    if summary["remaining"]:
+        print(f"{summary['remaining']} sessions left: run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..errors import InvalidInputError
+    from .train import train_predictors
+
+    data = args.data
+    for f in data:
+        if not Path(f).is_file():
+            raise InvalidInputError(f"no sweep table at {f}: run `diffusionx predictors collect` first")
+    try:
+        report = train_predictors(
+            data,
+            args.out,
+            eps=args.eps,
+            score_weight=args.score_weight,
+            text_encoder=args.model,
+            seed=args.seed,
+            refit_all=not args.no_refit,
+        )
+    except ValueError as err:
+        raise InvalidInputError(str(err)) from None
+    print(Path(args.out, "train_report.md").read_text())
+    for kind, d in report["directions"].items():
+        print(f"{kind}: shipped {d['selected']} -> {args.out}")
+    return 0
+
+
+def cmd_curve(args) -> int:
+    import numpy as np
+
+    from ..errors import InvalidInputError
+    from ..models import load_pair
+    from .collect import decode_latents, read_rows
+    from .plots import load_curve, plot_load_curve
+    from .policies import LoadAwarePolicy, Predictors
+
+    rows = [r for r in read_rows(args.data) if r.get("kind") == "cloud" and r.get("split") != "train"]
+    rows = rows or [r for r in read_rows(args.data) if r.get("kind") == "cloud"]
+    if not rows:
+        raise InvalidInputError(f"no cloud rows in {args.data}")
+    rows = rows[: args.n]
+    pair = load_pair(args.model)
+    predictors = Predictors.load(args.predictors, engine=pair.edge)
+    policy = LoadAwarePolicy(predictors, wait_weight=args.wait_weight, max_drop=args.max_drop, cloud_eps=args.eps)
+    cases = [(r["prompt"], decode_latents(r["latents"])) for r in rows]
+    curve = load_curve(policy, cases, np.linspace(0.0, args.max_wait, 13))
+    out = Path(args.out)
+    plot_load_curve(curve, out)
+    out.with_suffix(".json").write_text(json.dumps(curve, indent=1))
+    print(f"{'wait s':>7} {'strength':>8} {'pred. gap':>9}")
+    for w, s, g in zip(curve["wait_s"], curve["strength"], curve["predicted_gap"]):
+        print(f"{w:>7.1f} {s:>8.3f} {g:>+9.4f}")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def add_predictors_parser(sub) -> None:
+    from ..models import PRESETS
+    from .curves import DEFAULT_EPS, GRID
+    from .policies import ASSET_DIR
+
+    p = sub.add_parser("predictors", help="noise-level predictors: collect, train, load curve (docs/predictors.md)")
+    psub = p.add_subparsers(dest="predictors_command", required=True)
+
+    c = psub.add_parser("collect", help="quality/cost sweeps over sessions -> JSONL table (resumable)")
+    c.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
+    c.add_argument("--edge", help="edge model: a Hugging Face id or a diffusers folder")
+    c.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder")
+    c.add_argument("--train", type=int, default=150, help="train-split sessions of the embedded world")
+    c.add_argument("--validation", type=int, default=50, help="validation-split sessions")
+    c.add_argument("--test", type=int, default=0, help="test-split sessions (held out: evaluation only)")
+    c.add_argument("--sessions", help="also a JSONL of sessions (any prompts), under --sessions-split")
+    c.add_argument("--sessions-split", default="train", help="split name for --sessions rows (default train)")
+    c.add_argument("--strengths", type=_strengths, default=list(GRID), help="comma-separated, ending at 1.0")
+    c.add_argument("--steps", type=int, default=20, help="scheduler steps (default 20, as the benchmark)")
+    c.add_argument("--guidance", type=float, default=7.5)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch", type=int, default=64, help="jobs per U-Net call")
+    c.add_argument("--chunk", type=int, default=4, help="sessions per chunk (rows are appended per chunk)")
+    c.add_argument("--rollout-eps", type=float, default=DEFAULT_EPS, help="sessions continue from the oracle label")
+    c.add_argument("--time-budget-min", type=float, default=0.0, help="stop cleanly after about this many minutes")
+    c.add_argument("--out", default="outputs/predictors/sweep.jsonl")
+    c.set_defaults(func=cmd_collect)
+
+    t = psub.add_parser("train", help="fit MLP and gradient-boosted trees, compare on held-out rows, save the better")
+    t.add_argument("--data", nargs="+", default=["outputs/predictors/sweep.jsonl"], help="sweep table(s)")
+    t.add_argument("--out", default="outputs/predictors/model", help=f"output folder (ship: {ASSET_DIR})")
+    t.add_argument("--model", default="embedded", help="the pair whose text encoder the features use")
+    t.add_argument("--eps", type=float, default=DEFAULT_EPS, help="tolerance for the reported labels")
+    t.add_argument("--score-weight", type=float, default=1.0, help="q = attribute accuracy + w * score / 100")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-refit", action="store_true", help="ship the train-only fit (default: refit on train+val)")
+    t.set_defaults(func=cmd_train)
+
+    v = psub.add_parser("curve", help="load-aware policy: estimated wait vs chosen strength vs predicted quality (PNG)")
+    v.add_argument("--data", default="outputs/predictors/sweep.jsonl", help="sweep table (its cloud cases)")
+    v.add_argument("--predictors", default=None, help="predictor folder (default: the shipped ones)")
+    v.add_argument("--model", default="embedded", choices=sorted(PRESETS))
+    v.add_argument("--n", type=int, default=64, help="cases")
+    v.add_argument("--max-wait", type=float, default=60.0, help="largest estimated wait (s)")
+    v.add_argument("--wait-weight", type=float, default=0.01, help="cost weight per second of wait")
+    v.add_argument("--max-drop", type=float, default=0.05, help="quality floor below cloud-only")
+    v.add_argument("--eps", type=float, default=DEFAULT_EPS)
+    v.add_argument("--out", default="outputs/predictors/load_curve.png")
+    v.set_defaults(func=cmd_curve)

@@ -1,0 +1,277 @@
+"""`diffusionx predictors collect`: quality/cost sweeps over multi-round sessions.
+
+For every session (rounds in lock-step across a chunk of sessions, batched U-Net calls):
+
+- round 1 is a fresh edge generation;
+- every later round k is re-generated from round k-1's latent at each strength of the grid
+  (strength 1.0 = a fresh generation, the edge reference); each result is scored against p_k;
+  the session continues from the result at the oracle label (smallest strength within
+  `rollout_eps` of fresh), so later rounds see latents like a good policy would produce;
+- the final preview is refined by the cloud model at each strength (1.0 = cloud-only from
+  scratch, the cloud reference), after the same fp16 round trip as on the wire.
+
+One JSONL row per edge transition / cloud case with prompts, features, the latent (fp16, base64),
+and the full curves (attribute accuracy, evaluator score, U-Net steps, seconds) so labels can be
+re-derived for any eps / cost weight. The first line is a header with the settings. Seeds are
+fixed per (split, session index); the same seed serves every round of a session (as in the
+benchmark). Resumable: sessions already in the file are skipped; rows are appended per chunk.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..bench.harness import Item, decode_batched, generate_batched
+from ..engine import steps_for_strength
+from ..wire import latents_from_bytes, latents_to_bytes
+from .curves import DEFAULT_EPS, GRID, gap_curve, label, quality
+from .features import FeatureExtractor
+
+SPLIT_SEED_OFFSET = {"train": 0, "validation": 100_000, "test": 200_000}
+Scorer = Callable[[list, list[str]], tuple[list[float], list[float]]]
+
+
+def evaluator_scorer(evaluator: Any = None) -> Scorer:
+    """(attribute accuracy per image, evaluator score per image) from the independent evaluator."""
+    if evaluator is None:
+        from ..metrics import get_evaluator
+
+        evaluator = get_evaluator()
+
+    def score(images: list, prompts: list[str]) -> tuple[list[float], list[float]]:
+        attr = evaluator.attribute_accuracy(images, prompts)["per_image"]
+        clip = evaluator.clip_score(images, prompts)
+        return [0.0 if a is None else float(a) for a in attr], [float(c) for c in clip]
+
+    return score
+
+
+def encode_latents(latents: torch.Tensor) -> dict[str, Any]:
+    x = latents.detach().to(torch.float16).cpu().contiguous()
+    return {"shape": list(x.shape), "fp16_b64": base64.b64encode(x.numpy().tobytes()).decode()}
+
+
+def decode_latents(data: dict[str, Any]) -> torch.Tensor:
+    raw = np.frombuffer(base64.b64decode(data["fp16_b64"]), dtype=np.float16).reshape(data["shape"])
+    return torch.from_numpy(raw.astype(np.float32))
+
+
+def session_seed(seed: int, split: str, index: int) -> int:
+    return seed + SPLIT_SEED_OFFSET.get(split, 300_000) + index
+
+
+def interleave(groups: Sequence[tuple[str, list[dict]]]) -> list[tuple[str, int, dict]]:
+    """(split, index, session) work items, splits interleaved in proportion to their sizes."""
+    keyed = []
+    for split, sessions in groups:
+        n = len(sessions)
+        keyed.extend(((i + 0.5) / n, split, i, s) for i, s in enumerate(sessions))
+    keyed.sort(key=lambda k: k[0])
+    return [(split, i, s) for _, split, i, s in keyed]
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a partly written last line from an interrupted run
+    return rows
+
+
+def _timed_generate(engine, items: list[Item], steps: int, guidance: float, batch: int, desc: str):
+    start = time.perf_counter()
+    latents = generate_batched(engine, items, steps=steps, guidance_scale=guidance, batch=batch, desc=desc)
+    wall = time.perf_counter() - start
+    total = sum(steps_for_strength(it.strength, steps) for it in items) or 1
+    return latents, wall / total
+
+
+def collect(
+    pair: Any,
+    work: list[tuple[str, int, dict]],
+    out: str | Path,
+    *,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    grid: Sequence[float] = GRID,
+    seed: int = 0,
+    batch: int = 64,
+    chunk: int = 4,
+    rollout_eps: float = DEFAULT_EPS,
+    time_budget_s: float | None = None,
+    scorer: Scorer | None = None,
+    features: FeatureExtractor | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sweeps for `work` (see `interleave`), appending rows to `out`. Returns a summary."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid = [float(s) for s in grid]
+    if grid[-1] != 1.0:
+        raise ValueError("the strength grid must end at 1.0 (the reference)")
+    features = features or FeatureExtractor.from_engine(pair.edge)
+    header = {
+        "kind": "header",
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "grid": grid,
+        "seed": seed,
+        "rollout_eps": rollout_eps,
+        "models": pair.describe(),
+        "feature_names": {"edge": features.edge_names(), "cloud": features.cloud_names()},
+    }
+    existing = read_rows(out)
+    if existing:
+        old = existing[0]
+        for key in ("steps", "guidance_scale", "grid", "seed"):
+            if old.get(key) != header[key]:
+                raise ValueError(
+                    f"{out} was collected with {key}={old.get(key)!r}, not {header[key]!r}: "
+                    "use another --out or the same settings to resume"
+                )
+        with out.open("r+b") as f:  # drop a partly written last line before appending
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+    else:
+        out.write_text(json.dumps(header) + "\n")
+    done = {(r["split"], r["session"]) for r in existing if r.get("kind") == "cloud"}
+    todo = [w for w in work if (w[0], w[1]) not in done]
+    scorer = scorer or evaluator_scorer()
+    started = time.perf_counter()
+    n_done, chunk_s, stopped = 0, 0.0, False
+    bar = tqdm(total=len(todo), desc="collect sessions", disable=not progress)
+    for start in range(0, len(todo), chunk):
+        elapsed = time.perf_counter() - started
+        if time_budget_s is not None and n_done and elapsed + chunk_s > time_budget_s:
+            stopped = True
+            break
+        t0 = time.perf_counter()
+        rows = _collect_chunk(
+            pair,
+            todo[start : start + chunk],
+            steps=steps,
+            guidance=guidance_scale,
+            grid=grid,
+            seed=seed,
+            batch=batch,
+            rollout_eps=rollout_eps,
+            scorer=scorer,
+            features=features,
+        )
+        with out.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        chunk_s = time.perf_counter() - t0
+        n_done += len(todo[start : start + chunk])
+        bar.update(len(todo[start : start + chunk]))
+    bar.close()
+    rows = read_rows(out)
+    return {
+        "out": str(out),
+        "sessions_this_run": n_done,
+        "sessions_total": sum(1 for r in rows if r.get("kind") == "cloud"),
+        "edge_rows": sum(1 for r in rows if r.get("kind") == "edge"),
+        "cloud_rows": sum(1 for r in rows if r.get("kind") == "cloud"),
+        "stopped_by_time_budget": stopped,
+        "remaining": len(todo) - n_done,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _collect_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, scorer, features) -> list[dict]:
+    n = len(work)
+    seeds = [session_seed(seed, split, i) for split, i, _ in work]
+    rounds = [s["rounds"] for _, _, s in work]
+    prev: list[tuple[str, torch.Tensor, float, float] | None] = [None] * n  # prompt, latent, attr, clip
+    rows: list[dict] = []
+    step_counts = [steps_for_strength(s, steps) for s in grid]
+    for r in range(max(len(x) for x in rounds)):
+        active = [i for i in range(n) if r < len(rounds[i])]
+        if r == 0:
+            items = [Item(rounds[i][0]["prompt"], seeds[i]) for i in active]
+            latents, _ = _timed_generate(pair.edge, items, steps, guidance, batch, "round 1")
+            images = decode_batched(pair.edge, latents)
+            attr, clip = scorer(images, [it.prompt for it in items])
+            for k, i in enumerate(active):
+                prev[i] = (items[k].prompt, latents[k], attr[k], clip[k])
+            continue
+        items = []
+        for i in active:
+            prompt = rounds[i][r]["prompt"]
+            items.extend(Item(prompt, seeds[i], s, None if s == 1.0 else prev[i][1]) for s in grid)
+        latents, per_step = _timed_generate(pair.edge, items, steps, guidance, batch, f"edge round {r + 1}")
+        images = decode_batched(pair.edge, latents)
+        attr, clip = scorer(images, [it.prompt for it in items])
+        g = len(grid)
+        for k, i in enumerate(active):
+            a, c = attr[k * g : (k + 1) * g], clip[k * g : (k + 1) * g]
+            gaps = gap_curve(quality(a, c))
+            chosen = grid.index(label(gaps, rollout_eps, grid))
+            p_prompt, p_latent = prev[i][0], prev[i][1]
+            split, index, _ = work[i]
+            rows.append(
+                {
+                    "kind": "edge",
+                    "split": split,
+                    "session": index,
+                    "round": r + 1,
+                    "seed": seeds[i],
+                    "edit": rounds[i][r].get("edit"),
+                    "previous_prompt": p_prompt,
+                    "prompt": rounds[i][r]["prompt"],
+                    "strengths": grid,
+                    "attribute_accuracy": a,
+                    "clip_score": c,
+                    "unet_steps": step_counts,
+                    "seconds": [per_step * cnt for cnt in step_counts],
+                    "features": features.edge(p_prompt, rounds[i][r]["prompt"], p_latent).tolist(),
+                    "previous_latents": encode_latents(p_latent),
+                }
+            )
+            prev[i] = (rounds[i][r]["prompt"], latents[k * g + chosen], a[chosen], c[chosen])
+    # the cloud refines each final preview (after the fp16 round trip the wire does)
+    items = []
+    for i in range(n):
+        wire = latents_from_bytes(latents_to_bytes(prev[i][1]))
+        items.extend(Item(prev[i][0], seeds[i], s, None if s == 1.0 else wire) for s in grid)
+    latents, per_step = _timed_generate(pair.cloud, items, steps, guidance, batch, "cloud")
+    images = decode_batched(pair.edge, [latents_from_bytes(latents_to_bytes(x)) for x in latents])
+    attr, clip = scorer(images, [it.prompt for it in items])
+    g = len(grid)
+    for i in range(n):
+        split, index, _ = work[i]
+        rows.append(
+            {
+                "kind": "cloud",
+                "split": split,
+                "session": index,
+                "round": len(rounds[i]),
+                "seed": seeds[i],
+                "prompt": prev[i][0],
+                "strengths": grid,
+                "attribute_accuracy": attr[i * g : (i + 1) * g],
+                "clip_score": clip[i * g : (i + 1) * g],
+                "preview_attribute_accuracy": prev[i][2],
+                "preview_clip_score": prev[i][3],
+                "unet_steps": step_counts,
+                "seconds": [per_step * cnt for cnt in step_counts],
+                "features": features.cloud(prev[i][0], prev[i][1]).tolist(),
+                "latents": encode_latents(prev[i][1]),
+            }
+        )
+    return rows

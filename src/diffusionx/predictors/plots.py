@@ -1,0 +1,53 @@
+"""The load-aware curve: cloud load (estimated wait) vs chosen strength vs predicted quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def load_curve(policy: Any, cases: list[tuple[str, Any]], waits: np.ndarray) -> dict[str, Any]:
+    """Mean chosen cloud strength and mean predicted gap (quality vs cloud-only) per wait."""
+    strengths, gaps = [], []
+    for w in waits:
+        choices = [policy.cloud_choice_at(prompt, latents, float(w)) for prompt, latents in cases]
+        strengths.append(float(np.mean([c[0] for c in choices])))
+        gaps.append(float(np.mean([c[1] for c in choices])))
+    return {
+        "wait_s": [float(w) for w in waits],
+        "strength": strengths,
+        "predicted_gap": gaps,
+        "floor_gap": -policy.max_drop,
+        "wait_weight": policy.wait_weight,
+        "n_cases": len(cases),
+    }
+
+
+def plot_load_curve(curve: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(curve["wait_s"], curve["strength"], "o-", color="tab:blue", label="chosen cloud strength (mean)")
+    ax.set_xlabel("cloud estimated wait (s)  [GET /v1/load: estimated_wait_s]")
+    ax.set_ylabel("cloud strength", color="tab:blue")
+    ax.set_ylim(0, 1.05)
+    ax2 = ax.twinx()
+    ax2.plot(
+        curve["wait_s"], curve["predicted_gap"], "s--", color="tab:red", label="predicted quality - cloud-only (mean)"
+    )
+    ax2.axhline(curve["floor_gap"], color="tab:red", lw=0.8, ls=":", label="quality floor (-max_drop)")
+    ax2.set_ylabel("predicted quality gap", color="tab:red")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
+    ax.set_title(title or f"load-aware cloud policy ({curve['n_cases']} cases, wait weight {curve['wait_weight']})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,257 @@
+"""Noise-level predictors: the choice rule, the regressors, the policies, collect -> train -> predict."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffusionx.engine import check_strength
+from diffusionx.errors import InvalidInputError
+from diffusionx.predictors import (
+    GRID,
+    LearnedPolicy,
+    LoadAwarePolicy,
+    MLPRegressor,
+    Predictors,
+    SimilarityRule,
+    TreesRegressor,
+    choose_strength,
+    gap_curve,
+    label,
+    load_regressor,
+    quality,
+)
+from diffusionx.predictors.policies import ASSET_DIR, MANIFEST
+
+KNOWN = np.array([-0.40, -0.20, -0.06, -0.03, -0.015, -0.005, 0.01, -0.002, 0.0, 0.0])
+
+
+# ----- labels and the choice rule --------------------------------------------------------------
+def test_label_from_known_curve_depends_on_eps():
+    assert label(KNOWN, eps=0.02) == 0.5  # first point within 0.02 of the reference
+    assert label(KNOWN, eps=0.05) == 0.4
+    assert label(KNOWN, eps=0.25) == 0.2
+    assert label(KNOWN, eps=0.0) == 0.7  # only points at least as good as the reference
+
+
+def test_gap_curve_and_quality():
+    q = quality([0.5, 0.8, 1.0], [20.0, 25.0, 30.0])
+    np.testing.assert_allclose(q, [0.7, 1.05, 1.3])
+    np.testing.assert_allclose(gap_curve(q), [-0.6, -0.25, 0.0])
+
+
+def test_choice_rule_cost_weight_floor_and_bounds():
+    # a cost weight accepts a shortfall for fewer steps; the floor caps how much
+    assert choose_strength(KNOWN, eps=0.02, cost_weight=0.0) == 0.5
+    assert choose_strength(KNOWN, eps=0.02, cost_weight=0.3) < 0.5
+    assert choose_strength(KNOWN, eps=0.02, cost_weight=10.0, max_drop=0.05) == 0.4
+    assert choose_strength(KNOWN, eps=0.02, cost_weight=10.0, max_drop=0.05, min_strength=0.6) == 0.6
+    # nothing good enough: the reference itself
+    assert choose_strength(np.r_[np.full(9, -1.0), 0.0], eps=0.02) == 1.0
+    with pytest.raises(ValueError):
+        choose_strength(KNOWN[:5])
+
+
+def test_choice_is_non_increasing_in_cost_weight_and_respects_floor():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        gaps = np.r_[rng.normal(-0.05, 0.1, 9), 0.0]
+        chosen = [choose_strength(gaps, eps=0.02, cost_weight=w, max_drop=0.05) for w in np.linspace(0, 2, 21)]
+        assert all(a >= b for a, b in itertools.pairwise(chosen))
+        assert all(gaps[GRID.index(s)] >= -0.05 - 1e-9 for s in chosen)
+
+
+# ----- regressors ------------------------------------------------------------------------------
+def _synthetic(n=120, d=12, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.stack([np.tanh(x[:, j]) - 0.1 * j + 0.5 * x[:, (j + 1) % d] for j in range(k)], axis=1)
+    return x, y
+
+
+def test_trees_match_sklearn_and_survive_json(tmp_path):
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    x, y = _synthetic()
+    trees = TreesRegressor.fit(x, y, n_estimators=30, seed=0)
+    ref = GradientBoostingRegressor(
+        n_estimators=30, max_depth=3, learning_rate=0.05, subsample=0.8, max_features=0.3, random_state=0
+    ).fit(x, y[:, 0])
+    np.testing.assert_allclose(trees.predict(x)[:, 0], ref.predict(x), atol=1e-4)
+    loaded = load_regressor(trees.save(tmp_path / "t.json"))
+    np.testing.assert_allclose(loaded.predict(x), trees.predict(x), atol=1e-6)
+    assert loaded.predict(x[0]).shape == (3,) and loaded.n_features == x.shape[1]
+
+
+def test_mlp_learns_and_survives_safetensors(tmp_path):
+    x, y = _synthetic(n=300)
+    mlp = MLPRegressor.fit(x, y, hidden=(32,), max_iter=300)
+    assert np.mean(np.abs(mlp.predict(x) - y)) < np.mean(np.abs(y - y.mean(0)))  # better than the mean
+    path = mlp.save(tmp_path / "m.safetensors")
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    loaded = load_regressor(path)
+    np.testing.assert_allclose(loaded.predict(x), mlp.predict(x), atol=1e-6)
+
+
+# ----- policies --------------------------------------------------------------------------------
+class _Const:
+    """A regressor stub that predicts a fixed gap curve (all grid points but 1.0)."""
+
+    def __init__(self, gaps):
+        self.gaps = np.asarray(gaps[:-1], np.float32)
+
+    def predict(self, x):
+        return self.gaps
+
+
+class _Features:
+    def edge(self, previous_prompt, prompt, latents):
+        return np.zeros(3, np.float32)
+
+    def cloud(self, prompt, latents):
+        return np.zeros(3, np.float32)
+
+
+def _stub_predictors(edge=KNOWN, cloud=KNOWN):
+    return Predictors(_Const(edge), _Const(cloud), _Features())
+
+
+def test_policies_obey_the_protocol_and_bounds():
+    latents = torch.zeros(1, 4, 16, 16)
+    predictors = _stub_predictors()
+
+    class _Sentence:
+        def similarity(self, a, b):
+            return 0.9
+
+    policies = [
+        LearnedPolicy(predictors),
+        LearnedPolicy(predictors, edge_eps=0.25, cloud_cost=0.5, min_cloud=0.3),
+        LoadAwarePolicy(predictors, load_source=lambda: {"estimated_wait_s": 30.0}),
+        SimilarityRule(sentence=_Sentence()),
+    ]
+    for policy in policies:
+        edge = policy.edge_strength("a red circle", "a blue circle", latents)
+        cloud = policy.cloud_strength("a blue circle", latents, None)
+        for s in (edge, cloud):
+            assert isinstance(s, float) and check_strength(s) == s
+    assert policies[0].edge_strength("a", "b", latents) == 0.5
+    assert policies[1].edge_strength("a", "b", latents) == 0.2  # eps is a runtime parameter
+    assert policies[1].cloud_strength("a", latents, None) >= 0.3
+    assert policies[3].edge_strength("a", "b", latents) == pytest.approx(0.5)
+
+
+def test_load_aware_is_non_increasing_in_load_and_never_below_the_floor():
+    rng = np.random.default_rng(1)
+    latents = torch.zeros(1, 4, 16, 16)
+    for _ in range(30):
+        gaps = np.r_[np.sort(rng.normal(-0.1, 0.1, 9)), 0.0]
+        policy = LoadAwarePolicy(_stub_predictors(cloud=gaps), wait_weight=0.02, max_drop=0.08)
+        waits = [0, 1, 2, 5, 10, 20, 40, 80, 1000]
+        chosen = [policy.cloud_strength("p", latents, {"estimated_wait_s": w}) for w in waits]
+        assert all(a >= b for a, b in itertools.pairwise(chosen))
+        assert all(gaps[GRID.index(s)] >= -0.08 - 1e-9 for s in chosen)
+    # the load comes from the argument, the load source, or the queue when the estimate is missing
+    policy = LoadAwarePolicy(_stub_predictors(), wait_weight=0.05, max_drop=0.05)
+    assert policy.cloud_strength("p", latents, None) == 0.5
+    assert policy.cloud_strength("p", latents, {"queue_depth": 100, "step_time_s": 1.0}) == 0.4
+    policy.load_source = lambda: {"estimated_wait_s": 100.0}
+    assert policy.cloud_strength("p", latents, None) == 0.4
+
+    def broken():
+        raise ConnectionError("cloud down")
+
+    policy.load_source = broken
+    assert policy.cloud_strength("p", latents, None) == 0.5
+
+
+def test_bench_policy_specs():
+    from diffusionx.bench.run import parse_policy
+
+    method = parse_policy("learned-eps0.05-cw0.1", 0.6)
+    assert method.name == "diffusionx-learned-eps0.05-cw0.1" and method.kind == "diffusionx"
+    assert method.policy.edge_eps == 0.05 and method.policy.cloud_cost == 0.1
+    method = parse_policy("load-aware-wait10-floor0.1", 0.6)
+    assert isinstance(method.policy, LoadAwarePolicy) and method.policy.max_drop == 0.1
+    assert method.policy.load_source() == {"estimated_wait_s": 10.0}
+    assert isinstance(parse_policy("similarity-rule", 0.6).policy, SimilarityRule)
+    assert parse_policy("fixed-0.5", 0.6).policy.cloud == 0.5
+    for bad in ("learned-zz3", "load-aware-wait", "oracle"):
+        with pytest.raises(InvalidInputError):
+            parse_policy(bad, 0.6)
+
+
+# ----- shipped weights -------------------------------------------------------------------------
+def test_shipped_predictors_load_and_predict():
+    import json
+
+    manifest_path = ASSET_DIR / MANIFEST
+    if not manifest_path.exists():
+        pytest.skip("no predictors shipped in this checkout")
+    manifest = json.loads(manifest_path.read_text())
+    for kind in ("edge", "cloud"):
+        model = load_regressor(ASSET_DIR / manifest[kind]["file"])
+        x = np.zeros(model.n_features, np.float32)
+        gaps = model.predict(x)
+        assert gaps.shape == (len(manifest["grid"]) - 1,) and np.all(np.isfinite(gaps))
+        start = time.perf_counter()
+        for _ in range(100):
+            model.predict(x)
+        per_call = (time.perf_counter() - start) / 100
+        print(f"{kind} predictor ({manifest[kind]['kind']}): {per_call * 1e3:.3f} ms per prediction")
+
+
+# ----- collect -> train -> predict on the untrained pair -----------------------------------------
+def _cheap_scorer(images, prompts):
+    """Stand-in for the evaluator: deterministic, image-dependent numbers in [0, 1] and [0, 100]."""
+    arrays = [np.asarray(image, np.float32) / 255.0 for image in images]
+    attr = [float(a[..., 0].mean()) for a in arrays]
+    clip = [float(100 * a[..., 2].std()) for a in arrays]
+    return attr, clip
+
+
+@pytest.mark.slow
+def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
+    from diffusionx.predictors import FeatureExtractor
+    from diffusionx.predictors.collect import collect, interleave, read_rows
+    from diffusionx.predictors.train import train_predictors
+    from diffusionx.world import generate_sessions
+
+    features = FeatureExtractor.from_engine(untrained_pair.edge)
+    train = [dict(s, rounds=s["rounds"][:3]) for s in generate_sessions(2, "train")]
+    val = [dict(s, rounds=s["rounds"][:2]) for s in generate_sessions(1, "validation")]
+    work = interleave([("train", train), ("validation", val)])
+    out = tmp_path / "sweep.jsonl"
+    grid = (0.5, 1.0)
+    kwargs = dict(steps=2, grid=grid, batch=32, chunk=2, scorer=_cheap_scorer, features=features, progress=False)
+    first = collect(untrained_pair, work[:2], out, **kwargs)
+    assert first["sessions_total"] == 2
+    again = collect(untrained_pair, work, out, **kwargs)  # resumes: only the missing session runs
+    assert again["sessions_this_run"] == 1 and again["sessions_total"] == 3
+    rows = read_rows(out)
+    assert rows[0]["kind"] == "header" and rows[0]["grid"] == list(grid)
+    edge_rows = [r for r in rows if r["kind"] == "edge"]
+    assert len(edge_rows) == 2 + 2 + 1 and all(len(r["attribute_accuracy"]) == 2 for r in edge_rows)
+    assert all(r["unet_steps"] == [1, 2] for r in rows if r["kind"] in ("edge", "cloud"))
+    with pytest.raises(ValueError, match="steps"):
+        collect(untrained_pair, work, out, **{**kwargs, "steps": 3})
+
+    report = train_predictors(out, tmp_path / "model", text_encoder="untrained", progress=False)
+    for kind in ("edge", "cloud"):
+        d = report["directions"][kind]
+        assert d["selected"] in ("mlp", "trees")
+        assert set(d["models"]["mlp"]["validation"]) >= {"curve_mae", "label_mae", "gap"}
+        assert "oracle" in d["baselines"]["validation"]
+    predictors = Predictors.load(tmp_path / "model", features=features)
+    assert predictors.grid == grid
+    policy = LoadAwarePolicy(predictors)
+    latents = edge_rows[0]["previous_latents"]
+    from diffusionx.predictors.collect import decode_latents
+
+    z = decode_latents(latents)
+    assert policy.edge_strength("a red circle", "a blue circle", z) in grid
+    assert policy.cloud_strength("a blue circle", z, {"estimated_wait_s": 5.0}) in grid
