@@ -19,7 +19,6 @@ from diffusionx.server.run import start_in_thread
 from diffusionx.ui.app import SESSION_FORMAT, UIState, create_app
 
 pytestmark = pytest.mark.slow
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[ui]' for the browser tests")
 
 CHROMIUM = os.environ.get("DIFFUSIONX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "ui-test-token"
@@ -36,6 +35,7 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "ui-screenshot.
 
 @pytest.fixture(scope="module")
 def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[ui]' for the browser tests")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set DIFFUSIONX_CHROMIUM)")
     with sync_api.sync_playwright() as p:
@@ -223,7 +223,7 @@ def test_cloud_down_keeps_the_preview_and_retry_refines(untrained_pair, browser,
 
 
 def test_round_modes_from_the_page_and_controlled_rounds_replay(untrained_pair, browser, page, tmp_path):
-    state = UIState(untrained_pair, steps=STEPS)  # in-process cloud
+    state = UIState(untrained_pair, steps=6)  # in-process cloud
     if "controlled" not in state.modes:
         pytest.skip("this EdgeSession.generate has no mode argument")
     ui = start_in_thread(create_app(state), graceful_timeout=5)
@@ -265,3 +265,31 @@ def test_cli_has_the_ui_command():
 
     args = build_parser().parse_args(["ui", "--port", "7999", "--cloud", "http://127.0.0.1:1", "--model", "untrained"])
     assert (args.port, args.cloud, args.model, args.host) == (7999, "http://127.0.0.1:1", "untrained", "127.0.0.1")
+
+
+def test_progress_counts_steps_and_serves_intermediate_previews(untrained_pair):
+    """Deterministic: look at the progress from inside the render, at every U-Net call."""
+    from fastapi.testclient import TestClient
+
+    state = UIState(untrained_pair, steps=6)
+    client = TestClient(create_app(state))
+    tab = state.get(client.post("/api/session").json()["id"])
+    seen, previews = [], []
+
+    def spy(module, args, output):
+        progress = client.get(f"/api/s/{tab.id}/progress").json()
+        seen.append((progress["phase"], progress["step"], progress["total"]))
+        if progress["step"] == 3:
+            previews.append(client.get(f"/api/s/{tab.id}/progress.png"))
+
+    with state.busy(tab, "generate"), state.render(tab, untrained_pair.edge, "rendering"):
+        handle = untrained_pair.edge.unet.register_forward_hook(spy)  # runs after the UI's own hook
+        try:
+            tab.edge.generate(PROMPTS[0])
+        finally:
+            handle.remove()
+    assert seen == [("rendering", step, 6) for step in range(1, 7)]
+    assert previews[0].status_code == 200 and Image.open(io.BytesIO(previews[0].content)).size == (64, 64)
+    assert client.get(f"/api/s/{tab.id}/progress").json()["phase"] == "idle"
+    assert "start" not in vars(untrained_pair.edge)  # the engine is left as it was
+    assert not untrained_pair.edge.unet._forward_hooks

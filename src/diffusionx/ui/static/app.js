@@ -76,6 +76,17 @@ function stopProgress() {
   $("progress-box").hidden = true;
 }
 
+async function waitWhileBusy() {
+  startProgress("still working…");
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    let state;
+    try { state = await api("GET", "/api/s/" + dx.sid); } catch (err) { break; }
+    if (!state.busy) { render(state); break; }
+  }
+  stopProgress();
+}
+
 async function pollProgress() {
   let p;
   try { p = await api("GET", "/api/s/" + dx.sid + "/progress"); } catch (err) { return; }
@@ -313,7 +324,9 @@ async function init() {
     if (saved) {
       try {
         dx.sid = saved;
-        render(await api("GET", "/api/s/" + saved));
+        const state = await api("GET", "/api/s/" + saved);
+        render(state);
+        if (state.busy) waitWhileBusy(); // reloaded while a render ran: follow it to the end
       } catch (err) {
         await newSession();
       }
