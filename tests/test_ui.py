@@ -57,10 +57,13 @@ def start_ui(pair, cloud_url: str):
 @pytest.fixture
 def page(browser):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
+    errors: list[str] = []
+    context.on("weberror", lambda error: errors.append(str(error.error)))
     page = context.new_page()
     page.set_default_timeout(90_000)  # a shared, busy machine
     yield page
     context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def open_page(page, url: str) -> None:
