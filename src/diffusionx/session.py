@@ -22,6 +22,8 @@ from .models import ModelPair
 from .policies import FixedStrength, StrengthPolicy
 from .wire import image_to_png, latents_from_bytes, latents_to_bytes
 
+ROUND_MODES = ("fresh", "sdedit", "controlled", "auto")
+
 
 @dataclass
 class Round:
@@ -100,8 +102,18 @@ class EdgeSession:
         guidance_scale: float = 7.5,
         seed: int = 0,
         scheduler: str = DEFAULT_SCHEDULER,
+        control: Any = None,
+        control_cache: bool = False,
     ):
+        from .control import ControlConfig
+
         self.pair = pair
+        # Attention control (docs/control.md): its settings, and whether each round keeps its
+        # attention trace (memory) so a controlled next round need not replay it (time).
+        self.control = control or ControlConfig()
+        self.control_cache = bool(control_cache)
+        self._specs: dict[int, Any] = {}  # round index -> control.RoundSpec (how to replay it)
+        self._trace: tuple[int, Any] | None = None  # (round index, control.Trace) of one round
         self.policy = policy or FixedStrength()
         self.cloud = cloud or CloudRefiner(pair.cloud)
         self.steps = check_steps(steps)
@@ -138,26 +150,50 @@ class EdgeSession:
         seed: int | None = None,
         hook: AttentionHook | None = None,
         progress: bool = False,
+        mode: str | None = None,
     ) -> Round:
-        """Make the next round's preview from `prompt`."""
+        """Make the next round's preview from `prompt`.
+
+        `mode` picks how the round relates to the head round: "fresh" (from noise), "sdedit"
+        (re-noise the head's latent to `strength` or the policy's), "controlled" (Prompt-to-Prompt:
+        re-walk the head round's trajectory with the new prompt under attention control; it keeps
+        the head's seed and strength) or "auto" (`control.auto_mode`'s rule from the word edit).
+        None keeps the plain behaviour: the policy's strength, 1.0 meaning fresh.
+        """
+        if mode is not None and mode not in ROUND_MODES:
+            raise InvalidInputError(f"mode must be one of {', '.join(ROUND_MODES)}, got {mode!r}")
         previous = self.current
         seed = self.seed if seed is None else check_seed(seed)
-        if previous is None:
-            strength = 1.0  # nothing to start from
+        if mode == "auto":
+            from .control import auto_mode
+
+            mode = "fresh" if previous is None else auto_mode(previous.prompt, prompt)[0]
+        if mode == "controlled" and previous is not None:
+            if hook is not None:
+                raise InvalidInputError("a controlled round brings its own attention hook; pass no hook")
+            return self._controlled(prompt, previous, progress)
+        if previous is None or mode == "fresh":
+            strength = 1.0  # nothing to start from, or asked to start over
         elif strength is None:
             strength = self.policy.edge_strength(previous.prompt, prompt, previous.latents)
         strength = check_strength(strength)
-        generation = self.pair.edge.generate(
-            prompt,
-            seed=seed,
-            steps=self.steps,
-            strength=strength,
-            init_latents=None if previous is None or strength == 1.0 else previous.latents,
-            guidance_scale=self.guidance_scale,
-            scheduler=self.scheduler,
-            hook=hook,
-            progress=progress,
-        )
+        if mode == "sdedit" and strength == 1.0 and previous is not None:
+            mode = None  # the policy said start over
+        init_latents = None if previous is None or strength == 1.0 else previous.latents
+        if self.control_cache and hook is None:
+            generation = self._recorded(prompt, seed, strength, init_latents, progress)
+        else:
+            generation = self.pair.edge.generate(
+                prompt,
+                seed=seed,
+                steps=self.steps,
+                strength=strength,
+                init_latents=init_latents,
+                guidance_scale=self.guidance_scale,
+                scheduler=self.scheduler,
+                hook=hook,
+                progress=progress,
+            )
         mode = "fresh" if strength == 1.0 else ("controlled" if hook is not None else "sdedit")
         new = Round(
             index=len(self.rounds) + 1,
@@ -173,9 +209,63 @@ class EdgeSession:
             timing=generation.timing,
             prompt_truncated=generation.prompt_truncated,
         )
+        if hook is None:
+            from .control import RoundSpec
+
+            self._specs[new.index] = RoundSpec(prompt, seed, strength, init_latents)
+        return self._append(new, getattr(generation, "trace", None))
+
+    def _append(self, new: Round, trace: Any) -> Round:
         self.rounds.append(new)
         self.head = new.index
+        if trace is not None:
+            self._trace = (new.index, trace)
         return new
+
+    def _recorded(self, prompt, seed, strength, init_latents, progress):
+        """A plain round that keeps its attention trace for a controlled next round."""
+        from .control import controlled_generate
+
+        out = controlled_generate(
+            self.pair.edge, prompt, None, seed=seed, strength=strength, init_latents=init_latents,
+            steps=self.steps, config=self.control, keep_trace=True, guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler, progress=progress,
+        )
+        return out
+
+    def _controlled(self, prompt: str, previous: Round, progress: bool) -> Round:
+        from .control import RoundSpec, controlled_generate
+
+        spec = self._specs.get(previous.index)
+        if spec is None:
+            raise InvalidInputError(
+                f"round {previous.index} was made with a custom hook and cannot be replayed; "
+                "pick fresh or sdedit for this round"
+            )
+        trace = self._trace[1] if self._trace is not None and self._trace[0] == previous.index else None
+        out = controlled_generate(
+            self.pair.edge, prompt, spec, steps=self.steps, config=self.control, trace=trace,
+            keep_trace=self.control_cache, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
+            progress=progress,
+        )
+        new = Round(
+            index=len(self.rounds) + 1,
+            prompt=prompt,
+            seed=spec.seed,
+            strength=spec.strength,
+            steps=self.steps,
+            unet_steps=out.unet_steps,
+            mode="controlled",
+            parent=previous.index,
+            latents=out.latents,
+            image=out.image,
+            timing=out.timing,
+            prompt_truncated=out.prompt_truncated,
+        )
+        self._specs[new.index] = RoundSpec(
+            prompt, spec.seed, spec.strength, spec.init_latents, source=spec, config=self.control
+        )
+        return self._append(new, out.trace)
 
     # ----- finalize -----------------------------------------------------------------------
     def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None) -> FinalResult:

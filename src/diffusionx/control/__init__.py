@@ -8,8 +8,11 @@
 from .attention import ControlConfig, P2PAttnProcessor, Router, StepRecord, Term, Trace
 from .controller import Branch, ControlledGeneration, PromptToPrompt, RoundSpec, blend_layers, controlled_generate
 from .prompts import TokenEdit, align_words, make_edit, parse_weights, split_words, word_token_spans
+from .rounds import LAYOUT_WORDS, MODES, auto_mode
 
 __all__ = [
+    "LAYOUT_WORDS",
+    "MODES",
     "Branch",
     "ControlConfig",
     "ControlledGeneration",
@@ -22,6 +25,7 @@ __all__ = [
     "TokenEdit",
     "Trace",
     "align_words",
+    "auto_mode",
     "blend_layers",
     "controlled_generate",
     "make_edit",

@@ -272,6 +272,7 @@ class ControlledGeneration:
     unet_steps: int
     mask: torch.Tensor | None = None  # the last local-blend mask, if any
     stats: dict[str, Any] = field(default_factory=dict)
+    prompt_truncated: bool = False
 
 
 def controlled_generate(
@@ -293,6 +294,8 @@ def controlled_generate(
     seed: int | None = None,
     strength: float = 1.0,
     init_latents: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> ControlledGeneration:
     """Generate `prompt` under attention control from the round `source` describes.
 
@@ -322,7 +325,7 @@ def controlled_generate(
         emb = engine.encode_prompt(parse_weights(spec.prompt)[0], negative_prompt, guidance=guidance)
         job = engine.start(
             emb, seed=spec.seed, steps=steps, strength=spec.strength, init_latents=spec.init_latents,
-            guidance_scale=guidance_scale, scheduler=scheduler,
+            guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         )
         inner = None
         inner_edit = None
@@ -351,7 +354,7 @@ def controlled_generate(
     hook = PromptToPrompt(factory)
     job = engine.start(
         embeddings, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
-        guidance_scale=guidance_scale, scheduler=scheduler, hook=hook,
+        guidance_scale=guidance_scale, scheduler=scheduler, hook=hook, height=height, width=width,
     )
     job.timing = timing
     branch = hook.bind(job)
@@ -374,6 +377,7 @@ def controlled_generate(
         source_calls=branch.source_calls,
         unet_steps=job.num_steps,
         mask=branch.last_mask,
+        prompt_truncated=embeddings.truncated,
         stats={
             "processor_calls": hook.router.calls,
             "injected_calls": hook.router.injected,

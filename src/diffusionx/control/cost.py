@@ -1,0 +1,151 @@
+"""Cost of a controlled round vs a plain one: seconds per step and peak memory.
+
+    python -m diffusionx.control.cost --model untrained --steps 20 --out outputs/control_cost
+    python -m diffusionx.control.cost --model sd15 --size 512 --steps 2 --out outputs/control_cost
+
+Each mode runs in its own subprocess (so one mode's peak cannot hide another's); the peak is
+the process's resident memory sampled every 5 ms during the round, minus the resident memory
+just before it (models loaded, prompts encoded). Modes:
+
+- ``plain``: `Engine.generate` (the default SDPA processors);
+- ``recompute``: a controlled round that replays the previous round beside the edit;
+- ``record``: a plain round that keeps its attention trace for the next round (cache mode);
+- ``cached``: a controlled round that injects from that trace (no replay);
+The trace's size is reported as ``trace_bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MODES = ("plain", "recompute", "record", "cached")
+SOURCE = "a large red circle on the left and a small blue star at the top right on a white background"
+TARGET = "a large green circle on the left and a small blue star at the top right on a white background"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    def __init__(self) -> None:
+        self.base = _rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _engine(model: str):
+    from ..engine import Engine
+    from ..models import build_random_sd_side, load_pair
+
+    if model == "sd15":
+        return Engine(**build_random_sd_side("random-sd15"), name="random-sd15")
+    if model == "tiny-sd":
+        return Engine(**build_random_sd_side("random-tiny-sd"), name="random-tiny-sd")
+    return load_pair(model).edge
+
+
+def run_mode(model: str, mode: str, size: int | None, steps: int) -> dict:
+    import torch
+
+    from . import ControlConfig, RoundSpec, controlled_generate
+
+    torch.set_num_threads(1)
+    engine = _engine(model)
+    config = ControlConfig()
+    kw = {"steps": steps, "height": size, "width": size}
+    engine.encode_prompt(SOURCE)
+    engine.encode_prompt(TARGET)
+    spec = RoundSpec(SOURCE, seed=0)
+    trace = None
+    if mode == "cached":
+        first = controlled_generate(engine, SOURCE, None, seed=0, keep_trace=True, decode=False, config=config, **kw)
+        trace = first.trace
+    torch.manual_seed(0)
+    with torch.no_grad(), PeakRSS() as mem:
+        start = time.perf_counter()
+        if mode == "plain":
+            out = engine.generate(TARGET, seed=0, decode=False, **kw)
+            calls, trace_bytes = out.timing.unet_calls, 0
+        elif mode == "record":
+            out = controlled_generate(engine, SOURCE, None, seed=0, keep_trace=True, decode=False, config=config, **kw)
+            calls, trace_bytes = out.timing.unet_calls, out.stats["trace_bytes"]
+        else:
+            out = controlled_generate(engine, TARGET, spec, trace=trace, decode=False, config=config, **kw)
+            calls, trace_bytes = out.timing.unet_calls, (trace.nbytes() if trace else 0)
+        seconds = time.perf_counter() - start
+    return {
+        "model": model,
+        "mode": mode,
+        "size": size or engine.default_size,
+        "steps": steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps,
+        "unet_calls": calls,
+        "peak_extra_mb": mem.delta_mb,
+        "rss_before_mb": mem.base / 2**20,
+        "trace_bytes": trace_bytes,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="untrained", help="embedded | untrained | sd15 | tiny-sd")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", default="outputs/control_cost")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_mode(args.model, args.one, args.size, args.steps)))
+        return 0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, "-m", "diffusionx.control.cost", "--model", args.model, "--steps", str(args.steps),
+               "--one", mode]
+        if args.size:
+            cmd += ["--size", str(args.size)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        print(f"[cost] {args.model} {mode} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[cost] {row}", file=sys.stderr, flush=True)
+        rows.append(row)
+    path = out_dir / f"cost_{args.model}_{rows[0]['size']}.json"
+    path.write_text(json.dumps(rows, indent=2))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
