@@ -44,9 +44,18 @@ def cmd_collect(args) -> int:
     pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     budget = args.time_budget_min * 60 if args.time_budget_min else None
+    work = interleave(groups)
+    if args.shard:
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+            if not 0 <= k < n:
+                raise ValueError
+        except ValueError:
+            raise InvalidInputError(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}") from None
+        work = work[k::n]
     summary = collect(
         pair,
-        interleave(groups),
+        work,
         args.out,
         steps=args.steps,
         guidance_scale=args.guidance,
@@ -143,6 +152,7 @@ def add_predictors_parser(sub) -> None:
     c.add_argument("--chunk", type=int, default=4, help="sessions per chunk (rows are appended per chunk)")
     c.add_argument("--rollout-eps", type=float, default=DEFAULT_EPS, help="sessions continue from the oracle label")
     c.add_argument("--time-budget-min", type=float, default=0.0, help="stop cleanly after about this many minutes")
+    c.add_argument("--shard", help="K/N: only every N-th session from the K-th (parallel collectors, own --out)")
     c.add_argument("--out", default="outputs/predictors/sweep.jsonl")
     c.set_defaults(func=cmd_collect)
 

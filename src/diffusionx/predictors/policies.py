@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,9 +54,12 @@ class Predictors:
     def load(
         cls, folder: str | Path | None = None, engine: Any = None, features: FeatureExtractor | None = None
     ) -> Predictors:
-        """Load from `folder` (default: the shipped ones). The text features come from `engine`
-        (an `Engine` of the pair) or, without one, from the text encoder the manifest names."""
-        folder = Path(folder) if folder is not None else ASSET_DIR
+        """Load from `folder` (default: $DIFFUSIONX_PREDICTORS, else the shipped ones). The text
+        features come from `engine` (an `Engine` of the pair) or, without one, from the text
+        encoder the manifest names."""
+        if folder is None:
+            folder = os.environ.get("DIFFUSIONX_PREDICTORS") or ASSET_DIR
+        folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
             raise ModelNotAvailableError(
@@ -74,7 +78,10 @@ def _default_features(manifest: dict[str, Any]) -> FeatureExtractor:
     from ..models import EMBEDDED_DIR, load_pair
 
     if manifest.get("text_encoder") == "embedded" and (EMBEDDED_DIR / "pair.json").exists():
-        return FeatureExtractor.from_folder(EMBEDDED_DIR / "edge")
+        try:  # only the text encoder and tokenizer, not the whole pair
+            return FeatureExtractor.from_folder(EMBEDDED_DIR / "edge")
+        except (OSError, ValueError):
+            pass
     import warnings
 
     with warnings.catch_warnings():

@@ -1,9 +1,9 @@
 """Policy specs for `diffusionx bench --policy`: the predictors' policies by name.
 
-    learned[-eps0.02][-eeps0.02][-ceps0.01][-cw0.05][-ecw0]   LearnedPolicy (eps: both directions)
-    load-aware[-wait10][-ww0.01][-floor0.05][-eps..]          LoadAwarePolicy; wait = the estimated
-                                                              wait (s) of an in-process load report
-    similarity-rule[-low0.5][-min0.3][-c0.5]                  SimilarityRule baseline
+learned[-eps0.02][-eeps0.02][-ceps0.01][-cw0.05][-ecw0]   LearnedPolicy (eps: both directions)
+load-aware[-wait10][-ww0.01][-floor0.05][-eps..]          LoadAwarePolicy; wait = the estimated
+                                                          wait (s) of an in-process load report
+similarity-rule[-low0.5][-min0.3][-c0.5]                  SimilarityRule baseline
 """
 
 from __future__ import annotations
