@@ -1,0 +1,155 @@
+"""Training utilities: seeded RNG, resumable checkpoints (safetensors + json), loss logs, EMA, LR."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """Exponential moving average of a module's float parameters (with the usual warm-up)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = t.detach().reshape(-1).contiguous().clone()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    current = opt.state_dict()
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t.reshape(()) if key == "step" else t
+    # Shapes of moment tensors: take them from the parameters.
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for idx, s in state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in s:
+                s[key] = s[key].reshape(params[idx].shape)
+    groups = meta["param_groups"]
+    for g, cur in zip(groups, current["param_groups"]):
+        g["params"] = cur["params"]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Checkpoint:
+    """A stage's resumable state under `folder`: modules, optimizer, EMA (safetensors) + json."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.exists() else {}
+
+    def save(self, state: dict, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, m in modules.items():
+            save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()},
+                      str(self.folder / f"{name}.safetensors.tmp"))
+            os.replace(self.folder / f"{name}.safetensors.tmp", self.folder / f"{name}.safetensors")
+        if opt is not None:
+            tensors, meta = _optimizer_tensors(opt)
+            save_file(tensors, str(self.folder / "optimizer.safetensors.tmp"))
+            os.replace(self.folder / "optimizer.safetensors.tmp", self.folder / "optimizer.safetensors")
+            state = {**state, "optimizer": meta}
+        if ema is not None:
+            save_file(ema.shadow, str(self.folder / "ema.safetensors.tmp"))
+            os.replace(self.folder / "ema.safetensors.tmp", self.folder / "ema.safetensors")
+        tmp = self.folder / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    def load(self, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None) -> dict:
+        state = self.state()
+        for name, m in modules.items():
+            m.load_state_dict(load_file(str(self.folder / f"{name}.safetensors")))
+        if opt is not None and (self.folder / "optimizer.safetensors").exists():
+            _load_optimizer(opt, load_file(str(self.folder / "optimizer.safetensors")), state["optimizer"])
+        if ema is not None and (self.folder / "ema.safetensors").exists():
+            ema.shadow = load_file(str(self.folder / "ema.safetensors"))
+        return state
+
+
+class LossLog:
+    """Appends one json line per logged step to `path`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+
+    def write(self, **record) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class StepBudget:
+    """Fixes a stage's total step count so that it ends by `deadline` (unix time), if one is given.
+
+    The count is measured after a few steps and then frozen (and stored in the checkpoint), so
+    the LR schedule stays consistent across a resume.
+    """
+
+    def __init__(self, total: int, deadline: float | None, locked: bool = False, measure_after: int = 8,
+                 cost_factor: float = 1.0):
+        self.cost_factor = cost_factor  # mean cost of a step / cost of the measured (first) steps
+        self.total = total
+        self.deadline = deadline
+        self.locked = locked or deadline is None
+        self.measure_after = measure_after
+        self._t0: float | None = None
+        self._s0 = 0
+
+    def observe(self, step: int) -> None:
+        if self.locked:
+            return
+        if self._t0 is None:
+            self._t0, self._s0 = time.time(), step
+            return
+        if step - self._s0 >= self.measure_after:
+            per_step = self.cost_factor * (time.time() - self._t0) / (step - self._s0)
+            left = max(0.0, self.deadline - time.time())
+            self.total = max(step + 1, min(self.total, step + int(left / per_step)))
+            self.locked = True

@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusionx.training.common import EMA, Checkpoint, StepBudget, cosine_lr
+from diffusionx.training.embedded import TrainConfig, train_embedded
+
+TINY = TrainConfig(
+    te_pairs=16, te_steps=3, te_batch_pairs=8, vae_images=16, vae_steps=3, vae_batch=4, vae_test_images=4,
+    unet_images=16, unet_steps=3, unet_batch=4, ckpt_every=2, log_every=1, vae_decoder_images=16,
+    vae_decoder_steps=3, vae_decoder_batch=4,
+)
+
+
+def test_cosine_lr_and_budget():
+    assert cosine_lr(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    b = StepBudget(1000, deadline=None)
+    b.observe(5)
+    assert b.total == 1000 and b.locked
+
+
+def test_checkpoint_round_trip_resumes_optimizer(tmp_path):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    ema = EMA(m, 0.9)
+    for step in range(3):
+        m(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.step()
+        ema.update(m, step)
+    ck = Checkpoint(tmp_path / "ck")
+    ck.save({"step": 3}, {"m": m}, opt, ema)
+    m2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    ema2 = EMA(m2, 0.9)
+    assert ck.load({"m": m2}, opt2, ema2)["step"] == 3
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    assert all(torch.equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
+
+
+@pytest.mark.slow
+def test_train_embedded_smoke(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out, export = tmp_path / "run", tmp_path / "export"
+    summary = train_embedded(out, config=TINY, export_to=export, progress=False, parallel=False)
+    assert summary["stages"]["unet_cloud"]["done"] and summary["stages"]["vae"]["step"] == 3
+    for stage in ("text_encoder", "vae", "vae_decoder", "unet_edge", "unet_cloud"):
+        lines = (out / "logs" / f"{stage}.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and np.isfinite(json.loads(lines[-1])["loss"])
+    pair = json.loads((export / "pair.json").read_text())
+    assert pair["trained"] and pair["shared_latent_space"] and pair["height"] == 64
+    assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pt"))
+    # Resuming a finished run trains nothing more.
+    again = train_embedded(out, config=TINY, export_to=export, progress=False, parallel=False)
+    assert again["stages"]["unet_edge"]["step"] == 3
+    for role in ("edge", "cloud"):
+        pipe = StableDiffusionPipeline.from_pretrained(export / role, local_files_only=True, torch_dtype=torch.float32)
+        assert pipe.unet.dtype == torch.float32
+        assert pipe.vae.config.scaling_factor != 1.0
+        pipe.set_progress_bar_config(disable=True)
+        img = pipe("a large red circle on the left on a blue background", num_inference_steps=2, height=64,
+                   width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
