@@ -2,17 +2,22 @@
 
     python -m diffusionx.server.loadtest [--model untrained] [--clients 1 4 8 16] [--per-client 2]
 
-Starts two loopback servers on the same cloud model (max_batch 8, and max_batch 1 = one request
-at a time), drives each with N concurrent clients sending refinements at mixed strengths, and
-prints throughput (refinements/s) and p50/p95 latency; then the bytes a latent and a PNG hand-off
-put on the wire at 64x64 (embedded) and 512x512 (SD v1.5 shapes). Numbers, not a test.
+Starts two loopback servers (`diffusionx serve` subprocesses) on the same cloud model: max batch
+8, and max batch 1 (one request at a time). Drives each with N concurrent clients sending
+refinements at mixed strengths and prints throughput (refinements/s) and p50/p95 latency; then
+the bytes a latent and a PNG hand-off put on the wire at 64x64 (embedded) and 512x512 (SD v1.5
+shapes). Numbers, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import signal
+import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +28,6 @@ import torch
 from PIL import Image
 
 from ..wire import image_to_png, latents_to_bytes
-from .app import Limits, create_app
-from .batching import BatchingRefiner
-from .run import start_in_thread
 
 STRENGTHS = (0.3, 0.5, 0.7, 0.9)
 PROMPTS = (
@@ -35,8 +37,7 @@ PROMPTS = (
 )
 
 
-def drive(url: str, engine, clients: int, per_client: int, steps: int, guidance: float) -> dict:
-    shape = engine.latent_shape()
+def drive(url: str, shape: tuple[int, ...], clients: int, per_client: int, steps: int, guidance: float) -> dict:
 
     def client(c: int) -> list[float]:
         latencies = []
@@ -83,6 +84,40 @@ def wire_sizes() -> list[tuple[str, int, int, int, int]]:
     return rows
 
 
+@contextlib.contextmanager
+def served(model: str, max_batch: int, threads: int):
+    """`diffusionx serve` in a subprocess on a free loopback port (its own process, as in production,
+    so the client threads here do not compete with it for the GIL); stopped with SIGTERM."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "diffusionx.cli", "serve", "--model", model, "--insecure"]
+    command += ["--port", str(port), "--max-batch", str(max_batch), "--max-concurrent", "100000", "--rate", "1e9"]
+    if threads:
+        command += ["--threads", str(threads)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                health = httpx.get(url + "/v1/health", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {' '.join(command)}")
+            time.sleep(0.5)
+        yield url, tuple(health.json()["latent_shape"]), health.json()["model"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded")
@@ -91,32 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--max-batch", type=int, default=8, help="8 is the sweet spot of the embedded model on a CPU")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from ..models import load_pair
-
-    pair = load_pair(args.model)
-    engine = pair.cloud
-    print(f"cloud model {pair.cloud_info.label}; torch threads {torch.get_num_threads()}", file=sys.stderr)
-    limits = Limits(max_concurrent_per_token=1000, rate_per_minute=1e9, burst=10**6)
     results: dict[tuple[str, int], dict] = {}
     for mode, max_batch in (("continuous", args.max_batch), ("one-at-a-time", 1)):
-        refiner = BatchingRefiner(engine, max_batch=max_batch)
-        server = start_in_thread(create_app(refiner, insecure=True, limits=limits))
-        try:
-            drive(server.url, engine, 1, 1, args.steps, args.guidance)  # warm-up
+        with served(args.model, max_batch, args.threads) as (url, shape, model):
+            print(f"{mode}: cloud model {model}, max batch {max_batch}", file=sys.stderr)
+            drive(url, shape, 1, 1, args.steps, args.guidance)  # warm-up
             for n in args.clients:
-                r = drive(server.url, engine, n, args.per_client, args.steps, args.guidance)
+                r = drive(url, shape, n, args.per_client, args.steps, args.guidance)
                 results[(mode, n)] = r
                 print(
                     f"{mode:>14} {n:>3} clients: {r['throughput']:.2f} refinements/s, "
                     f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s",
                     file=sys.stderr,
                 )
-        finally:
-            server.stop()
     print(
         f"\nrefinements at strengths {STRENGTHS}, {args.steps} steps, guidance {args.guidance}, "
         f"{args.per_client} per client; max batch {args.max_batch}"
