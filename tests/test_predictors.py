@@ -79,7 +79,13 @@ def test_trees_match_sklearn_and_survive_json(tmp_path):
     x, y = _synthetic()
     trees = TreesRegressor.fit(x, y, n_estimators=30, seed=0)
     ref = GradientBoostingRegressor(
-        n_estimators=30, max_depth=3, learning_rate=0.05, subsample=0.8, max_features=0.3, random_state=0
+        n_estimators=30,
+        max_depth=3,
+        learning_rate=0.05,
+        subsample=0.8,
+        max_features=0.3,
+        min_samples_leaf=3,
+        random_state=0,
     ).fit(x, y[:, 0])
     np.testing.assert_allclose(trees.predict(x)[:, 0], ref.predict(x), atol=1e-4)
     loaded = load_regressor(trees.save(tmp_path / "t.json"))

@@ -44,7 +44,7 @@ class MLPRegressor:
         y: np.ndarray,
         *,
         hidden: tuple[int, ...] = (64,),
-        alpha: float = 1e-2,
+        alpha: float = 0.1,
         seed: int = 0,
         max_iter: int = 500,
     ) -> MLPRegressor:
@@ -158,6 +158,7 @@ class TreesRegressor:
         learning_rate: float = 0.05,
         subsample: float = 0.8,
         max_features: float = 0.3,
+        min_samples_leaf: int = 3,
         seed: int = 0,
     ) -> TreesRegressor:
         from sklearn.ensemble import GradientBoostingRegressor
@@ -171,6 +172,7 @@ class TreesRegressor:
                 learning_rate=learning_rate,
                 subsample=subsample,
                 max_features=max_features,
+                min_samples_leaf=min_samples_leaf,
                 random_state=seed + j,
             )
             model.fit(x, y[:, j])
@@ -198,6 +200,7 @@ class TreesRegressor:
             "learning_rate": learning_rate,
             "subsample": subsample,
             "max_features": max_features,
+            "min_samples_leaf": min_samples_leaf,
             "n_train": len(x),
         }
         return cls(feature, threshold, left, right, value, np.asarray(init), np.asarray(output), max_depth, meta)
