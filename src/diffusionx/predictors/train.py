@@ -22,7 +22,7 @@ import numpy as np
 from .collect import read_rows
 from .curves import DEFAULT_EPS, choose_strength, gap_curve, label, quality
 from .policies import MANIFEST, SimilarityRule
-from .regressors import MLPRegressor, TreesRegressor
+from .regressors import MLPRegressor, TreesRegressor, load_regressor
 
 FIXED = (0.3, 0.5, 0.7, 1.0)
 
@@ -152,6 +152,8 @@ def train_predictors(
         suffix = ".json" if best == "trees" else ".safetensors"
         path = model.save(out / f"{kind}{suffix}", {"direction": kind, "grid": grid})
         manifest[kind] = {"file": path.name, "kind": best, "n_train": direction["shipped_n_train"]}
+        direction["predict_ms"] = {name: _predict_ms(m, x_tr[0]) for name, m in fitted.items()}
+        direction["predict_ms"]["shipped"] = _predict_ms(load_regressor(path), x_tr[0])
         report["directions"][kind] = direction
     manifest["report"] = {
         k: {"selected": v["selected"], "models": v["models"]} for k, v in report["directions"].items()
@@ -160,6 +162,17 @@ def train_predictors(
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     (out / "train_report.md").write_text(report_markdown(report))
     return report
+
+
+def _predict_ms(model, x: np.ndarray, repeats: int = 300) -> float:
+    """Median milliseconds of one prediction on one ready feature vector (CPU, numpy)."""
+    model.predict(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.predict(x)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -183,5 +196,10 @@ def report_markdown(report: dict[str, Any]) -> str:
                     f"| {split} | {name} | {cm} | {v['label_mae']:.3f} | {v['gap']:+.4f} | "
                     f"{v['within_eps']:.2f} | {v['strength']:.2f} | {v['steps_saved']:.0%} |"
                 )
-        lines.append("")
+        ms = d.get("predict_ms", {})
+        lines += [
+            "",
+            "Prediction time (median, one feature vector, CPU): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()),
+            "",
+        ]
     return "\n".join(lines)
