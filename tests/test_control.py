@@ -252,3 +252,24 @@ def test_tiny_sd_architecture_installs_and_runs():
     same = controlled_generate(engine, PREV, spec, steps=1, height=64, width=64, decode=False)
     assert same.stats["injected_calls"] > 0 and torch.equal(same.latents, plain.latents)
     assert _processor_types(engine.unet) == {AttnProcessor2_0}
+
+
+# ----- the benchmark command ----------------------------------------------------------------
+def test_bench_edits_command_writes_json_and_grid(tmp_path, untrained_pair):
+    import json
+
+    from diffusionx.cli import main
+    from diffusionx.control.bench import one_word_edits
+    from diffusionx.metrics import default_weights_path
+
+    edits = one_word_edits(6)
+    assert len(edits) == 6
+    assert all(len(e.previous_prompt.split()) == len(e.prompt.split()) for e in edits)
+    if not default_weights_path().exists():
+        pytest.skip("the evaluator's weights are not in this checkout")
+    assert main(["bench-edits", "--model", "untrained", "--n", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "edits.json").read_text())
+    for key in ("controlled_kept", "plain_kept", "edited_right"):
+        assert result[key] is None or 0.0 <= result[key] <= 1.0
+    assert len(result["per_edit"]) == 2
+    assert (tmp_path / "edits_grid.png").exists()

@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
     p.set_defaults(func=cmd_train)
 
+    from .control.bench import add_bench_edits_parser
+
+    add_bench_edits_parser(sub)
+
     from .predictors.cli import add_predictors_parser
 
     add_predictors_parser(sub)

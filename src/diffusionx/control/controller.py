@@ -273,6 +273,7 @@ class ControlledGeneration:
     mask: torch.Tensor | None = None  # the last local-blend mask, if any
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_truncated: bool = False
+    source_latents: torch.Tensor | None = None  # the replayed source's final latents, if it ran to the end
 
 
 def controlled_generate(
