@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "diffusionx-predictor-v1"
+CLIP = 5.0  # standardized MLP inputs are clipped to +-CLIP (small sweeps: unseen feature ranges)
 
 
 class MLPRegressor:
@@ -51,7 +52,10 @@ class MLPRegressor:
         from sklearn.neural_network import MLPRegressor as SkMLP
 
         mean, scale = x.mean(0), x.std(0)
-        scale = np.where(scale > 1e-8, scale, 1.0)
+        scale = np.where(scale > 1e-6, scale, 1.0)
+        y = y.reshape(len(y), -1).astype(np.float64)
+        y_mean, y_scale = y.mean(0), y.std(0)
+        y_scale = np.where(y_scale > 1e-6, y_scale, 1.0)
         model = SkMLP(
             hidden_layer_sizes=hidden,
             alpha=alpha,
@@ -62,15 +66,19 @@ class MLPRegressor:
             n_iter_no_change=25,
             random_state=seed,
         )
-        y = y.reshape(len(y), -1)
+        xs = np.clip((x - mean) / scale, -CLIP, CLIP)
+        ys = (y - y_mean) / y_scale
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence notes: early stopping / max_iter is the budget
-            model.fit((x - mean) / scale, y if y.shape[1] > 1 else y.ravel())
+            model.fit(xs, ys if ys.shape[1] > 1 else ys.ravel())
+        weights, biases = list(model.coefs_), list(model.intercepts_)
+        weights[-1] = weights[-1] * y_scale[None, :]  # fold the target scaling into the last layer
+        biases[-1] = biases[-1] * y_scale + y_mean
         return cls(
             mean,
             scale,
-            list(model.coefs_),
-            list(model.intercepts_),
+            weights,
+            biases,
             {"hidden": list(hidden), "alpha": alpha, "n_train": len(x)},
         )
 
@@ -80,7 +88,7 @@ class MLPRegressor:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         single = x.ndim == 1
-        h = (np.atleast_2d(x).astype(np.float32) - self.mean) / self.scale
+        h = np.clip((np.atleast_2d(x).astype(np.float32) - self.mean) / self.scale, -CLIP, CLIP)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             h = h @ w + b
             if i < len(self.weights) - 1:

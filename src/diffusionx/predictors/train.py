@@ -8,6 +8,8 @@ Reported per model and per baseline (fixed strengths, similarity rule, oracle):
   gap          mean measured gap at the chosen strength (quality vs the reference; 0 = as good);
   within_eps   fraction of cases whose measured gap at the chosen strength is >= -eps;
   strength     mean chosen strength; steps_saved = 1 - mean steps / steps at strength 1.
+The `train-mean-curve` baseline predicts the train rows' mean gap curve for every case (no
+features): a model that does not beat it has learned nothing from its features.
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ def train_predictors(
             base: dict[str, Any] = {}
             for s in FIXED:
                 base[f"fixed-{s:g}"] = evaluate_choices(np.full(len(g_v), s), g_v, grid, eps, steps)
+            mean_curve = np.append(y_tr.mean(0), 0.0)  # no features: the train set's mean curve
+            base["train-mean-curve"] = {
+                "curve_mae": float(np.mean(np.abs(mean_curve[None, :-1] - g_v[:, :-1]))),
+                **evaluate_choices(
+                    np.full(len(g_v), choose_strength(mean_curve, eps=eps, grid=grid)), g_v, grid, eps, steps
+                ),
+            }
             base["oracle"] = evaluate_choices(np.array([label(g, eps, grid) for g in g_v]), g_v, grid, eps, steps)
             if kind == "edge" and feature_names and "sentence_cos" in feature_names.get("edge", []):
                 base["similarity-rule"] = evaluate_choices(
