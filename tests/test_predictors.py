@@ -261,3 +261,13 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
     z = decode_latents(latents)
     assert policy.edge_strength("a red circle", "a blue circle", z) in grid
     assert policy.cloud_strength("a blue circle", z, {"estimated_wait_s": 5.0}) in grid
+
+
+def test_cli_predictors_errors(tmp_path, capsys):
+    from diffusionx.cli import main
+
+    assert main(["predictors", "train", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "collect" in capsys.readouterr().err
+    assert main(["predictors", "collect", "--train", "0", "--validation", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["predictors", "collect", "--strengths", "0.5,0.2"])
