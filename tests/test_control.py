@@ -20,7 +20,7 @@ from diffusionx.control import (
 from diffusionx.policies import FixedStrength
 from diffusionx.session import EdgeSession
 
-STEPS = 6
+STEPS = 4
 PREV = "a red circle on the left"
 
 
@@ -102,7 +102,7 @@ def test_unchanged_prompt_reproduces_an_sdedit_round_exactly(edge, previous):
                            init_latents=previous.latents, decode=False)
     spec = RoundSpec("a red circle on the right", seed=5, strength=0.5, init_latents=previous.latents)
     out = controlled_generate(edge, "a red circle on the right", spec, steps=STEPS, decode=False)
-    assert out.unet_steps == 3 and torch.equal(out.latents, sdedit.latents)
+    assert out.unet_steps == STEPS // 2 and torch.equal(out.latents, sdedit.latents)
 
 
 def test_cached_trace_equals_recompute_and_chains(edge, previous):
@@ -225,7 +225,7 @@ def test_session_modes(untrained_pair):
     moved = session.generate("a blue circle on the right", mode="auto")
     assert (moved.mode, moved.strength, moved.parent) == ("sdedit", 0.5, 3)
     again = session.generate("a green circle on the right", mode="controlled")  # controlled from an SDEdit round
-    assert again.strength == 0.5 and again.unet_steps == 3
+    assert again.strength == 0.5 and again.unet_steps == STEPS // 2
     fresh = session.generate("a green circle on the right", mode="fresh")
     assert fresh.mode == "fresh" and fresh.parent is None
     with pytest.raises(InvalidInputError):
@@ -255,21 +255,24 @@ def test_tiny_sd_architecture_installs_and_runs():
 
 
 # ----- the benchmark command ----------------------------------------------------------------
-def test_bench_edits_command_writes_json_and_grid(tmp_path, untrained_pair):
+def test_bench_edits_writes_json_and_grid(tmp_path, untrained_pair):
     import json
 
-    from diffusionx.cli import main
-    from diffusionx.control.bench import one_word_edits
+    from diffusionx.cli import build_parser
+    from diffusionx.control.bench import bench_edits, cmd_bench_edits, one_word_edits
     from diffusionx.metrics import default_weights_path
 
+    args = build_parser().parse_args(["bench-edits", "--n", "3", "--out", str(tmp_path)])
+    assert args.func is cmd_bench_edits and args.n == 3 and args.model == "embedded"
     edits = one_word_edits(6)
     assert len(edits) == 6
     assert all(len(e.previous_prompt.split()) == len(e.prompt.split()) for e in edits)
     if not default_weights_path().exists():
         pytest.skip("the evaluator's weights are not in this checkout")
-    assert main(["bench-edits", "--model", "untrained", "--n", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "edits.json").read_text())
+    result = bench_edits(untrained_pair, n=2, steps=2, out_dir=tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "edits.json").read_text())
     for key in ("controlled_kept", "plain_kept", "edited_right"):
+        assert on_disk[key] == result[key]
         assert result[key] is None or 0.0 <= result[key] <= 1.0
     assert len(result["per_edit"]) == 2
     assert (tmp_path / "edits_grid.png").exists()
