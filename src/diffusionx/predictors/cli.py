@@ -137,8 +137,8 @@ def add_predictors_parser(sub) -> None:
 
     c = psub.add_parser("collect", help="quality/cost sweeps over sessions -> JSONL table (resumable)")
     c.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
-    c.add_argument("--edge", help="edge model: a Hugging Face id or a diffusers folder")
-    c.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder")
+    c.add_argument("--edge-model", dest="edge", help="edge model: a Hugging Face id or a diffusers folder")
+    c.add_argument("--cloud-model", dest="cloud", help="cloud model: a Hugging Face id or a diffusers folder")
     c.add_argument("--train", type=int, default=150, help="train-split sessions of the embedded world")
     c.add_argument("--validation", type=int, default=50, help="validation-split sessions")
     c.add_argument("--test", type=int, default=0, help="test-split sessions (held out: evaluation only)")

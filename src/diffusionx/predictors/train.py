@@ -56,10 +56,23 @@ def evaluate_choices(
     }
 
 
-def _similarity_choices(sel: list[dict], names: list[str]) -> np.ndarray:
-    rule = SimilarityRule()
+def _similarity_choices(sel: list[dict], names: list[str], rule: SimilarityRule | None = None) -> np.ndarray:
+    rule = rule or SimilarityRule()
     i = names.index("sentence_cos")
     return np.array([rule.strength_for(r["features"][i]) for r in sel])
+
+
+def fit_similarity_rule(sel: list[dict], gaps: np.ndarray, names: list[str], eps: float, grid: list[float]):
+    """The rule's (low, min_strength) with the smallest strength MAE vs the oracle on these rows."""
+    oracle = np.array([label(g, eps, grid) for g in gaps])
+    best = None
+    for low in np.arange(0.0, 0.95, 0.05):
+        for min_strength in np.arange(0.1, 0.75, 0.1):
+            rule = SimilarityRule(low=float(low), min_strength=float(min_strength))
+            mae = float(np.mean(np.abs(_similarity_choices(sel, names, rule) - oracle)))
+            if best is None or mae < best[0] - 1e-12:
+                best = (mae, rule)
+    return best[1]
 
 
 def train_predictors(
@@ -142,6 +155,12 @@ def train_predictors(
             if kind == "edge" and feature_names and "sentence_cos" in feature_names.get("edge", []):
                 base["similarity-rule"] = evaluate_choices(
                     _similarity_choices(sel, feature_names["edge"]), g_v, grid, eps, steps
+                )
+                _, g_t, sel_t = table(rows, kind, ("train",), score_weight)
+                fitted_rule = fit_similarity_rule(sel_t, g_t, feature_names["edge"], eps, grid)
+                name = f"similarity-rule-low{fitted_rule.low:.2f}-min{fitted_rule.min_strength:.1f} (fit on train)"
+                base[name] = evaluate_choices(
+                    _similarity_choices(sel, feature_names["edge"], fitted_rule), g_v, grid, eps, steps
                 )
             direction["baselines"][split] = base
         select_on = "validation" if "validation" in held_out else (held_out[0] if held_out else None)
