@@ -89,3 +89,12 @@ def test_interactive_session_branches_and_survives_errors(tmp_path):
     assert "round 3 (sdedit" in out
     assert "final (refined by the cloud" in out
     assert (tmp_path / "round_03.png").exists() and (tmp_path / "final.png").exists()
+
+
+def test_demo_with_an_unreachable_cloud_keeps_the_preview(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--model", "untrained", "--steps", "3", "--out", str(out), "--cloud", "http://127.0.0.1:9"]
+    assert main(args) == 0
+    final = json.loads((out / "report.json").read_text())["final"]
+    assert final["refined"] is False and "127.0.0.1:9" in final["reason"]
+    assert (out / "final.png").exists()

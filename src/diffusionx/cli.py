@@ -61,6 +61,15 @@ def _load(args):
     return pair
 
 
+def _cloud(args):
+    """The cloud service client when --cloud URL is given; None means in-process refinement."""
+    if not args.cloud_url:
+        return None
+    from .client import CloudClient
+
+    return CloudClient(args.cloud_url, args.token or os.environ.get("DIFFUSIONX_TOKEN"))
+
+
 def cmd_demo(args) -> int:
     from .policies import FixedStrength
     from .session import EdgeSession
@@ -69,7 +78,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     pair = _load(args)
     policy = FixedStrength(edge=args.edge_strength, cloud=args.cloud_strength)
-    session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed)
+    session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=_cloud(args))
     for prompt in DEMO_PROMPTS:
         r = session.generate(prompt, progress=True)
         _save(r.image, out / f"round_{r.index:02d}.png", pair, round=r.summary())
@@ -121,7 +130,7 @@ def cmd_session(args) -> int:
     out = Path(args.out)
     pair = _load(args)
     policy = FixedStrength(edge=args.edge_strength, cloud=args.cloud_strength)
-    session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed)
+    session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=_cloud(args))
     print(SESSION_HELP)
     for line in sys.stdin:
         line = line.strip()
@@ -250,14 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
-        p.add_argument("--edge", help="edge model: a Hugging Face id or a diffusers folder (overrides the preset)")
-        p.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder")
+        p.add_argument("--edge-model", dest="edge", help="edge model: a Hugging Face id or a diffusers folder")
+        p.add_argument("--cloud-model", dest="cloud", help="cloud model: a Hugging Face id or a diffusers folder")
         p.add_argument("--steps", type=int, default=20, help="scheduler steps (default 20)")
         p.add_argument("--seed", type=int, default=0, help="random seed (integer)")
 
     def session_args(p):
         p.add_argument("--edge-strength", type=_strength, default=0.6, help="round-to-round strength")
         p.add_argument("--cloud-strength", type=_strength, default=0.5, help="cloud refinement strength")
+        p.add_argument("--cloud", dest="cloud_url", metavar="URL", help="cloud service URL (default: in-process)")
+        p.add_argument("--token", help="bearer token for --cloud (default: $DIFFUSIONX_TOKEN)")
 
     p = sub.add_parser("demo", help="a scripted multi-round session, finalized by the cloud model")
     model_args(p)

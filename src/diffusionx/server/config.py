@@ -28,7 +28,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset (its cloud side)")
-    p.add_argument("--cloud", help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
+    p.add_argument("--cloud-model", dest="cloud", help="cloud model: an HF id or a diffusers folder")
     p.add_argument("--tokens", metavar="FILE", help="bearer tokens, one per line (also: $DIFFUSIONX_TOKENS)")
     p.add_argument("--insecure", action="store_true", help="accept requests without a token (local use only)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests sharing one U-Net call (default 8)")
