@@ -182,6 +182,7 @@ def bench_edits(
     edits = one_word_edits(n)
     start = time.perf_counter()
     prev_imgs, plain_imgs, ctl_imgs = [], [], []
+    mask_fractions: list[float | None] = []
     ctl_seconds = 0.0
     # Plain re-generations: all in one batched run (the engine batches unhooked jobs).
     t = time.perf_counter()
@@ -210,6 +211,7 @@ def bench_edits(
             ).latents
         prev_imgs.append(engine.decode(prev_latents)[0])
         ctl_imgs.append(ctl.image)
+        mask_fractions.append(None if ctl.mask is None else float(ctl.mask.float().mean()))
     preds = evaluator.predict_attributes(prev_imgs + plain_imgs + ctl_imgs)
     m = len(edits)
     p_prev, p_plain, p_ctl = preds[:m], preds[m : 2 * m], preds[2 * m :]
@@ -233,6 +235,7 @@ def bench_edits(
             "previous_edited_right": _read(p_prev[i], edited) == edited[2],
             "plain_edited_right": _read(p_plain[i], edited) == edited[2],
             "controlled_edited_right": _read(p_ctl[i], edited) == edited[2],
+            "blend_mask_fraction": mask_fractions[i],
         })
 
     def summary(rows: list[dict]) -> dict[str, Any]:
