@@ -133,3 +133,39 @@ def test_bench_cli_writes_results(tmp_path):
     assert "| diffusionx-fixed-0.5 |" in table and "vs cloud-only" in table
     for name in ("latency_quality.png", "per_round_latency.png", "finals_grid.png"):
         assert (out / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_arch_mode_times_with_a_calibration_and_skips_quality(tmp_path):
+    from diffusionx.cli import main
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(CALIB))
+    out = tmp_path / "arch"
+    args = [
+        "bench",
+        "--model",
+        "untrained",
+        "--n",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--policy",
+        "fixed-0.5",
+        "--profile",
+        "measured",
+        "--arch",
+        "sd15",
+        "--calibration",
+        str(calibration),
+    ]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    cloud = results["methods"]["cloud-only"]
+    assert cloud["attribute_accuracy"] is None and cloud["quality_note"] == "n/a (random weights)"
+    rounds = results["workload"]["rounds_mean"] * 2
+    per_round = CALIB["cloud"]["text_encode_s"] + 4 * CALIB["cloud"]["unet_step_s"] + CALIB["cloud"]["decode_s"]
+    assert cloud["session_latency_mean_s"] == pytest.approx(rounds / 2 * per_round)
+    assert "n/a (random weights)" in (out / "results.md").read_text()

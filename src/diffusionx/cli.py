@@ -200,6 +200,14 @@ def cmd_bench(args) -> int:
         print(f"wrote {path}")
         return 0
     calibration = read_calibration(args.calibration) if args.calibration else None
+    if args.arch == "sd15" and calibration is None:
+        # Latency and cloud cost of the real architectures: time SD v1.5 / Tiny-SD at 512x512 with
+        # random weights (one step each, extrapolated per step); step counts come from --model's run.
+        from .bench import write_calibration
+        from .models import load_pair
+
+        print("timing the random-weight SD v1.5 and Tiny-SD at 512x512 (minutes on a CPU)...", file=sys.stderr)
+        calibration = write_calibration(load_pair("random-sd15"), Path(args.out, "calibration.json"), repeats=1)
     report = run_bench(
         pair,
         sessions,
@@ -211,6 +219,7 @@ def cmd_bench(args) -> int:
         batch=args.batch,
         seed=args.seed,
         calibration=calibration,
+        score_quality=args.arch != "sd15",
     )
     print(Path(args.out, "results.md").read_text())
     print(
@@ -303,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         help="compute times for the latency model from this JSON (e.g. of the real SD v1.5 / Tiny-SD "
         "architectures, written by --calibrate-only --model random-sd15) instead of measuring --model",
+    )
+    p.add_argument(
+        "--arch",
+        choices=("embedded", "sd15"),
+        default="embedded",
+        help="sd15: latency and cloud-cost columns for SD v1.5 (cloud) / Tiny-SD (edge) at 512x512, timed with "
+        "random weights on this machine; quality columns n/a",
     )
     p.add_argument(
         "--calibrate-only", action="store_true", help="measure --model's compute times, write OUT/calibration.json"

@@ -43,6 +43,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"| {m['cloud_unet_seconds_per_session']:.3f} | {m['bytes_per_session']:.0f} | {_fmt(m['clip_score'], 2)} "
             f"| {_fmt(m['fid'], 2)} | {_fmt(m['attribute_accuracy'])} |"
         )
+    if any(m.get("quality_note") for m in methods.values()):
+        lines += ["", "Quality columns: n/a (random weights): this table's models only give latency and cost."]
     calib = report["calibration_measured_s"]
     timed = calib.get("models", report["models"])
     lines += [

@@ -19,7 +19,8 @@ from .report import write_markdown, write_plots
 
 MEASURED_VS_MODELLED = {
     "measured": [
-        "per-model compute on this machine at batch 1: seconds per U-Net step (with CFG), text encode, VAE decode",
+        "per-model compute on this machine at batch 1: seconds per U-Net step (with CFG), text encode, VAE "
+        "decode; a session's U-Net time is steps x the measured per-step time (extrapolated per step)",
         "U-Net steps each method runs per round (ceil(strength x steps))",
         "bytes on the wire: fp16 safetensors latents (DiffusionX), prompt + PNG per round (cloud-only)",
         "image quality: real generations by the pair's models, scored by the independent evaluator",
@@ -32,6 +33,10 @@ MEASURED_VS_MODELLED = {
         "(a fresh generation per round, the same kind as the final one, whose quality is measured)",
     ],
 }
+
+
+# Quality columns when the timed models have random weights (the --arch sd15 mode).
+NO_QUALITY = {"clip_score": None, "fid": None, "attribute_accuracy": None, "quality_note": "n/a (random weights)"}
 
 
 def parse_policy(spec: str, edge_strength: float) -> Method:
@@ -141,6 +146,7 @@ def run_bench(
     batch: int = 32,
     seed: int = 0,
     calibration: dict[str, Any] | None = None,
+    score_quality: bool = True,
 ) -> dict[str, Any]:
     """`calibration` replaces the compute times measured on `pair` for the latency model, e.g. those
     of the real SD v1.5 / Tiny-SD architectures (`write_calibration` with the random-sd15 preset)."""
@@ -148,7 +154,7 @@ def run_bench(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = get_evaluator()
+    evaluator = get_evaluator() if score_quality else None
     started = time.perf_counter()
     calib = calibration or {**calibrate(pair, guidance_scale=guidance_scale), "models": pair.describe()}
     prompts = [s["rounds"][-1]["prompt"] for s in sessions]
@@ -166,6 +172,7 @@ def run_bench(
         preview_quality = {
             index: evaluator.attribute_accuracy([i for i, _ in pairs], [p for _, p in pairs])["mean"]
             for index, pairs in sorted(by_round.items())
+            if evaluator is not None
         }
         max_rounds = max(len(lat["round_waits_s"]) for lat in latencies)
         round_waits = [
@@ -184,7 +191,7 @@ def run_bench(
                 np.mean([lat["cloud_unet_measured_s"] for lat in latencies])
             ),
             "bytes_per_session": float(np.mean([lat["bytes"] for lat in latencies])),
-            **_quality(evaluator, finals[method.name], prompts, references),
+            **(_quality(evaluator, finals[method.name], prompts, references) if evaluator else NO_QUALITY),
             "preview_attribute_accuracy_by_round": preview_quality,
         }
     report = {
