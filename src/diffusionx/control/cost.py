@@ -115,6 +115,39 @@ def run_mode(model: str, mode: str, size: int | None, steps: int) -> dict:
     }
 
 
+def interleaved(model: str, modes: list[str], size: int | None, steps: int, repeat: int) -> list[dict]:
+    """Seconds per step of each mode, run in turn in one process `repeat` times (the machine's
+    other load hits every mode alike); the minimum over the repeats."""
+    import torch
+
+    from . import ControlConfig, RoundSpec, controlled_generate
+
+    torch.set_num_threads(1)
+    engine = _engine(model)
+    kw = {"steps": steps, "height": size, "width": size, "decode": False, "config": ControlConfig()}
+    spec = RoundSpec(SOURCE, seed=0)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    trace = controlled_generate(engine, SOURCE, None, seed=0, keep_trace=True, **kw).trace
+    for r in range(repeat):
+        for mode in modes:
+            start = time.perf_counter()
+            if mode == "plain":
+                engine.generate(TARGET, seed=0, steps=steps, height=size, width=size, decode=False)
+            elif mode == "record":
+                controlled_generate(engine, SOURCE, None, seed=0, keep_trace=True, **kw)
+            else:
+                controlled_generate(engine, TARGET, spec, trace=trace if mode == "cached" else None, **kw)
+            times[mode].append((time.perf_counter() - start) / steps)
+            print(f"[timing] {model} {mode} repeat {r}: {times[mode][-1]:.3f} s/step", file=sys.stderr, flush=True)
+    base = min(times["plain"]) if "plain" in times else None
+    return [
+        {"model": model, "mode": m, "size": size or engine.default_size, "steps": steps,
+         "seconds_per_step_min": min(t), "seconds_per_step_all": t,
+         "vs_plain": (min(t) / base) if base else None}
+        for m, t in times.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="untrained", help="embedded | untrained | sd15 | tiny-sd")
@@ -123,12 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="outputs/control_cost")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleave", type=int, default=0,
+        help="timing only: run the modes in one process, interleaved, this many times; report the min",
+    )
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_mode(args.model, args.one, args.size, args.steps)))
         return 0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.interleave:
+        rows = interleaved(args.model, args.modes.split(","), args.size, args.steps, args.interleave)
+        path = out_dir / f"timing_{args.model}_{rows[0]['size']}.json"
+        path.write_text(json.dumps(rows, indent=2))
+        print(path)
+        return 0
     rows = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, "-m", "diffusionx.control.cost", "--model", args.model, "--steps", str(args.steps),
