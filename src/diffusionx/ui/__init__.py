@@ -20,6 +20,8 @@ def add_ui_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud", metavar="URL", help="cloud service URL (diffusionx serve); default: in-process")
     p.add_argument("--token", help="bearer token for --cloud (also: $DIFFUSIONX_TOKEN)")
     p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
+    p.add_argument("--edge-model", help="edge model: a Hugging Face id or a diffusers folder (overrides the preset)")
+    p.add_argument("--cloud-model", help="cloud model: a Hugging Face id or a diffusers folder")
     p.add_argument("--steps", type=int, default=20, help="scheduler steps (default 20)")
     p.add_argument("--seed", type=int, default=0, help="default seed of a new session")
     p.add_argument("--edge-strength", type=float, default=0.6, help="round-to-round strength (default 0.6)")

@@ -594,7 +594,7 @@ def build_state(args) -> UIState:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair(args.model)
+    pair = load_pair(args.model, edge=getattr(args, "edge_model", None), cloud=getattr(args, "cloud_model", None))
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     cloud, label = None, "in-process"
     if args.cloud:
