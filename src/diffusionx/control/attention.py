@@ -86,7 +86,8 @@ class Trace:
 
     steps: list[StepRecord]
     num_steps: int
-    record_steps: int
+    record_steps: int  # steps with cross-attention terms
+    record_self_steps: int = 0  # steps with self-attention terms
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.steps)
@@ -105,7 +106,8 @@ class CallContext:
     config: ControlConfig
     record: StepRecord | None  # where this call records its terms (None: not needed)
     cond_row: int  # which row of the call is the conditional one (for blend maps)
-    record_terms: bool = False  # keep this call's terms (a later branch injects them)
+    record_terms: bool = False  # keep this call's cross-attention terms (a later branch injects them)
+    record_self: bool = False  # keep this call's self-attention terms
     blend_layers: set[str] = field(default_factory=set)
 
 
@@ -224,7 +226,10 @@ class P2PAttnProcessor:
         if ctx.record is not None:
             if self.name in ctx.blend_layers:
                 self._blend_map(ctx, terms, scale)
-            if ctx.record_terms:
+            # Keep only what a later branch can inject: cross layers within the cross window,
+            # self layers small enough for self injection within the self window.
+            small = q.shape[2] <= ctx.config.self_max_tokens
+            if ctx.record_terms if self.is_cross else (ctx.record_self and small):
                 ctx.record.terms[self.name] = terms
         return out
 

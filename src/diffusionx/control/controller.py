@@ -97,7 +97,8 @@ class Branch:
         n = job.num_steps
         self.cross_until = self.config.window(self.config.cross_steps, n) if source is not None else 0
         self.self_until = self.config.window(self.config.self_steps, n) if source is not None else 0
-        self.record_steps = record_steps
+        self.record_steps = record_steps  # cross-attention terms are kept for these first steps
+        self.record_self_steps = record_steps  # and self-attention terms for these
         self.keep_trace = keep_trace
         self.provide_maps = False  # a blending branch built on this one reads its maps
         self.trace: list[StepRecord] = []
@@ -127,17 +128,18 @@ class Branch:
         self._source_latents: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
         if isinstance(source, Branch):
-            source.record_steps = max(source.record_steps, self.cross_until, self.self_until)
+            source.record_steps = max(source.record_steps, self.cross_until)
+            source.record_self_steps = max(source.record_self_steps, self.self_until)
             if self.blending:
                 source.blend_layers = self.blend_layers
                 source.provide_maps = True
         elif isinstance(source, Trace):
             if source.num_steps != n:
                 raise InvalidInputError(f"the cached trace has {source.num_steps} steps, this round {n}")
-            needed = max(self.cross_until, self.self_until)
-            if source.record_steps < needed:
+            if source.record_steps < self.cross_until or source.record_self_steps < self.self_until:
                 raise InvalidInputError(
-                    f"the cached trace covers {source.record_steps} steps; injection needs {needed}"
+                    f"the cached trace covers {source.record_steps} / {source.record_self_steps} steps of "
+                    f"cross / self attention; injection needs {self.cross_until} / {self.self_until}"
                 )
 
     # ----- stepping -----------------------------------------------------------------------
@@ -169,6 +171,7 @@ class Branch:
             cond_row=1 if self.job.uses_guidance else 0,
             blend_layers=self.blend_layers if needs_maps else set(),
             record_terms=i < self.record_steps,
+            record_self=i < self.record_self_steps,
         )
         self._src_record = src
 
@@ -213,7 +216,10 @@ class Branch:
         self.job.latents = x_src + mask.to(x_src.dtype) * (self.job.latents - x_src)
 
     def to_trace(self) -> Trace:
-        return Trace(steps=self.trace, num_steps=self.job.num_steps, record_steps=self.record_steps)
+        return Trace(
+            steps=self.trace, num_steps=self.job.num_steps, record_steps=self.record_steps,
+            record_self_steps=self.record_self_steps,
+        )
 
 
 class PromptToPrompt:
@@ -345,12 +351,16 @@ def controlled_generate(
             src = make_source_branch(source, router, job.num_steps)
         n = job.num_steps
         rec = n_run_record
+        rec_self = n_run_record
         if rec is None:
-            rec = max(config.window(config.cross_steps, n), config.window(config.self_steps, n)) if keep_trace else 0
-        return Branch(
+            rec = config.window(config.cross_steps, n) if keep_trace else 0
+            rec_self = config.window(config.self_steps, n) if keep_trace else 0
+        branch = Branch(
             engine, job, router, edit=edit, source=src, config=config,
             record_steps=rec, keep_trace=keep_trace, blend=layers,
         )
+        branch.record_self_steps = rec_self if rec_self is not None else rec
+        return branch
 
     hook = PromptToPrompt(factory)
     job = engine.start(
