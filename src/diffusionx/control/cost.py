@@ -143,7 +143,7 @@ def interleaved(model: str, modes: list[str], size: int | None, steps: int, repe
     return [
         {"model": model, "mode": m, "size": size or engine.default_size, "steps": steps,
          "seconds_per_step_min": min(t), "seconds_per_step_all": t,
-         "vs_plain": (min(t) / base) if base else None}
+         "vs_plain": (min(t) / base) if base else None, "trace_bytes": trace.nbytes() if trace else 0}
         for m, t in times.items()
     ]
 
