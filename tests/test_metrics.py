@@ -1,0 +1,152 @@
+"""The embedded evaluator (diffusionx.metrics): behaviour of the shipped weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from diffusionx.metrics import (
+    FEATURE_DIM,
+    Evaluator,
+    EvaluatorWeightsError,
+    default_weights_path,
+    frechet_distance,
+    train_evaluator,
+)
+from diffusionx.metrics.train import split_scenes
+from diffusionx.world import COLORS, Scene, SceneObject, caption, render
+
+
+@pytest.fixture(scope="module")
+def ev() -> Evaluator:
+    return Evaluator.load()
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    rng = np.random.default_rng(2024)
+    scenes = split_scenes(rng, 32, "test")
+    images = np.stack([render(s, rng=rng) for s in scenes])
+    captions = [caption(s, rng) for s in scenes]
+    return scenes, images, captions
+
+
+def _recolor(scene: Scene) -> Scene:
+    """Every object and the background in a different color."""
+    used = {o.color for o in scene.objects} | {scene.background}
+    free = [c for c in COLORS if c not in used]
+    objects = tuple(dataclasses.replace(o, color=free[i]) for i, o in enumerate(scene.objects))
+    return Scene(objects=objects, background=free[len(objects)])
+
+
+def test_own_caption_scores_higher_than_wrong_caption(ev, held_out):
+    scenes, images, captions = held_out
+    rng = np.random.default_rng(7)
+    wrong = [caption(_recolor(s), rng) for s in scenes]
+    own = ev.clip_score(images, captions)
+    other = ev.clip_score(images, wrong)
+    assert own.shape == (len(scenes),) and own.dtype == np.float32
+    assert np.all((own >= 0) & (own <= 100))
+    assert (own > other).mean() >= 0.9
+    assert own.mean() > other.mean() + 10
+
+
+def test_single_attribute_change_lowers_score(ev):
+    scene = Scene(objects=(SceneObject("star", "red", "large", "top left"),), background="blue")
+    image = render(scene)
+    good = ev.clip_score(image, ["a large red star at the top left on a blue background"])
+    bad_color = ev.clip_score(image, ["a large green star at the top left on a blue background"])
+    bad_shape = ev.clip_score(image, ["a large red heart at the top left on a blue background"])
+    assert good[0] > bad_color[0] and good[0] > bad_shape[0]
+
+
+def test_retrieval_small_batch(ev, held_out):
+    _, images, captions = held_out
+    sims = ev.similarity(images, captions)
+    assert sims.shape == (32, 32)
+    assert (sims.argmax(axis=1) == np.arange(32)).mean() >= 0.9
+
+
+def test_image_inputs_pil_and_resize(ev, held_out):
+    from PIL import Image
+
+    _, images, _ = held_out
+    feats = ev.image_features(images[:4])
+    assert feats.shape == (4, FEATURE_DIM) and FEATURE_DIM >= 64
+    pil = [Image.fromarray(im) for im in images[:4]]
+    assert np.allclose(ev.image_features(pil), feats, atol=1e-4)
+    big = [p.resize((128, 128), Image.Resampling.NEAREST) for p in pil]
+    assert ev.image_features(big).shape == (4, FEATURE_DIM)
+    assert ev.image_features(images[0]).shape == (1, FEATURE_DIM)
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    d1 = frechet_distance(a, a + 0.5)
+    d2 = frechet_distance(a, a + 2.0)
+    assert d1 == pytest.approx(16 * 0.25, rel=1e-6)
+    assert d2 > d1 > 0
+    # covariance only: scaling changes the distance, as the closed form says
+    assert frechet_distance(a, 2 * a) > 1.0
+    with pytest.raises(ValueError):
+        frechet_distance(a, a[:, :8])
+
+
+def test_fid_identical_sets_near_zero_and_shift_detected(ev, held_out):
+    _, images, _ = held_out
+    assert ev.fid(images, images) == pytest.approx(0.0, abs=1e-3)
+    shifted = np.clip(images.astype(np.int16) + 60, 0, 255).astype(np.uint8)
+    assert ev.fid(images, shifted) > 1.0
+
+
+def test_attribute_accuracy_on_renders_and_wrong_colors(ev, held_out):
+    scenes, images, captions = held_out
+    result = ev.attribute_accuracy(images, captions)
+    assert result["n_scored"] == 32 and result["n_unparseable"] == 0
+    assert result["mean"] >= 0.9
+    assert len(result["per_image"]) == 32
+    recolored = np.stack([render(_recolor(s)) for s in scenes[:8]])
+    wrong = ev.attribute_accuracy(recolored, captions[:8])
+    assert wrong["per_attribute"]["color"] <= 0.2
+    assert wrong["per_attribute"]["background"] <= 0.2
+    assert wrong["mean"] < 0.75
+
+
+def test_unparseable_prompts_are_reported_not_scored(ev, held_out):
+    _, images, captions = held_out
+    prompts = ["a photo of an astronaut riding a horse", captions[1]]
+    result = ev.attribute_accuracy(images[:2], prompts)
+    assert result["n_unparseable"] == 1 and result["n_scored"] == 1
+    assert result["unparseable"] == [{"index": 0, "prompt": prompts[0]}]
+    assert result["per_image"][0] is None and result["per_image"][1] is not None
+    # the CLIP-style score still accepts any text
+    assert ev.clip_score(images[:2], prompts).shape == (2,)
+
+
+def test_missing_or_corrupt_weights_give_clear_error(tmp_path):
+    missing = tmp_path / "evaluator.safetensors"
+    with pytest.raises(EvaluatorWeightsError, match="diffusionx train evaluator") as info:
+        Evaluator.load(missing)
+    assert str(missing) in str(info.value)
+    missing.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(EvaluatorWeightsError, match="corrupt") as info:
+        Evaluator.load(missing)
+    assert str(missing) in str(info.value)
+    assert default_weights_path().is_file()
+
+
+@pytest.mark.slow
+def test_training_smoke(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        path = train_evaluator(tmp_path, steps_scale=0.0, progress=False, report=False, batch_size=16)
+    finally:
+        torch.set_num_threads(threads)
+    assert path.is_file() and (tmp_path / "train_log.jsonl").is_file()
+    assert Evaluator.load(path).clip_score(np.zeros((64, 64, 3), np.uint8), ["a red circle"]).shape == (1,)
