@@ -167,14 +167,18 @@ def cmd_session(args) -> int:
 
 
 def cmd_train(args) -> int:
+    out = args.out or f"runs/{args.what}"
     if args.what == "embedded":
         from .training.embedded import train_embedded
 
-        train_embedded(args.out, steps_scale=args.steps_scale)
+        train_embedded(out, steps_scale=args.steps_scale, export_to=args.export_to, budget_minutes=args.budget_minutes)
+        if args.export_to:
+            print(f"exported the pair to {args.export_to} (the shipped one lives in src/diffusionx/assets/embedded)")
     else:
         from .metrics.train import train_evaluator
 
-        train_evaluator(args.out, steps_scale=args.steps_scale)
+        train_evaluator(out, steps_scale=args.steps_scale)
+        print(f"wrote the evaluator to {out} (the shipped one lives in src/diffusionx/assets/evaluator)")
     return 0
 
 
@@ -335,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the embedded model pair or the evaluator from scratch")
     p.add_argument("what", choices=("embedded", "evaluator"))
-    p.add_argument("--out", default="runs/train", help="checkpoints and logs (resumable)")
+    p.add_argument("--out", help="checkpoints, logs and results (default runs/WHAT); resumes what is there")
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
+    p.add_argument("--export-to", help="embedded: write the two diffusers pipeline folders here")
+    p.add_argument("--budget-minutes", type=float, help="embedded: fit the step counts to this wall-clock budget")
     p.set_defaults(func=cmd_train)
 
     from .control.bench import add_bench_edits_parser
