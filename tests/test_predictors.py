@@ -246,6 +246,18 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
     with pytest.raises(ValueError, match="steps"):
         collect(untrained_pair, work, out, **{**kwargs, "steps": 3})
 
+    # edge now, cloud later (from the edge run's final previews) gives the same rows as both at once
+    from diffusionx.predictors.collect import previews_from
+
+    split_out = tmp_path / "edge.jsonl"
+    collect(untrained_pair, work[:1], split_out, directions="edge", **kwargs)
+    previews = previews_from([split_out])
+    assert len(previews) == 1 and not any(r["kind"] == "cloud" for r in read_rows(split_out))
+    collect(untrained_pair, [], tmp_path / "cloud.jsonl", directions="cloud", previews=previews, **kwargs)
+    late = [r for r in read_rows(tmp_path / "cloud.jsonl") if r["kind"] == "cloud"]
+    both = [r for r in rows if r["kind"] == "cloud" and (r["split"], r["session"]) == (work[0][0], work[0][1])]
+    assert len(late) == 1 and late[0]["clip_score"] == pytest.approx(both[0]["clip_score"], abs=1e-4)
+
     report = train_predictors(out, tmp_path / "model", text_encoder="untrained", progress=False)
     for kind in ("edge", "cloud"):
         d = report["directions"][kind]

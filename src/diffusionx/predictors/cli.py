@@ -24,7 +24,7 @@ def cmd_collect(args) -> int:
     from ..errors import InvalidInputError
     from ..models import load_pair
     from ..world import generate_sessions, read_jsonl
-    from .collect import collect, interleave
+    from .collect import collect, interleave, previews_from
 
     groups: list[tuple[str, list[dict[str, Any]]]] = []
     for split in ("train", "validation", "test"):
@@ -39,7 +39,16 @@ def cmd_collect(args) -> int:
         except (OSError, json.JSONDecodeError) as err:
             raise InvalidInputError(f"cannot read sessions from {args.sessions}: {err}") from None
         groups.append((args.sessions_split, custom))
-    if not groups:
+    previews = None
+    if args.directions == "cloud":
+        if not args.previews:
+            raise InvalidInputError(
+                "--directions cloud needs --previews: edge tables (collected with --directions edge)"
+            )
+        previews = previews_from(args.previews)
+        if not previews:
+            raise InvalidInputError(f"no final previews in {args.previews}")
+    elif not groups:
         raise InvalidInputError("nothing to collect: give --train/--validation/--test counts or --sessions FILE")
     pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
@@ -53,6 +62,7 @@ def cmd_collect(args) -> int:
         except ValueError:
             raise InvalidInputError(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}") from None
         work = work[k::n]
+        previews = previews[k::n] if previews is not None else None
     summary = collect(
         pair,
         work,
@@ -65,6 +75,8 @@ def cmd_collect(args) -> int:
         chunk=args.chunk,
         rollout_eps=args.rollout_eps,
         time_budget_s=budget,
+        directions=args.directions,
+        previews=previews,
     )
     print(json.dumps(summary, indent=1))
     if summary["remaining"]:
@@ -152,6 +164,13 @@ def add_predictors_parser(sub) -> None:
     c.add_argument("--chunk", type=int, default=4, help="sessions per chunk (rows are appended per chunk)")
     c.add_argument("--rollout-eps", type=float, default=DEFAULT_EPS, help="sessions continue from the oracle label")
     c.add_argument("--time-budget-min", type=float, default=0.0, help="stop cleanly after about this many minutes")
+    c.add_argument(
+        "--directions",
+        choices=("both", "edge", "cloud"),
+        default="both",
+        help="edge: edge sweeps + final previews only; cloud: cloud sweeps of --previews (default both)",
+    )
+    c.add_argument("--previews", nargs="+", help="edge tables whose final previews the cloud direction refines")
     c.add_argument("--shard", help="K/N: only every N-th session from the K-th (parallel collectors, own --out)")
     c.add_argument("--out", default="outputs/predictors/sweep.jsonl")
     c.set_defaults(func=cmd_collect)

@@ -117,8 +117,16 @@ def collect(
     scorer: Scorer | None = None,
     features: FeatureExtractor | None = None,
     progress: bool = True,
+    directions: str = "both",
+    previews: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """Run the sweeps for `work` (see `interleave`), appending rows to `out`. Returns a summary."""
+    """Run the sweeps for `work` (see `interleave`), appending rows to `out`. Returns a summary.
+
+    directions: "both"; "edge" (edge sweeps and each session's final preview as a
+    `final_preview` row; `pair.cloud` is not used); or "cloud" (cloud sweeps of `previews`, the
+    `final_preview` rows of an edge run; `work` is not used)."""
+    if directions not in ("both", "edge", "cloud"):
+        raise ValueError(f"directions must be both, edge or cloud, not {directions!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid = [float(s) for s in grid]
@@ -132,6 +140,7 @@ def collect(
         "grid": grid,
         "seed": seed,
         "rollout_eps": rollout_eps,
+        "directions": directions,
         "models": pair.describe(),
         "feature_names": {"edge": features.edge_names(), "cloud": features.cloud_names()},
     }
@@ -150,41 +159,43 @@ def collect(
             f.truncate(keep)
     else:
         out.write_text(json.dumps(header) + "\n")
-    done = {(r["split"], r["session"]) for r in existing if r.get("kind") == "cloud"}
-    todo = [w for w in work if (w[0], w[1]) not in done]
+    marker = "final_preview" if directions == "edge" else "cloud"
+    done = {(r["split"], r["session"]) for r in existing if r.get("kind") == marker}
+    if directions == "cloud":
+        todo: list[Any] = [p for p in previews or [] if (p["split"], p["session"]) not in done]
+    else:
+        todo = [w for w in work if (w[0], w[1]) not in done]
     scorer = scorer or evaluator_scorer()
+    kwargs = dict(steps=steps, guidance=guidance_scale, grid=grid, batch=batch, scorer=scorer, features=features)
     started = time.perf_counter()
     n_done, chunk_s, stopped = 0, 0.0, False
-    bar = tqdm(total=len(todo), desc="collect sessions", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"collect ({directions})", disable=not progress)
     for start in range(0, len(todo), chunk):
         elapsed = time.perf_counter() - started
         if time_budget_s is not None and n_done and elapsed + chunk_s > time_budget_s:
             stopped = True
             break
         t0 = time.perf_counter()
-        rows = _collect_chunk(
-            pair,
-            todo[start : start + chunk],
-            steps=steps,
-            guidance=guidance_scale,
-            grid=grid,
-            seed=seed,
-            batch=batch,
-            rollout_eps=rollout_eps,
-            scorer=scorer,
-            features=features,
-        )
+        part = todo[start : start + chunk]
+        if directions == "cloud":
+            rows = _cloud_chunk(pair, part, **kwargs)
+        else:
+            rows, final = _edge_chunk(pair, part, seed=seed, rollout_eps=rollout_eps, **kwargs)
+            rows += final
+            if directions == "both":
+                rows += _cloud_chunk(pair, final, **kwargs)
         with out.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         chunk_s = time.perf_counter() - t0
-        n_done += len(todo[start : start + chunk])
-        bar.update(len(todo[start : start + chunk]))
+        n_done += len(part)
+        bar.update(len(part))
     bar.close()
     rows = read_rows(out)
     return {
         "out": str(out),
+        "directions": directions,
         "sessions_this_run": n_done,
-        "sessions_total": sum(1 for r in rows if r.get("kind") == "cloud"),
+        "sessions_total": sum(1 for r in rows if r.get("kind") == marker),
         "edge_rows": sum(1 for r in rows if r.get("kind") == "edge"),
         "cloud_rows": sum(1 for r in rows if r.get("kind") == "cloud"),
         "stopped_by_time_budget": stopped,
@@ -193,7 +204,13 @@ def collect(
     }
 
 
-def _collect_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, scorer, features) -> list[dict]:
+def previews_from(paths: Sequence[str | Path]) -> list[dict]:
+    """The `final_preview` rows of edge-direction tables (the cloud direction's inputs)."""
+    return [r for path in paths for r in read_rows(path) if r.get("kind") == "final_preview"]
+
+
+def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, scorer, features):
+    """Edge sweeps of a chunk of sessions: (edge rows, final_preview rows)."""
     n = len(work)
     seeds = [session_seed(seed, split, i) for split, i, _ in work]
     rounds = [s["rounds"] for _, _, s in work]
@@ -244,34 +261,55 @@ def _collect_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_ep
                 }
             )
             prev[i] = (rounds[i][r]["prompt"], latents[k * g + chosen], a[chosen], c[chosen])
-    # the cloud refines each final preview (after the fp16 round trip the wire does)
-    items = []
-    for i in range(n):
-        wire = latents_from_bytes(latents_to_bytes(prev[i][1]))
-        items.extend(Item(prev[i][0], seeds[i], s, None if s == 1.0 else wire) for s in grid)
-    latents, per_step = _timed_generate(pair.cloud, items, steps, guidance, batch, "cloud")
-    images = decode_batched(pair.edge, [latents_from_bytes(latents_to_bytes(x)) for x in latents])
-    attr, clip = scorer(images, [it.prompt for it in items])
-    g = len(grid)
+    previews = []
     for i in range(n):
         split, index, _ = work[i]
-        rows.append(
+        previews.append(
             {
-                "kind": "cloud",
+                "kind": "final_preview",
                 "split": split,
                 "session": index,
                 "round": len(rounds[i]),
                 "seed": seeds[i],
                 "prompt": prev[i][0],
+                "attribute_accuracy": prev[i][2],
+                "clip_score": prev[i][3],
+                "latents": encode_latents(prev[i][1]),
+            }
+        )
+    return rows, previews
+
+
+def _cloud_chunk(pair, previews, *, steps, guidance, grid, batch, scorer, features) -> list[dict]:
+    """The cloud refines each final preview (fp16, as it crosses the wire) at every grid strength."""
+    items = []
+    for p in previews:
+        wire = decode_latents(p["latents"])
+        items.extend(Item(p["prompt"], p["seed"], s, None if s == 1.0 else wire) for s in grid)
+    latents, per_step = _timed_generate(pair.cloud, items, steps, guidance, batch, "cloud")
+    images = decode_batched(pair.edge, [latents_from_bytes(latents_to_bytes(x)) for x in latents])
+    attr, clip = scorer(images, [it.prompt for it in items])
+    g = len(grid)
+    step_counts = [steps_for_strength(s, steps) for s in grid]
+    rows = []
+    for i, p in enumerate(previews):
+        rows.append(
+            {
+                "kind": "cloud",
+                "split": p["split"],
+                "session": p["session"],
+                "round": p["round"],
+                "seed": p["seed"],
+                "prompt": p["prompt"],
                 "strengths": grid,
                 "attribute_accuracy": attr[i * g : (i + 1) * g],
                 "clip_score": clip[i * g : (i + 1) * g],
-                "preview_attribute_accuracy": prev[i][2],
-                "preview_clip_score": prev[i][3],
+                "preview_attribute_accuracy": p["attribute_accuracy"],
+                "preview_clip_score": p["clip_score"],
                 "unet_steps": step_counts,
                 "seconds": [per_step * cnt for cnt in step_counts],
-                "features": features.cloud(prev[i][0], prev[i][1]).tolist(),
-                "latents": encode_latents(prev[i][1]),
+                "features": features.cloud(p["prompt"], decode_latents(p["latents"])).tolist(),
+                "latents": p["latents"],
             }
         )
     return rows
