@@ -119,22 +119,34 @@ def cmd_curve(args) -> int:
     from .plots import load_curve, plot_load_curve
     from .policies import LoadAwarePolicy, Predictors
 
-    rows = [r for r in read_rows(args.data) if r.get("kind") == "cloud" and r.get("split") != "train"]
-    rows = rows or [r for r in read_rows(args.data) if r.get("kind") == "cloud"]
+    cloud = [r for path in args.data for r in read_rows(path) if r.get("kind") == "cloud"]
+    rows = [r for r in cloud if r.get("split") != "train"] + [r for r in cloud if r.get("split") == "train"]
     if not rows:
         raise InvalidInputError(f"no cloud rows in {args.data}")
     rows = rows[: args.n]
     pair = load_pair(args.model)
     predictors = Predictors.load(args.predictors, engine=pair.edge)
     policy = LoadAwarePolicy(predictors, wait_weight=args.wait_weight, max_drop=args.max_drop, cloud_eps=args.eps)
-    cases = [(r["prompt"], decode_latents(r["latents"])) for r in rows]
+    from .curves import gap_curve, quality
+
+    score_weight = float(predictors.manifest.get("score_weight", 1.0))
+    cases = [
+        (
+            r["prompt"],
+            decode_latents(r["latents"]),
+            list(gap_curve(quality(r["attribute_accuracy"], r["clip_score"], score_weight))),
+        )
+        for r in rows
+        if [float(x) for x in r["strengths"]] == list(predictors.grid)
+    ]
     curve = load_curve(policy, cases, np.linspace(0.0, args.max_wait, 13))
     out = Path(args.out)
     plot_load_curve(curve, out)
     out.with_suffix(".json").write_text(json.dumps(curve, indent=1))
-    print(f"{'wait s':>7} {'strength':>8} {'pred. gap':>9}")
-    for w, s, g in zip(curve["wait_s"], curve["strength"], curve["predicted_gap"]):
-        print(f"{w:>7.1f} {s:>8.3f} {g:>+9.4f}")
+    print(f"{'wait s':>7} {'strength':>8} {'pred. gap':>9} {'meas. gap':>9}")
+    measured = curve.get("measured_gap") or [float("nan")] * len(curve["wait_s"])
+    for w, s, g, m in zip(curve["wait_s"], curve["strength"], curve["predicted_gap"], measured):
+        print(f"{w:>7.1f} {s:>8.3f} {g:>+9.4f} {m:>+9.4f}")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
@@ -186,7 +198,7 @@ def add_predictors_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
     v = psub.add_parser("curve", help="load-aware policy: estimated wait vs chosen strength vs predicted quality (PNG)")
-    v.add_argument("--data", default="outputs/predictors/sweep.jsonl", help="sweep table (its cloud cases)")
+    v.add_argument("--data", nargs="+", default=["outputs/predictors/sweep.jsonl"], help="sweep tables (cloud cases)")
     v.add_argument("--predictors", default=None, help="predictor folder (default: the shipped ones)")
     v.add_argument("--model", default="embedded", choices=sorted(PRESETS))
     v.add_argument("--n", type=int, default=64, help="cases")
