@@ -128,28 +128,36 @@ class LossLog:
 class StepBudget:
     """Fixes a stage's total step count so that it ends by `deadline` (unix time), if one is given.
 
-    The count is measured after a few steps and then frozen (and stored in the checkpoint), so
-    the LR schedule stays consistent across a resume.
+    The count is measured after a few steps; afterwards it is re-checked every `recheck` steps and
+    only ever lowered (when the machine got slower), so the LR schedule stays nearly consistent.
     """
 
     def __init__(self, total: int, deadline: float | None, locked: bool = False, measure_after: int = 8,
-                 cost_factor: float = 1.0):
+                 cost_factor: float = 1.0, recheck: int = 50):
         self.cost_factor = cost_factor  # mean cost of a step / cost of the measured (first) steps
         self.total = total
         self.deadline = deadline
         self.locked = locked or deadline is None
         self.measure_after = measure_after
+        self.recheck = recheck
         self._t0: float | None = None
         self._s0 = 0
 
     def observe(self, step: int) -> None:
-        if self.locked:
+        if self.deadline is None:
             return
+        now = time.time()
         if self._t0 is None:
-            self._t0, self._s0 = time.time(), step
+            self._t0, self._s0 = now, step
             return
-        if step - self._s0 >= self.measure_after:
-            per_step = self.cost_factor * (time.time() - self._t0) / (step - self._s0)
-            left = max(0.0, self.deadline - time.time())
-            self.total = max(step + 1, min(self.total, step + int(left / per_step)))
-            self.locked = True
+        window = self.recheck if self.locked else self.measure_after
+        if step - self._s0 < window:
+            return
+        per_step = (now - self._t0) / (step - self._s0)
+        if not self.locked:
+            per_step *= self.cost_factor
+        left = max(0.0, self.deadline - now)
+        projected = max(step + 1, step + int(left / per_step))
+        self.total = min(self.total, projected)
+        self.locked = True
+        self._t0, self._s0 = now, step

@@ -71,7 +71,7 @@ class TrainConfig:
     vae_decoder_images: int = 4000
     vae_decoder_steps: int = 3000
     vae_decoder_batch: int = 16
-    vae_decoder_lr: float = 3e-4
+    vae_decoder_lr: float = 6e-4
     vae_decoder_full_frac: float = 0.25  # the last share of steps decodes whole 16x16 latents
     # U-Nets
     unet_images: int = 12000
@@ -540,7 +540,9 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
     budget_file = stage / "budget.json"
 
     def publish() -> None:
-        if budget.locked and not budget_file.exists():
+        if role != "cloud" or not budget.locked:
+            return
+        if not budget_file.exists() or json.loads(budget_file.read_text())["total"] != budget.total:
             stage.mkdir(parents=True, exist_ok=True)
             budget_file.write_text(json.dumps({"total": budget.total}))
 
@@ -578,6 +580,8 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
         budget.observe(step)
         ema.decay = min(cfg.ema_decay, 1 - 10 / budget.total)  # average over ~the last 10% of a short run
         publish()
+        if match and step % 10 == 0:
+            budget.total = max(step, _cloud_total(out_dir))  # the cloud may have lowered its count
         bar.total = budget.total
         bar.update(1)
         running = per.mean().item() if running is None else 0.98 * running + 0.02 * per.mean().item()
