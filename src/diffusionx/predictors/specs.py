@@ -14,8 +14,8 @@ from typing import Any
 PREFIXES = ("learned", "load-aware", "similarity-rule")
 _PARAM = re.compile(r"^([a-z]+)([0-9.]+)$")
 _KEYS = {
-    "learned": {"eps", "eeps", "ceps", "cw", "ecw"},
-    "load-aware": {"eps", "eeps", "ceps", "cw", "ecw", "wait", "ww", "floor"},
+    "learned": {"eps", "eeps", "ceps", "cw", "ecw", "emin", "cmin"},
+    "load-aware": {"eps", "eeps", "ceps", "cw", "ecw", "emin", "cmin", "wait", "ww", "floor"},
     "similarity-rule": {"low", "min", "c"},
 }
 
@@ -45,6 +45,8 @@ def policy_from_spec(spec: str) -> Any:
         "cloud_eps": params.get("ceps", eps if eps is not None else 0.02),
         "cloud_cost": params.get("cw", 0.0),
         "edge_cost": params.get("ecw", 0.0),
+        "min_edge": params.get("emin", 0.0),
+        "min_cloud": params.get("cmin", 0.0),
     }
     if prefix == "learned":
         return LearnedPolicy(**kwargs)
