@@ -177,8 +177,6 @@ class EdgeSession:
         elif strength is None:
             strength = self.policy.edge_strength(previous.prompt, prompt, previous.latents)
         strength = check_strength(strength)
-        if mode == "sdedit" and strength == 1.0 and previous is not None:
-            mode = None  # the policy said start over
         init_latents = None if previous is None or strength == 1.0 else previous.latents
         if self.control_cache and hook is None:
             generation = self._recorded(prompt, seed, strength, init_latents, progress)
