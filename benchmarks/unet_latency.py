@@ -6,6 +6,7 @@ and at 64x64 (16x16x4 latents) for the embedded pair. Prints a table and writes 
 
     python benchmarks/unet_latency.py [--models sd15 tiny_sd embedded_edge embedded_cloud]
                                       [--steps 3] [--warmup 1] [--threads N] [--out FILE]
+                                      [--device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -27,21 +28,30 @@ LATENT_SIZE = {"sd15": 64, "tiny_sd": 64, "embedded_edge": 16, "embedded_cloud":
 TEXT = {"sd15": (77, 768), "tiny_sd": (77, 768), "embedded_edge": (77, 128), "embedded_cloud": (77, 128)}
 
 
-def measure(name: str, steps: int, warmup: int, batch: int, cfg: bool) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA runs asynchronously: time finished work only
+
+
+def measure(name: str, steps: int, warmup: int, batch: int, cfg: bool, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
+    dev = torch.device(device)
     start = time.perf_counter()
-    unet = UNet2DConditionModel.from_config(unet_config(name)).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_config(unet_config(name)).eval().requires_grad_(False).to(dev, dtype)
     build_s = time.perf_counter() - start
     rows = batch * (2 if cfg else 1)
     size = LATENT_SIZE[name]
-    sample = torch.randn(rows, 4, size, size)
-    context = torch.randn(rows, *TEXT[name])
-    timesteps = torch.full((rows,), 500)
+    sample = torch.randn(rows, 4, size, size).to(dev, dtype)
+    context = torch.randn(rows, *TEXT[name]).to(dev, dtype)
+    timesteps = torch.full((rows,), 500, device=dev)
     times = []
     with torch.no_grad():
         for i in range(warmup + steps):
+            _sync(dev)
             t0 = time.perf_counter()
             unet(sample, timesteps, encoder_hidden_states=context)
+            _sync(dev)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in unet.parameters())
@@ -55,6 +65,8 @@ def measure(name: str, steps: int, warmup: int, batch: int, cfg: bool) -> dict:
         "batch": batch,
         "cfg": cfg,
         "unet_rows": rows,
+        "device": str(dev),
+        "dtype": str(dtype).removeprefix("torch."),
         "seconds_per_step_mean": statistics.mean(times),
         "seconds_per_step_min": min(times),
         "seconds_per_step_all": times,
@@ -71,15 +83,19 @@ def main() -> None:
     parser.add_argument("--no-cfg", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="outputs/bench/unet_latency.json")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     results = []
     for name in args.models:
-        r = measure(name, args.steps, args.warmup, args.batch, not args.no_cfg)
+        r = measure(name, args.steps, args.warmup, args.batch, not args.no_cfg, args.device, dtype)
         results.append(r)
         print(
             f"{name:<15} {r['params_millions']:>7.1f}M params  {r['image_size']}x{r['image_size']}  "
-            f"batch {r['batch']}{' +CFG' if r['cfg'] else ''}: {r['seconds_per_step_mean']:.3f} s/step "
+            f"batch {r['batch']}{' +CFG' if r['cfg'] else ''} {r['device']} {r['dtype']}: "
+            f"{r['seconds_per_step_mean']:.4f} s/step "
             f"(min {r['seconds_per_step_min']:.3f}, {args.steps} steps after {args.warmup} warm-up)",
             flush=True,
         )
@@ -88,7 +104,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "threads": args.threads,
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,8 @@ import pytest
 import torch
 
 from diffusionx.training.common import EMA, Checkpoint, StepBudget, cosine_lr
-from diffusionx.training.embedded import TrainConfig, train_embedded
-
-TINY = TrainConfig(
-    te_pairs=16, te_steps=3, te_batch_pairs=8, vae_images=16, vae_steps=3, vae_batch=4, vae_test_images=4,
-    unet_images=16, unet_steps=3, unet_batch=4, ckpt_every=2, log_every=1, vae_decoder_images=16,
-    vae_decoder_steps=3, vae_decoder_batch=4,
-)
+from diffusionx.training.embedded import SMOKE_CONFIG as TINY
+from diffusionx.training.embedded import train_embedded
 
 
 def test_cosine_lr_and_budget():

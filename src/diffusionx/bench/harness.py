@@ -53,12 +53,18 @@ def default_methods(cloud_strengths: list[float], edge_strength: float = 0.6) ->
 
 
 # ----- measured compute ------------------------------------------------------------------------
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, device: torch.device | None = None) -> float:
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA is asynchronous: time finished work
+
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -70,6 +76,8 @@ def calibrate(pair: ModelPair, repeats: int = 5, guidance_scale: float = 7.5) ->
     for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
         emb = engine.encode_prompt("a large red circle on the left on a blue background")
         latents = torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(0))
+        latents = latents.to(engine.device, engine.dtype)
+        dev = engine.device
 
         def one_step(engine=engine, emb=emb, latents=latents):
             job = engine.start(emb, seed=0, steps=1, guidance_scale=guidance_scale)
@@ -82,10 +90,11 @@ def calibrate(pair: ModelPair, repeats: int = 5, guidance_scale: float = 7.5) ->
         decode = engine.decode
         image = decode(latents)[0]
         out[role] = {
-            "unet_step_s": _median_time(one_step, repeats),
-            "text_encode_s": 2 * _median_time(encode_text, repeats),  # prompt + negative prompt
-            "decode_s": _median_time(lambda decode=decode, latents=latents: decode(latents), repeats),
-            "vae_encode_s": _median_time(lambda engine=engine, image=image: engine.encode_image(image), repeats),
+            "unet_step_s": _median_time(one_step, repeats, dev),
+            "text_encode_s": 2 * _median_time(encode_text, repeats, dev),  # prompt + negative prompt
+            "decode_s": _median_time(lambda decode=decode, latents=latents: decode(latents), repeats, dev),
+            "vae_encode_s": _median_time(lambda engine=engine, image=image: engine.encode_image(image), repeats,
+                                         dev),
         }
     return out
 

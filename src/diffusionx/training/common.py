@@ -45,7 +45,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, state in sd["state"].items():
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{idx}.{key}"] = t.detach().reshape(-1).contiguous().clone()
+            tensors[f"{idx}.{key}"] = t.detach().cpu().reshape(-1).contiguous().clone()
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -86,7 +86,7 @@ class Checkpoint:
     def save(self, state: dict, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for name, m in modules.items():
-            save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
                       str(self.folder / f"{name}.safetensors.tmp"))
             os.replace(self.folder / f"{name}.safetensors.tmp", self.folder / f"{name}.safetensors")
         if opt is not None:
@@ -95,7 +95,7 @@ class Checkpoint:
             os.replace(self.folder / "optimizer.safetensors.tmp", self.folder / "optimizer.safetensors")
             state = {**state, "optimizer": meta}
         if ema is not None:
-            save_file(ema.shadow, str(self.folder / "ema.safetensors.tmp"))
+            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(self.folder / "ema.safetensors.tmp"))
             os.replace(self.folder / "ema.safetensors.tmp", self.folder / "ema.safetensors")
         tmp = self.folder / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
@@ -108,7 +108,8 @@ class Checkpoint:
         if opt is not None and (self.folder / "optimizer.safetensors").exists():
             _load_optimizer(opt, load_file(str(self.folder / "optimizer.safetensors")), state["optimizer"])
         if ema is not None and (self.folder / "ema.safetensors").exists():
-            ema.shadow = load_file(str(self.folder / "ema.safetensors"))
+            saved = load_file(str(self.folder / "ema.safetensors"))
+            ema.shadow = {k: v.to(ema.shadow[k].device) for k, v in saved.items()}
         return state
 
 

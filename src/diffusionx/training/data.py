@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+
 import numpy as np
 
 from ..world.captions import caption
@@ -33,12 +35,31 @@ def paired_scenes(rng: np.random.Generator, n_pairs: int, split: str = "train") 
     return out
 
 
-def render_all(scenes: list[Scene], rng: np.random.Generator | None, size: int = 64) -> np.ndarray:
-    """uint8 (n, size, size, 3); jittered when `rng` is given."""
+def render_all(scenes: list[Scene], rng: np.random.Generator | None, size: int = 64,
+               workers: int = 1) -> np.ndarray:
+    """uint8 (n, size, size, 3); jittered when `rng` is given.
+
+    With `workers` > 1 the scenes are rendered in chunks by a process pool; each chunk's jitter
+    comes from its own seed drawn from `rng`, so the result is deterministic for a given `workers`.
+    """
+    if workers > 1 and len(scenes) >= 4 * _CHUNK:
+        starts = range(0, len(scenes), _CHUNK)
+        seeds = [None] * len(starts) if rng is None else [int(v) for v in rng.integers(2**63, size=len(starts))]
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            parts = pool.starmap(_render_chunk, [(scenes[i:i + _CHUNK], seed, size) for i, seed in zip(starts, seeds)])
+        return np.concatenate(parts)
     out = np.empty((len(scenes), size, size, 3), dtype=np.uint8)
     for i, s in enumerate(scenes):
         out[i] = render(s, size=size, rng=rng)
     return out
+
+
+_CHUNK = 1000
+
+
+def _render_chunk(scenes: list[Scene], seed: int | None, size: int) -> np.ndarray:
+    return render_all(scenes, None if seed is None else np.random.default_rng(seed), size)
 
 
 def captions_for(scenes: list[Scene], rng: np.random.Generator) -> list[str]:

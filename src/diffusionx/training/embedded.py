@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import time
@@ -86,6 +87,8 @@ class TrainConfig:
     # bookkeeping
     ckpt_every: int = 100
     log_every: int = 10
+    budget_measure_steps: int = 8  # steps timed before a deadline fixes a stage's step count
+    render_workers: int = 1  # processes that render the training scenes
     unet_fp16: bool = True  # ship U-Net weights in fp16 (they load back as float32)
     edge_matches_cloud_steps: bool = True  # under a time budget the edge U-Net gets the cloud's step count
 
@@ -98,6 +101,26 @@ class TrainConfig:
             vae_decoder_steps=st(self.vae_decoder_steps),
             unet_warmup=min(self.unet_warmup, max(1, st(self.unet_steps) // 10)),
         )
+
+
+# On a GPU the step count, not the data, is cheap: more scenes, bigger batches, upper bounds that the
+# time budget cuts down, and a longer timing window (CUDA runs asynchronously; the first steps warm up).
+GPU_CONFIG = replace(
+    TrainConfig(),
+    te_pairs=20000, te_steps=30000, te_batch_pairs=128,
+    vae_images=20000, vae_steps=60000, vae_batch=64, vae_crop_small=32, vae_small_frac=0.5, vae_full_frac=0.3,
+    vae_decoder_images=20000, vae_decoder_steps=60000, vae_decoder_batch=64,
+    unet_images=60000, unet_steps=100000, unet_batch=256, unet_lr_edge=1e-3, unet_lr_cloud=5e-4, unet_warmup=500,
+    ckpt_every=2000, log_every=25, budget_measure_steps=100, render_workers=max(1, (os.cpu_count() or 2) - 2),
+)
+
+
+# A few steps of every stage on tiny data: the smoke test, and `--smoke` to check a new machine.
+SMOKE_CONFIG = TrainConfig(
+    te_pairs=16, te_steps=3, te_batch_pairs=8, vae_images=16, vae_steps=3, vae_batch=4, vae_test_images=4,
+    unet_images=16, unet_steps=3, unet_batch=4, ckpt_every=2, log_every=1, vae_decoder_images=16,
+    vae_decoder_steps=3, vae_decoder_batch=4,
+)
 
 
 def config_path(name: str) -> Path:
@@ -160,7 +183,7 @@ def _new_text_encoder():
 
 
 def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
-                       deadline: float | None = None, position: int = 0) -> dict:
+                       deadline: float | None = None, position: int = 0, device: str = "cpu") -> dict:
     stage = out_dir / "text_encoder"
     ck = Checkpoint(stage / "ckpt")
     if resume and ck.state().get("done"):
@@ -171,18 +194,21 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
     dim = text.config.hidden_size
     proj = torch.nn.Linear(dim, dim, bias=False)
     image = ImageTower(dim)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    dev = torch.device(device)
+    text.to(dev), proj.to(dev), image.to(dev)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=dev))
     params = [*text.parameters(), *proj.parameters(), *image.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=cfg.te_lr, weight_decay=0.01)
     holder = torch.nn.ParameterDict({"logit_scale": logit_scale})
     modules = {"text": text, "proj": proj, "image": image, "scale": holder}
     rng = np.random.default_rng([cfg.seed, 1])
     scenes = paired_scenes(rng, cfg.te_pairs)
-    images = render_all(scenes, rng)
+    images = render_all(scenes, rng, workers=cfg.render_workers)
     state = {"step": 0, "total": cfg.te_steps}
     if resume and ck.exists():
         state = ck.load(modules, opt)
-    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False))
+    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False),
+                        measure_after=cfg.budget_measure_steps)
     log = LossLog(out_dir / "logs" / "text_encoder.jsonl")
     step = state["step"]
     bar = _bar(progress, budget.total, step, "text encoder", position)
@@ -194,14 +220,14 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
         pairs = srng.choice(n_pairs, size=min(cfg.te_batch_pairs, n_pairs), replace=False)
         idx = np.stack([2 * pairs, 2 * pairs + 1], 1).reshape(-1)
         caps = captions_for([scenes[i] for i in idx], srng)
-        ids = tok(caps, padding="longest", truncation=True, max_length=77, return_tensors="pt")
-        x = to_tensor_images(images[idx])
+        ids = tok(caps, padding="longest", truncation=True, max_length=77, return_tensors="pt").to(dev)
+        x = to_tensor_images(images[idx]).to(dev)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, budget.total, cfg.te_lr, warmup=min(50, budget.total // 10 + 1))
         t = F.normalize(proj(text(**ids).pooler_output), dim=-1)
         v = F.normalize(image(x), dim=-1)
         logits = logit_scale.clamp(max=math.log(100)).exp() * v @ t.T
-        labels = torch.arange(len(idx))
+        labels = torch.arange(len(idx), device=dev)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,10 +252,10 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
     with torch.no_grad():
         trng = np.random.default_rng([cfg.seed, 99])
         test = paired_scenes(trng, 16, split="test")
-        ids = tok(captions_for(test, trng), padding="longest", return_tensors="pt")
+        ids = tok(captions_for(test, trng), padding="longest", return_tensors="pt").to(dev)
         t = F.normalize(proj(text(**ids).pooler_output), dim=-1)
-        v = F.normalize(image(to_tensor_images(render_all(test, None))), dim=-1)
-        test_acc = ((v @ t.T).argmax(0) == torch.arange(len(test))).float().mean().item()
+        v = F.normalize(image(to_tensor_images(render_all(test, None)).to(dev)), dim=-1)
+        test_acc = ((v @ t.T).argmax(0) == torch.arange(len(test), device=dev)).float().mean().item()
     text.save_pretrained(stage / "final", safe_serialization=True)
     final = {"step": step, "total": budget.total, "locked": True, "done": True, "final_loss": loss.item(),
              "test_retrieval_top1_of_32": test_acc, "wall_s": time.time() - t_start,
@@ -258,28 +284,29 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def vae_test_psnr(vae, n: int, seed: int = SEED) -> float:
     scenes = split_scenes(np.random.default_rng([seed, 77]), n, split="test")
-    x = to_tensor_images(render_all(scenes, None))
+    x = to_tensor_images(render_all(scenes, None)).to(vae.device)
     rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent_dist.mode()).sample for i in range(0, n, 64)])
     return psnr(rec, x)
 
 
 def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
-              deadline: float | None = None, position: int = 0) -> dict:
+              deadline: float | None = None, position: int = 0, device: str = "cpu") -> dict:
     stage = out_dir / "vae"
     ck = Checkpoint(stage / "ckpt")
     if resume and ck.state().get("done"):
         return ck.state()
     torch.manual_seed(cfg.seed + 2)
-    vae = _new_vae()
+    vae = _new_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, 2])
-    images = render_all(split_scenes(rng, cfg.vae_images), rng)
+    images = render_all(split_scenes(rng, cfg.vae_images), rng, workers=cfg.render_workers)
     state = {"step": 0, "total": cfg.vae_steps}
     if resume and ck.exists():
         state = ck.load({"vae": vae}, opt)
     ratio = (cfg.vae_crop / cfg.vae_crop_small) ** 2
     cost = cfg.vae_small_frac + (1 - cfg.vae_small_frac) * ratio
-    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), cost_factor=cost)
+    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), cost_factor=cost,
+                        measure_after=cfg.budget_measure_steps)
     log = LossLog(out_dir / "logs" / "vae.jsonl")
     step = state["step"]
     bar = _bar(progress, budget.total, step, "vae", position)
@@ -288,7 +315,7 @@ def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
     while step < budget.total:
         srng = np.random.default_rng([cfg.seed, 12, step])
         idx = srng.choice(len(images), size=min(cfg.vae_batch, len(images)), replace=False)
-        x = to_tensor_images(images[idx])
+        x = to_tensor_images(images[idx]).to(device)
         full = step >= budget.total * (1 - cfg.vae_full_frac)
         crop = cfg.vae_crop_small if step < budget.total * cfg.vae_small_frac else cfg.vae_crop
         if not full and crop < x.shape[-1]:
@@ -326,7 +353,7 @@ def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
     vae.eval()
     with torch.no_grad():
         test_psnr = vae_test_psnr(vae, cfg.vae_test_images, cfg.seed)
-        x = to_tensor_images(images[: min(2048, len(images))])
+        x = to_tensor_images(images[: min(2048, len(images))]).to(device)
         z = torch.cat([vae.encode(x[i:i + 128]).latent_dist.sample() for i in range(0, len(x), 128)])
         scaling = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -357,7 +384,7 @@ def load_vae(out_dir: Path):
 
 
 def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
-                       deadline: float | None = None, position: int = 0) -> dict:
+                       deadline: float | None = None, position: int = 0, device: str = "cpu") -> dict:
     """Train the VAE decoder further with the encoder frozen (latents, hence U-Nets, are unchanged)."""
     from diffusers import AutoencoderKL
 
@@ -366,23 +393,25 @@ def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
     if resume and ck.state().get("done"):
         return ck.state()
     torch.manual_seed(cfg.seed + 6)
-    vae = AutoencoderKL.from_pretrained(str(out_dir / "vae" / "final"))
+    vae = AutoencoderKL.from_pretrained(str(out_dir / "vae" / "final")).to(device)
     vae.requires_grad_(False)
     trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=cfg.vae_decoder_lr, weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, 6])
-    images = render_all(split_scenes(rng, cfg.vae_decoder_images), rng)
+    images = render_all(split_scenes(rng, cfg.vae_decoder_images), rng, workers=cfg.render_workers)
     with torch.no_grad():
         vae.eval()
-        dists = [vae.encode(to_tensor_images(images[i:i + 128])).latent_dist for i in range(0, len(images), 128)]
+        dists = [vae.encode(to_tensor_images(images[i:i + 128]).to(device)).latent_dist
+                 for i in range(0, len(images), 128)]
         mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
     state = {"step": 0, "total": cfg.vae_decoder_steps}
     if resume and ck.exists():
         state = ck.load({"vae": vae}, opt)
     cost = (1 - cfg.vae_decoder_full_frac) + cfg.vae_decoder_full_frac * 4
-    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), cost_factor=cost)
+    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), cost_factor=cost,
+                        measure_after=cfg.budget_measure_steps)
     if deadline is not None and time.time() > deadline - 60:
         budget = StepBudget(state["step"], None)  # no time left: keep the decoder as it is
     log = LossLog(out_dir / "logs" / "vae_decoder.jsonl")
@@ -394,9 +423,9 @@ def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
     while step < budget.total:
         srng = np.random.default_rng([cfg.seed, 16, step])
         g = torch.Generator().manual_seed(int(srng.integers(2**62)))
-        idx = torch.from_numpy(srng.choice(len(images), size=min(cfg.vae_decoder_batch, len(images)), replace=False))
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        x = to_tensor_images(images[idx.numpy()])
+        idx = srng.choice(len(images), size=min(cfg.vae_decoder_batch, len(images)), replace=False)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g).to(device)
+        x = to_tensor_images(images[idx]).to(device)
         if step < budget.total * (1 - cfg.vae_decoder_full_frac):
             oy, ox = (int(v) for v in srng.integers(0, 9, size=2))  # 8x8 latent crop = 32x32 pixels
             z = z[..., oy:oy + 8, ox:ox + 8]
@@ -439,11 +468,11 @@ def encode_prompts(tok, text_encoder, prompts: list[str], batch: int = 256) -> t
     for i in range(0, len(prompts), batch):
         ids = tok(prompts[i:i + batch], padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids)[0])
+        out.append(text_encoder(ids.to(text_encoder.device))[0].cpu())
     return torch.cat(out)
 
 
-def build_cache(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool) -> dict:
+def build_cache(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool, device: str = "cpu") -> dict:
     path = out_dir / "cache" / "cache.safetensors"
     meta_path = out_dir / "cache" / "cache.json"
     if resume and path.exists() and meta_path.exists():
@@ -451,15 +480,15 @@ def build_cache(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool
     t0 = time.time()
     rng = np.random.default_rng([cfg.seed, 3])
     scenes = split_scenes(rng, cfg.unet_images)
-    images = render_all(scenes, rng)
+    images = render_all(scenes, rng, workers=cfg.render_workers)
     prompts = captions_for(scenes, rng)
-    tok, te, vae = _load_tokenizer(), load_text_encoder(out_dir), load_vae(out_dir)
+    tok, te, vae = _load_tokenizer(), load_text_encoder(out_dir).to(device), load_vae(out_dir).to(device)
     means, stds, embs = [], [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(scenes), 128), desc="cache", disable=not progress, mininterval=5.0):
-            d = vae.encode(to_tensor_images(images[i:i + 128])).latent_dist
-            means.append(d.mean)
-            stds.append(d.std)
+            d = vae.encode(to_tensor_images(images[i:i + 128]).to(device)).latent_dist
+            means.append(d.mean.cpu())
+            stds.append(d.std.cpu())
             embs.append(encode_prompts(tok, te, prompts[i:i + 128]).half())
         empty = encode_prompts(tok, te, [""])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -487,7 +516,8 @@ def new_scheduler():
 
 
 def train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, progress: bool,
-               deadline: float | None = None, position: int = 0, threads: int | None = None) -> dict:
+               deadline: float | None = None, position: int = 0, threads: int | None = None,
+               device: str = "cpu") -> dict:
     if threads:
         torch.set_num_threads(threads)
     stage = out_dir / f"unet_{role}"
@@ -496,10 +526,11 @@ def train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, prog
         result = ck.state()
     else:
         result = _train_unet(out_dir, cfg, role, resume=resume, progress=progress, deadline=deadline,
-                             position=position)
+                             position=position, device=device)
     if role == "edge" and cfg.refine_decoder:
         # The edge U-Net finishes first; its process spends the rest of the stage on the VAE decoder.
-        refine_vae_decoder(out_dir, cfg, resume=resume, progress=progress, deadline=deadline, position=position)
+        refine_vae_decoder(out_dir, cfg, resume=resume, progress=progress, deadline=deadline, position=position,
+                           device=device)
     return result
 
 
@@ -514,17 +545,18 @@ def _cloud_total(out_dir: Path, timeout_s: float = 3600.0) -> int:
 
 
 def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, progress: bool,
-                deadline: float | None, position: int) -> dict:
+                deadline: float | None, position: int, device: str = "cpu") -> dict:
     stage = out_dir / f"unet_{role}"
     ck = Checkpoint(stage / "ckpt")
     torch.manual_seed(cfg.seed + (4 if role == "edge" else 5))
-    unet = _new_unet(role)
+    unet = _new_unet(role).to(device)
     base_lr = cfg.unet_lr_edge if role == "edge" else cfg.unet_lr_cloud
     opt = torch.optim.AdamW(unet.parameters(), lr=base_lr, weight_decay=0.01)
     ema = EMA(unet, cfg.ema_decay)
     cache = load_file(str(out_dir / "cache" / "cache.safetensors"))
     scaling = json.loads((out_dir / "cache" / "cache.json").read_text())["scaling_factor"]
-    mean, std, text, empty = cache["mean"], cache["std"], cache["text"], cache["empty"].float()
+    mean, std, text = cache["mean"].to(device), cache["std"].to(device), cache["text"].to(device)
+    empty = cache["empty"].float().to(device)
     n = len(mean)
     sched = new_scheduler()
     alphas = sched.alphas_cumprod
@@ -532,7 +564,8 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
     state = {"step": 0, "total": cfg.unet_steps}
     if resume and ck.exists():
         state = ck.load({"unet": unet}, opt, ema)
-    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False))
+    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False),
+                        measure_after=cfg.budget_measure_steps)
     match = role == "edge" and cfg.edge_matches_cloud_steps and deadline is not None
     if match and not budget.locked:
         # Same data for both U-Nets: the edge takes the step count the cloud can afford.
@@ -557,19 +590,22 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
         # The batch depends only on (seed, step): both U-Nets see the same data, resumes repeat it.
         srng = np.random.default_rng([cfg.seed, 14, step])
         g = torch.Generator().manual_seed(int(srng.integers(2**62)))
-        idx = torch.from_numpy(srng.choice(n, size=min(cfg.unet_batch, n), replace=False))
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        # Random numbers come from the CPU generator (same on every device), then move.
+        idx = torch.from_numpy(srng.choice(n, size=min(cfg.unet_batch, n), replace=False)).to(device)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g).to(device)) * scaling
         cond = text[idx].float()
-        drop = torch.rand(len(idx), generator=g) < cfg.cfg_dropout
+        drop = (torch.rand(len(idx), generator=g) < cfg.cfg_dropout).to(device)
         cond[drop] = empty[0]
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
+        t_cpu = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+        t = t_cpu.to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
         zt = sched.add_noise(z0, noise, t)
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, budget.total, base_lr, warmup=min(cfg.unet_warmup, budget.total // 10 + 1))
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t] if cfg.min_snr_gamma else torch.ones_like(per)
+        w = (torch.clamp(snr[t_cpu], max=cfg.min_snr_gamma) / snr[t_cpu]).to(device) if cfg.min_snr_gamma \
+            else torch.ones_like(per)
         loss = (per * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -593,6 +629,8 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
             ck.save({"step": step, "total": budget.total, "locked": budget.locked, "wall_s": time.time() - t_start,
                      "mse_ema": running}, {"unet": unet}, opt, ema)
     bar.close()
+    budget.locked = True
+    publish()  # a run shorter than the timing window never fixed its count: the edge must not wait
     ema.copy_to(unet)
     unet.save_pretrained(stage / "final", safe_serialization=True)
     final = {"step": step, "total": budget.total, "locked": True, "done": True, "final_loss": loss.item(),
@@ -643,7 +681,14 @@ def export_pair(out_dir: Path, assets_dir: Path, cfg: TrainConfig, summary: dict
 
 def _child(fn_name: str, kwargs: dict) -> None:
     torch.set_num_threads(1)
+    _use_tf32()
     globals()[fn_name](**kwargs)
+
+
+def _use_tf32() -> None:
+    # Small models on a GPU: TF32 matmuls/convs are plenty precise and several times faster.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _run_parallel(jobs: list[tuple[str, dict]], parallel: bool) -> None:
@@ -672,6 +717,7 @@ def train_embedded(
     budget_minutes: float | None = None,
     parallel: bool = True,
     config: TrainConfig | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Rebuild the embedded edge/cloud pair from scratch (fixed seed) and export it.
 
@@ -686,14 +732,18 @@ def train_embedded(
         budget_minutes: optional wall-clock budget; each stage then stops its cosine schedule early
             enough to finish in time (the step counts are the upper bounds).
         parallel: run independent stages (text encoder and VAE; the two U-Nets) as two
-            one-thread processes.
-        config: sizes and hyper-parameters (default `TrainConfig()`).
+            one-thread processes (on a GPU: two processes sharing it).
+        config: sizes and hyper-parameters (default `TrainConfig()` on the CPU, `GPU_CONFIG` on CUDA).
+        device: ``cpu`` or a CUDA device; the exported weights are the same format either way.
 
     Returns the summary written to ``pair.json["training"]``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = (config or TrainConfig()).scaled(steps_scale)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu")
+    cfg = (config or (GPU_CONFIG if device.startswith("cuda") else TrainConfig())).scaled(steps_scale)
+    _use_tf32()
     t0 = time.time()
     start = json.loads((out / "run.json").read_text()) if resume and (out / "run.json").exists() else None
     if start is None:
@@ -705,7 +755,7 @@ def train_embedded(
     def deadline(frac: float) -> float | None:
         return None if budget is None else base + 60 * budget * frac
 
-    common = {"out_dir": out, "cfg": cfg, "resume": resume, "progress": progress}
+    common = {"out_dir": out, "cfg": cfg, "resume": resume, "progress": progress, "device": device}
     t = time.time()
     _run_parallel([
         ("train_text_encoder", {**common, "deadline": deadline(0.14), "position": 0}),
@@ -713,7 +763,7 @@ def train_embedded(
     ], parallel)
     stage_a = time.time() - t
     t = time.time()
-    cache = build_cache(out, cfg, resume=resume, progress=progress)
+    cache = build_cache(out, cfg, resume=resume, progress=progress, device=device)
     stage_cache = time.time() - t
     t = time.time()
     _run_parallel([
@@ -734,7 +784,9 @@ def train_embedded(
         "vae_test_psnr_db": max(states["vae"].get("test_psnr_db", -1.0),
                                 states["vae_decoder"].get("test_psnr_db", -1.0)),
         "text_test_retrieval_top1_of_32": states["text_encoder"].get("test_retrieval_top1_of_32"),
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "budget_minutes": budget,
         "torch_threads_per_process": 1 if parallel else torch.get_num_threads(),
     }
     export_pair(out, Path(export_to) if export_to else default_assets_dir(), cfg, summary)
@@ -750,10 +802,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--sequential", action="store_true", help="do not run stages in parallel processes")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; CUDA uses the larger GPU_CONFIG")
+    ap.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny data (checks a setup)")
     args = ap.parse_args(argv)
     summary = train_embedded(args.out, steps_scale=args.steps_scale, resume=not args.no_resume,
                              progress=not args.no_progress, export_to=args.export_to,
-                             budget_minutes=args.budget_minutes, parallel=not args.sequential)
+                             budget_minutes=args.budget_minutes, parallel=not args.sequential,
+                             config=SMOKE_CONFIG if args.smoke else None, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=1))
     return 0
 
