@@ -171,7 +171,13 @@ def cmd_train(args) -> int:
     if args.what == "embedded":
         from .training.embedded import train_embedded
 
-        train_embedded(out, steps_scale=args.steps_scale, export_to=args.export_to, budget_minutes=args.budget_minutes)
+        from .errors import InvalidInputError
+        from .training.embedded import SMOKE_CONFIG
+
+        if args.smoke and not args.export_to:
+            raise InvalidInputError("--smoke needs --export-to DIR (a smoke run must not replace the shipped pair)")
+        train_embedded(out, steps_scale=args.steps_scale, export_to=args.export_to, budget_minutes=args.budget_minutes,
+                       device=args.device, config=SMOKE_CONFIG if args.smoke else None)
         if args.export_to:
             print(f"exported the pair to {args.export_to} (the shipped one lives in src/diffusionx/assets/embedded)")
     else:
@@ -343,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
     p.add_argument("--export-to", help="embedded: write the two diffusers pipeline folders here")
     p.add_argument("--budget-minutes", type=float, help="embedded: fit the step counts to this wall-clock budget")
+    p.add_argument("--device", default="cpu", help="embedded: cpu (default) or cuda[:N] (larger batches and data)")
+    p.add_argument("--smoke", action="store_true", help="embedded: a few steps of every stage (checks a setup)")
     p.set_defaults(func=cmd_train)
 
     from .control.bench import add_bench_edits_parser

@@ -1,4 +1,4 @@
-"""Rebuild the embedded edge/cloud model pair from scratch, on CPU, with a fixed seed.
+"""Rebuild the embedded edge/cloud model pair from scratch, on the CPU or a GPU, with a fixed seed.
 
 Stages (each resumable; its checkpoint and final weights live under ``out_dir/<stage>/`` and its
 losses in ``out_dir/logs/<stage>.jsonl``):
@@ -15,7 +15,8 @@ losses in ``out_dir/logs/<stage>.jsonl``):
    Both see the same batches; they train as two parallel one-thread processes.
 5. export: two `StableDiffusionPipeline` folders (``edge/``, ``cloud/``) and ``pair.json``.
 
-Run: ``python -m diffusionx.training.embedded --out runs/embedded [--budget-minutes 120]``.
+Run: ``python -m diffusionx.training.embedded --out runs/embedded [--budget-minutes 120] [--device cuda]``
+(``diffusionx train embedded`` takes the same options). On CUDA the larger `GPU_CONFIG` applies.
 """
 
 from __future__ import annotations
@@ -805,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; CUDA uses the larger GPU_CONFIG")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny data (checks a setup)")
     args = ap.parse_args(argv)
+    if args.smoke and not args.export_to:
+        ap.error("--smoke needs --export-to DIR (a smoke run must not replace the shipped pair)")
     summary = train_embedded(args.out, steps_scale=args.steps_scale, resume=not args.no_resume,
                              progress=not args.no_progress, export_to=args.export_to,
                              budget_minutes=args.budget_minutes, parallel=not args.sequential,
