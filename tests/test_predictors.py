@@ -283,3 +283,32 @@ def test_cli_predictors_errors(tmp_path, capsys):
     assert main(["predictors", "collect", "--train", "0", "--validation", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["predictors", "collect", "--strengths", "0.5,0.2"])
+
+
+def test_oracle_policy_reads_labels_from_a_sweep(tmp_path):
+    import json
+
+    from diffusionx.bench.run import parse_policy
+    from diffusionx.predictors import OraclePolicy
+
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    ramp = [0.1 * i for i in range(1, 11)]  # quality rises with strength: label = smallest within eps of 1.0
+    flat = [1.0] * 10
+    rows = [
+        {"kind": "header", "grid": grid},
+        {"kind": "edge", "previous_prompt": "a red circle", "prompt": "a red square", "strengths": grid,
+         "attribute_accuracy": ramp, "clip_score": [0.0] * 10},
+        {"kind": "cloud", "prompt": "a red square", "strengths": grid, "attribute_accuracy": flat,
+         "clip_score": [0.0] * 10},
+    ]
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    oracle = OraclePolicy(path, edge_eps=0.15)
+    assert oracle.edge_strength("a red circle", "a red square", None) == 0.9  # 0.9 is 0.1 short, within 0.15
+    assert OraclePolicy(path, edge_eps=0.0).edge_strength("a red circle", "a red square", None) == 1.0
+    assert oracle.cloud_strength("a red square", None, None) == 0.1  # every strength is as good as cloud-only
+    assert oracle.edge_strength("a blue circle", "a blue star", None) == 1.0 and oracle.misses == 1
+    method = parse_policy("oracle-eps0.15", 0.6, [str(path)])
+    assert method.name == "diffusionx-oracle-eps0.15" and method.policy.edge[("a red circle", "a red square")] == 0.9
+    with pytest.raises(InvalidInputError, match="predictors collect"):
+        parse_policy("oracle", 0.6, [str(tmp_path / "missing.jsonl")])

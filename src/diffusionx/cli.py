@@ -169,10 +169,8 @@ def cmd_session(args) -> int:
 def cmd_train(args) -> int:
     out = args.out or f"runs/{args.what}"
     if args.what == "embedded":
-        from .training.embedded import train_embedded
-
         from .errors import InvalidInputError
-        from .training.embedded import SMOKE_CONFIG
+        from .training.embedded import SMOKE_CONFIG, train_embedded
 
         if args.smoke and not args.export_to:
             raise InvalidInputError("--smoke needs --export-to DIR (a smoke run must not replace the shipped pair)")
@@ -196,7 +194,8 @@ def cmd_bench(args) -> int:
     profile = get_profile(args.profile)
     sessions, workload = load_sessions(args.sessions, args.n)
     if args.policy:
-        methods = default_methods([]) + [parse_policy(spec, args.edge_strength) for spec in args.policy]
+        chosen = [parse_policy(spec, args.edge_strength, args.oracle_sweeps) for spec in args.policy]
+        methods = default_methods([]) + chosen
     else:
         methods = default_methods([0.3, 0.5], edge_strength=args.edge_strength)
     pair = _load(args)
@@ -314,8 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's test split)")
     p.add_argument("--n", type=int, default=256, help="number of sessions (default 256: FID needs many finals)")
     p.add_argument("--out", default="outputs/bench", help="output folder")
-    p.add_argument("--policy", action="append", help="DiffusionX policy, repeatable: fixed-C or fixed-E-C")
+    p.add_argument(
+        "--policy",
+        action="append",
+        help="DiffusionX policy, repeatable: fixed-C, fixed-E-C, learned, load-aware, similarity-rule, oracle "
+        "(see docs/predictors.md)",
+    )
     p.add_argument("--edge-strength", type=_strength, default=0.6, help="edge strength for fixed-C policies")
+    p.add_argument("--oracle-sweeps", action="append", metavar="FILE",
+                   help="sweep table(s) of these sessions for --policy oracle (`predictors collect --test N`)")
     p.add_argument("--profile", default="laptop-gpu", help="device profile: measured, laptop-gpu, phone-4g")
     p.add_argument("--batch", type=int, default=32, help="sessions per U-Net call while generating")
     p.add_argument(

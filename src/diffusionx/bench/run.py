@@ -39,21 +39,18 @@ MEASURED_VS_MODELLED = {
 NO_QUALITY = {"clip_score": None, "fid": None, "attribute_accuracy": None, "quality_note": "n/a (random weights)"}
 
 
-def parse_policy(spec: str, edge_strength: float) -> Method:
+def parse_policy(spec: str, edge_strength: float, oracle_sweeps: list[str] | None = None) -> Method:
     """`fixed-C` (cloud strength C, edge strength from --edge-strength) or `fixed-E-C`; or a
-    predictor policy: `learned[-eps0.02...]`, `load-aware[-wait10...]`, `similarity-rule[...]`
-    (see diffusionx.predictors.specs)."""
+    predictor policy: `learned[-eps0.02...]`, `load-aware[-wait10...]`, `similarity-rule[...]`,
+    `oracle[...]` (per-case labels of `oracle_sweeps`; see diffusionx.predictors.specs)."""
+    from ..errors import ModelNotAvailableError
     from ..predictors.specs import is_predictor_spec, policy_from_spec
 
     if is_predictor_spec(spec):
         try:
-            return Method(f"diffusionx-{spec}", "diffusionx", policy_from_spec(spec))
-        except ValueError as err:
+            return Method(f"diffusionx-{spec}", "diffusionx", policy_from_spec(spec, oracle_sweeps))
+        except (ValueError, ModelNotAvailableError) as err:
             raise InvalidInputError(f"policy {spec!r}: {err}") from None
-    if spec == "oracle" or spec.startswith("oracle-"):
-        raise InvalidInputError(
-            "the oracle needs per-case sweeps: its numbers are in `diffusionx predictors train`'s report"
-        )
     parts = spec.split("-")
     try:
         if parts[0] == "fixed" and len(parts) == 2:

@@ -10,7 +10,15 @@ See docs/predictors.md: the sweep table (`collect`), the models (`train`), the c
 
 from .curves import DEFAULT_EPS, GRID, choose_strength, gap_curve, label, quality
 from .features import FeatureExtractor, SentenceEncoder
-from .policies import ASSET_DIR, LearnedPolicy, LoadAwarePolicy, Predictors, SimilarityRule, time_prediction
+from .policies import (
+    ASSET_DIR,
+    LearnedPolicy,
+    LoadAwarePolicy,
+    OraclePolicy,
+    Predictors,
+    SimilarityRule,
+    time_prediction,
+)
 from .regressors import MLPRegressor, TreesRegressor, load_regressor
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "LearnedPolicy",
     "LoadAwarePolicy",
     "MLPRegressor",
+    "OraclePolicy",
     "Predictors",
     "SentenceEncoder",
     "SimilarityRule",

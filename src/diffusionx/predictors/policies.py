@@ -231,6 +231,64 @@ class SimilarityRule:
         return self.cloud
 
 
+class OraclePolicy:
+    """Per-case best strengths read from a sweep table (`predictors collect`), a bound no
+    predictor can beat: the edge label of each (previous prompt, prompt) transition and the cloud
+    label of each final prompt, by the same eps rule as the training labels.
+
+    Run the benchmark on the sessions and seeds the sweep used (`collect --test N` uses seed
+    200000 + i for test session i: `bench --n N --seed 200000`); the collector continued each
+    session from its label at `rollout_eps`, so with eps == rollout_eps the benchmark retraces the
+    sweep's rounds exactly. A case the table lacks gets strength 1.0 (the reference), counted in
+    `misses`."""
+
+    def __init__(self, sweeps: str | Path | list[str | Path] | None = None, *, edge_eps: float = DEFAULT_EPS,
+                 cloud_eps: float = DEFAULT_EPS, score_weight: float = 1.0) -> None:
+        from .collect import read_rows
+        from .curves import gap_curve, label, quality
+
+        paths = [sweeps] if isinstance(sweeps, (str, Path)) else list(sweeps or [])
+        if not paths:
+            env = os.environ.get("DIFFUSIONX_ORACLE_SWEEPS")
+            paths = env.split(os.pathsep) if env else []
+        if not paths:
+            raise ModelNotAvailableError(
+                "the oracle needs a sweep of the benchmark's own sessions: run `diffusionx predictors collect "
+                "--test N --out FILE` and pass FILE (bench: --oracle-sweeps FILE, then --seed 200000)"
+            )
+        self.edge: dict[tuple[str, str], float] = {}
+        self.cloud: dict[str, float] = {}
+        for path in paths:
+            if not Path(path).is_file():
+                raise ModelNotAvailableError(f"no sweep table at {path}: run `diffusionx predictors collect` first")
+            for row in read_rows(path):
+                if row.get("kind") not in ("edge", "cloud"):
+                    continue
+                grid = row["strengths"]
+                gaps = gap_curve(quality(row["attribute_accuracy"], row["clip_score"], score_weight))
+                if row["kind"] == "edge":
+                    self.edge[(row["previous_prompt"], row["prompt"])] = label(gaps, edge_eps, grid)
+                else:
+                    self.cloud[row["prompt"]] = label(gaps, cloud_eps, grid)
+        if not self.edge and not self.cloud:
+            raise ModelNotAvailableError(f"no edge or cloud sweep rows in {', '.join(map(str, paths))}")
+        self.misses = 0
+
+    def edge_strength(self, previous_prompt: str, prompt: str, previous_latents: torch.Tensor) -> float:
+        choice = self.edge.get((previous_prompt, prompt))
+        if choice is None:
+            self.misses += 1
+            return 1.0
+        return choice
+
+    def cloud_strength(self, prompt: str, latents: torch.Tensor, load: dict[str, Any] | None) -> float:
+        choice = self.cloud.get(prompt)
+        if choice is None:
+            self.misses += 1
+            return 1.0
+        return choice
+
+
 def time_prediction(predictors: Predictors, repeats: int = 200) -> dict[str, float]:
     """Median seconds of one prediction (regressor forward on a ready feature vector), and of
     feature extraction with warm caches, for the edge and the cloud model."""

@@ -4,6 +4,8 @@ learned[-eps0.02][-eeps0.02][-ceps0.01][-cw0.05][-ecw0]   LearnedPolicy (eps: bo
 load-aware[-wait10][-ww0.01][-floor0.05][-eps..]          LoadAwarePolicy; wait = the estimated
                                                           wait (s) of an in-process load report
 similarity-rule[-low0.5][-min0.3][-c0.5]                  SimilarityRule baseline
+oracle[-eps0.02][-eeps..][-ceps..]                        OraclePolicy: per-case labels of a sweep
+                                                          ($DIFFUSIONX_ORACLE_SWEEPS, or bench --oracle-sweeps)
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-PREFIXES = ("learned", "load-aware", "similarity-rule")
+PREFIXES = ("learned", "load-aware", "similarity-rule", "oracle")
 _PARAM = re.compile(r"^([a-z]+)([0-9.]+)$")
 _KEYS = {
     "learned": {"eps", "eeps", "ceps", "cw", "ecw", "emin", "cmin"},
     "load-aware": {"eps", "eeps", "ceps", "cw", "ecw", "emin", "cmin", "wait", "ww", "floor"},
     "similarity-rule": {"low", "min", "c"},
+    "oracle": {"eps", "eeps", "ceps"},
 }
 
 
@@ -24,7 +27,7 @@ def is_predictor_spec(spec: str) -> bool:
     return any(spec == p or spec.startswith(p + "-") for p in PREFIXES)
 
 
-def policy_from_spec(spec: str) -> Any:
+def policy_from_spec(spec: str, oracle_sweeps: list[str] | None = None) -> Any:
     """The policy a spec names; ValueError for a malformed one."""
     prefix = next(p for p in PREFIXES if spec == p or spec.startswith(p + "-"))
     params: dict[str, float] = {}
@@ -33,13 +36,19 @@ def policy_from_spec(spec: str) -> Any:
         if not m or m.group(1) not in _KEYS[prefix]:
             raise ValueError(f"bad parameter {token!r} in {spec!r}; {prefix} takes {', '.join(sorted(_KEYS[prefix]))}")
         params[m.group(1)] = float(m.group(2))
-    from .policies import LearnedPolicy, LoadAwarePolicy, SimilarityRule
+    from .policies import LearnedPolicy, LoadAwarePolicy, OraclePolicy, SimilarityRule
 
     if prefix == "similarity-rule":
         return SimilarityRule(
             low=params.get("low", 0.5), min_strength=params.get("min", 0.3), cloud=params.get("c", 0.5)
         )
     eps = params.get("eps")
+    if prefix == "oracle":
+        return OraclePolicy(
+            oracle_sweeps,
+            edge_eps=params.get("eeps", eps if eps is not None else 0.02),
+            cloud_eps=params.get("ceps", eps if eps is not None else 0.02),
+        )
     kwargs: dict[str, Any] = {
         "edge_eps": params.get("eeps", eps if eps is not None else 0.02),
         "cloud_eps": params.get("ceps", eps if eps is not None else 0.02),

@@ -95,7 +95,8 @@ class Checkpoint:
             os.replace(self.folder / "optimizer.safetensors.tmp", self.folder / "optimizer.safetensors")
             state = {**state, "optimizer": meta}
         if ema is not None:
-            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(self.folder / "ema.safetensors.tmp"))
+            shadow = {k: v.cpu().contiguous() for k, v in ema.shadow.items()}
+            save_file(shadow, str(self.folder / "ema.safetensors.tmp"))
             os.replace(self.folder / "ema.safetensors.tmp", self.folder / "ema.safetensors")
         tmp = self.folder / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))

@@ -8,6 +8,7 @@ any other text falls back to smaller pieces, down to single bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -46,7 +47,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols in corpus.values():
-            pairs.update(zip(symbols, symbols[1:]))
+            pairs.update(itertools.pairwise(symbols))
         if not pairs:
             return merges
         # Most frequent pair; ties broken alphabetically so the result is deterministic.
