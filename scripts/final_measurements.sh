@@ -1,9 +1,38 @@
 #!/usr/bin/env bash
 # The measurements quoted in the issues' closing notes. Run from the repo root with the venv active.
+# Each step is one line so a step can be rerun alone; two CPU-heavy steps at a time suit 2 cores
+# (export OMP_NUM_THREADS=1 first). GPU numbers come from scripts/gpu_*.sh on a lent machine.
 set -euo pipefail
 OUT=${OUT:-outputs/final}
-mkdir -p "$OUT"
-{ time diffusionx demo --out "$OUT/demo"; } 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" > "$OUT/demo.log"
-diffusionx evaluate --n 256 --batch 64 --out "$OUT/evaluate" 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" > "$OUT/evaluate.log"
-diffusionx bench --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 --out "$OUT/bench" 2>&1 \
-  | tr '\r' '\n' | grep -v "it/s\|s/it" > "$OUT/bench.log"
+mkdir -p "$OUT/pred"
+quiet() { tr '\r' '\n' | grep -v "it/s\|s/it"; }
+step=${1:-all}
+
+# issue 2/3: demo and edge-vs-cloud quality of the shipped pair
+if [[ $step == all || $step == demo ]]; then { time diffusionx demo --out "$OUT/demo"; } 2>&1 | quiet > "$OUT/demo.log"; fi
+if [[ $step == all || $step == evaluate ]]; then
+  diffusionx evaluate --n 256 --batch 64 --out "$OUT/evaluate" 2>&1 | quiet > "$OUT/evaluate.log"; fi
+# issue 5: the paper's comparison with fixed strengths, and the real-architecture latency table
+if [[ $step == all || $step == bench ]]; then
+  diffusionx bench --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 \
+    --out "$OUT/bench" 2>&1 | quiet > "$OUT/bench.log"; fi
+if [[ $step == all || $step == sd15 ]]; then
+  diffusionx bench --arch sd15 --n 16 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --out "$OUT/bench_sd15_cpu" 2>&1 \
+    | quiet > "$OUT/bench_sd15_cpu.log"
+  diffusionx bench --arch sd15 --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --profile measured \
+    --calibration benchmarks/results/calibration_sd15_h200.json --out "$OUT/bench_sd15_h200" 2>&1 | quiet > "$OUT/bench_sd15_h200.log"; fi
+# issue 6: sweeps (train/validation for the predictors, test for the oracle), training, benchmark
+if [[ $step == all || $step == collect ]]; then
+  diffusionx predictors collect --train 120 --validation 40 --directions edge --out "$OUT/pred/edge.jsonl" 2>&1 | quiet > "$OUT/pred/collect_edge.log"
+  diffusionx predictors collect --directions cloud --previews "$OUT/pred/edge.jsonl" --out "$OUT/pred/cloud.jsonl" 2>&1 | quiet > "$OUT/pred/collect_cloud.log"
+  diffusionx predictors collect --test 48 --out "$OUT/pred/test.jsonl" 2>&1 | quiet > "$OUT/pred/collect_test.log"; fi
+if [[ $step == all || $step == predictors ]]; then
+  diffusionx predictors train --data "$OUT/pred/edge.jsonl" "$OUT/pred/cloud.jsonl" --out src/diffusionx/assets/predictors \
+    2>&1 | quiet > "$OUT/pred/train.log"
+  diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy learned --policy load-aware-wait20 \
+    --policy similarity-rule --policy oracle --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1.0 \
+    --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"; fi
+# issue 7: attention control on one-word edits
+if [[ $step == all || $step == edits ]]; then diffusionx bench-edits --n 48 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"; fi
+# issue 4: the service under load (needs the machine to itself)
+if [[ $step == all || $step == loadtest ]]; then python -m diffusionx.server.loadtest 2>&1 | quiet > "$OUT/loadtest.log"; fi

@@ -179,6 +179,8 @@ def train_predictors(
             direction["shipped_n_train"] = len(x_tr)
         suffix = ".json" if best == "trees" else ".safetensors"
         path = model.save(out / f"{kind}{suffix}", {"direction": kind, "grid": grid})
+        stale = out / f"{kind}{'.safetensors' if suffix == '.json' else '.json'}"
+        stale.unlink(missing_ok=True)  # the other model kind's file from an earlier run
         manifest[kind] = {"file": path.name, "kind": best, "n_train": direction["shipped_n_train"]}
         direction["predict_ms"] = {name: _predict_ms(m, x_tr[0]) for name, m in fitted.items()}
         direction["predict_ms"]["shipped"] = _predict_ms(load_regressor(path), x_tr[0])
