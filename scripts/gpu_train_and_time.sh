@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see /work/.library/device): rebuild the embedded pair with
 # `--device cuda` under a time budget, then time the real SD v1.5 / Tiny-SD architectures there.
-# The GPU image has PyTorch but not diffusers: its wheel travels in .whl/ (see docs/training.md).
+# The GPU image has PyTorch but not diffusers: its wheel (and importlib_metadata's) travel in .whl/,
+# fetched here with `pip download --no-deps --python-version 3.12 ...` (see docs/training.md).
 # Everything lands in $OUT (at most 8 files of 16 MiB: the exported pair comes back as a split tar).
 set -uo pipefail
 BUDGET=${BUDGET:-6}
