@@ -49,7 +49,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     timed = calib.get("models", report["models"])
     lines += [
         "",
-        "## Measured on this machine (batch 1, CFG)",
+        f"## Measured on {calib.get('machine', 'this machine')} (batch 1, CFG)",
         "",
         f"Compute times of edge {timed['edge']['source']} [{timed['edge']['status']}] and cloud "
         f"{timed['cloud']['source']} [{timed['cloud']['status']}] (the latency model uses these; "

@@ -93,10 +93,22 @@ def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:
 
 def write_calibration(pair: ModelPair, path: str | Path, repeats: int = 3) -> dict[str, Any]:
     """Measure the pair's compute times on this machine and save them for `run_bench(calibration=)`."""
-    calib = {**calibrate(pair, repeats=repeats), "models": pair.describe()}
+    calib = {**calibrate(pair, repeats=repeats), "models": pair.describe(), "machine": _machine(pair)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(calib, indent=2))
     return calib
+
+
+def _machine(pair: ModelPair) -> str:
+    """Where a calibration was measured: the GPU's name and dtype, or the CPU."""
+    import platform
+
+    import torch
+
+    device, dtype = pair.cloud.device, str(pair.cloud.dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {dtype}"
+    return f"this machine's CPU ({platform.machine()}, {torch.get_num_threads()} threads), {dtype}"
 
 
 def read_calibration(path: str | Path) -> dict[str, Any]:
