@@ -40,7 +40,7 @@ def render_all(scenes: list[Scene], rng: np.random.Generator | None, size: int =
     """uint8 (n, size, size, 3); jittered when `rng` is given.
 
     With `workers` > 1 the scenes are rendered in chunks by a process pool; each chunk's jitter
-    comes from its own seed drawn from `rng`, so the result is deterministic for a given `workers`.
+    comes from its own seed drawn from `rng`: deterministic, the same for any `workers` > 1.
     """
     if workers > 1 and len(scenes) >= 4 * _CHUNK:
         starts = range(0, len(scenes), _CHUNK)
