@@ -127,15 +127,11 @@ def cmd_curve(args) -> int:
     pair = load_pair(args.model)
     predictors = Predictors.load(args.predictors, engine=pair.edge)
     policy = LoadAwarePolicy(predictors, wait_weight=args.wait_weight, max_drop=args.max_drop, cloud_eps=args.eps)
-    from .curves import gap_curve, quality
+    from .curves import row_gaps
 
     score_weight = float(predictors.manifest.get("score_weight", 1.0))
     cases = [
-        (
-            r["prompt"],
-            decode_latents(r["latents"]),
-            list(gap_curve(quality(r["attribute_accuracy"], r["clip_score"], score_weight))),
-        )
+        (r["prompt"], decode_latents(r["latents"]), list(row_gaps(r, score_weight)))
         for r in rows
         if [float(x) for x in r["strengths"]] == list(predictors.grid)
     ]

@@ -45,6 +45,12 @@ def quality(attribute_accuracy: Sequence[float], clip_score: Sequence[float], sc
     return np.asarray(attribute_accuracy, dtype=np.float64) + score_weight * np.asarray(clip_score, np.float64) / 100.0
 
 
+def row_gaps(row: dict, score_weight: float = 1.0) -> np.ndarray:
+    """The gap curve of one sweep-table row (`predictors collect`): its quality over the grid,
+    relative to its own strength-1.0 reference."""
+    return gap_curve(quality(row["attribute_accuracy"], row["clip_score"], score_weight))
+
+
 def gap_curve(q: Sequence[float]) -> np.ndarray:
     """q(s) - q(1.0): the last grid point is the reference."""
     q = np.asarray(q, dtype=np.float64)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotAvailableError
-from .curves import DEFAULT_EPS, GRID, choose_strength
+from .curves import DEFAULT_EPS, GRID, choose_strength, label, row_gaps
 from .features import FeatureExtractor, SentenceEncoder
 from .regressors import MLPRegressor, TreesRegressor, load_regressor
 
@@ -244,8 +244,7 @@ class OraclePolicy:
 
     def __init__(self, sweeps: str | Path | list[str | Path] | None = None, *, edge_eps: float = DEFAULT_EPS,
                  cloud_eps: float = DEFAULT_EPS, score_weight: float = 1.0) -> None:
-        from .collect import read_rows
-        from .curves import gap_curve, label, quality
+        from .collect import read_rows  # collect imports the benchmark harness: load it only when needed
 
         paths = [sweeps] if isinstance(sweeps, (str, Path)) else list(sweeps or [])
         if not paths:
@@ -264,8 +263,7 @@ class OraclePolicy:
             for row in read_rows(path):
                 if row.get("kind") not in ("edge", "cloud"):
                     continue
-                grid = row["strengths"]
-                gaps = gap_curve(quality(row["attribute_accuracy"], row["clip_score"], score_weight))
+                gaps, grid = row_gaps(row, score_weight), row["strengths"]
                 if row["kind"] == "edge":
                     self.edge[(row["previous_prompt"], row["prompt"])] = label(gaps, edge_eps, grid)
                 else:
@@ -275,18 +273,16 @@ class OraclePolicy:
         self.misses = 0
 
     def edge_strength(self, previous_prompt: str, prompt: str, previous_latents: torch.Tensor) -> float:
-        choice = self.edge.get((previous_prompt, prompt))
-        if choice is None:
-            self.misses += 1
-            return 1.0
-        return choice
+        return self._label(self.edge, (previous_prompt, prompt))
 
     def cloud_strength(self, prompt: str, latents: torch.Tensor, load: dict[str, Any] | None) -> float:
-        choice = self.cloud.get(prompt)
-        if choice is None:
+        return self._label(self.cloud, prompt)
+
+    def _label(self, table: dict, key: Any) -> float:
+        if key not in table:
             self.misses += 1
             return 1.0
-        return choice
+        return table[key]
 
 
 def time_prediction(predictors: Predictors, repeats: int = 200) -> dict[str, float]:

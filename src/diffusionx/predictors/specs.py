@@ -36,22 +36,20 @@ def policy_from_spec(spec: str, oracle_sweeps: list[str] | None = None) -> Any:
         if not m or m.group(1) not in _KEYS[prefix]:
             raise ValueError(f"bad parameter {token!r} in {spec!r}; {prefix} takes {', '.join(sorted(_KEYS[prefix]))}")
         params[m.group(1)] = float(m.group(2))
+    from .curves import DEFAULT_EPS
     from .policies import LearnedPolicy, LoadAwarePolicy, OraclePolicy, SimilarityRule
 
     if prefix == "similarity-rule":
         return SimilarityRule(
             low=params.get("low", 0.5), min_strength=params.get("min", 0.3), cloud=params.get("c", 0.5)
         )
-    eps = params.get("eps")
+    eps = params.get("eps", DEFAULT_EPS)
+    edge_eps, cloud_eps = params.get("eeps", eps), params.get("ceps", eps)
     if prefix == "oracle":
-        return OraclePolicy(
-            oracle_sweeps,
-            edge_eps=params.get("eeps", eps if eps is not None else 0.02),
-            cloud_eps=params.get("ceps", eps if eps is not None else 0.02),
-        )
+        return OraclePolicy(oracle_sweeps, edge_eps=edge_eps, cloud_eps=cloud_eps)
     kwargs: dict[str, Any] = {
-        "edge_eps": params.get("eeps", eps if eps is not None else 0.02),
-        "cloud_eps": params.get("ceps", eps if eps is not None else 0.02),
+        "edge_eps": edge_eps,
+        "cloud_eps": cloud_eps,
         "cloud_cost": params.get("cw", 0.0),
         "edge_cost": params.get("ecw", 0.0),
         "min_edge": params.get("emin", 0.0),

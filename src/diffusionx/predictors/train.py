@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .collect import read_rows
-from .curves import DEFAULT_EPS, choose_strength, gap_curve, label, quality
+from .curves import DEFAULT_EPS, choose_strength, label, row_gaps
 from .policies import MANIFEST, SimilarityRule
 from .regressors import MLPRegressor, TreesRegressor, load_regressor
 
@@ -35,7 +35,7 @@ def table(rows: list[dict], kind: str, splits: tuple[str, ...], score_weight: fl
     if not sel:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0)), sel
     x = np.asarray([r["features"] for r in sel], np.float32)
-    g = np.asarray([gap_curve(quality(r["attribute_accuracy"], r["clip_score"], score_weight)) for r in sel])
+    g = np.asarray([row_gaps(r, score_weight) for r in sel])
     return x, g, sel
 
 
