@@ -82,3 +82,11 @@ def test_parallel_rendering_is_deterministic(monkeypatch):
 def test_cuda_training_without_a_gpu_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         train_embedded(tmp_path / "run", config=TINY, export_to=tmp_path / "x", device="cuda", progress=False)
+
+
+def test_smoke_run_refuses_to_replace_the_shipped_pair(tmp_path):
+    from diffusionx.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="--export-to"):
+        train_embedded(tmp_path / "run", config=TINY, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..errors import InvalidInputError
 from .common import EMA, Checkpoint, LossLog, StepBudget, cosine_lr
 from .data import captions_for, paired_scenes, render_all, split_scenes, to_tensor_images
 
@@ -739,10 +740,12 @@ def train_embedded(
 
     Returns the summary written to ``pair.json["training"]``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if config is SMOKE_CONFIG and export_to is None:
+        raise InvalidInputError("a smoke run needs --export-to DIR: it must not replace the shipped pair")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     cfg = (config or (GPU_CONFIG if device.startswith("cuda") else TrainConfig())).scaled(steps_scale)
     _use_tf32()
     t0 = time.time()
@@ -806,12 +809,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; CUDA uses the larger GPU_CONFIG")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny data (checks a setup)")
     args = ap.parse_args(argv)
-    if args.smoke and not args.export_to:
-        ap.error("--smoke needs --export-to DIR (a smoke run must not replace the shipped pair)")
-    summary = train_embedded(args.out, steps_scale=args.steps_scale, resume=not args.no_resume,
-                             progress=not args.no_progress, export_to=args.export_to,
-                             budget_minutes=args.budget_minutes, parallel=not args.sequential,
-                             config=SMOKE_CONFIG if args.smoke else None, device=args.device)
+    try:
+        summary = train_embedded(args.out, steps_scale=args.steps_scale, resume=not args.no_resume,
+                                 progress=not args.no_progress, export_to=args.export_to,
+                                 budget_minutes=args.budget_minutes, parallel=not args.sequential,
+                                 config=SMOKE_CONFIG if args.smoke else None, device=args.device)
+    except InvalidInputError as err:
+        ap.error(str(err))
     print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=1))
     return 0
 
