@@ -104,6 +104,8 @@ def test_bench_cli_writes_results(tmp_path):
             str(out),
             "--policy",
             "fixed-0.5",
+            "--policy",
+            "fixed-1-0.5",
             "--profile",
             "phone-4g",
         ]
@@ -111,7 +113,7 @@ def test_bench_cli_writes_results(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     methods = results["methods"]
-    assert set(methods) == {"cloud-only", "edge-only", "diffusionx-fixed-0.5"}
+    assert set(methods) == {"cloud-only", "edge-only", "diffusionx-fixed-0.5", "diffusionx-fixed-1-0.5"}
     keys = {
         "session_latency_mean_s",
         "session_latency_p95_s",
@@ -129,8 +131,18 @@ def test_bench_cli_writes_results(tmp_path):
     assert dx["cloud_unet_seconds_per_session"] < methods["cloud-only"]["cloud_unet_seconds_per_session"]
     assert results["profile"]["name"] == "phone-4g" and results["workload"]["n_sessions"] == 4
     assert {"measured", "modelled"} <= set(results["measured_vs_modelled"])
+    # Rounds 2+ on the edge: strength 0.6 runs fewer steps than regenerating from scratch.
+    sessions = load_sessions(None, 4)[0]
+    scratch = methods["diffusionx-fixed-1-0.5"]
+    assert scratch["edge_unet_steps_per_session"] == 3 * sum(len(s["rounds"]) for s in sessions) / 4
+    assert dx["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
+    assert dx["edited_previews"] == scratch["edited_previews"] == sum(len(s["rounds"]) - 1 for s in sessions)
+    assert 0 <= dx["edited_preview_attribute_accuracy"] <= 1
+    assert methods["edge-only"]["edge_unet_steps_per_session"] == scratch["edge_unet_steps_per_session"]
+    assert "edited_previews" not in methods["edge-only"]  # it only generates the finals
     table = (out / "results.md").read_text()
     assert "| diffusionx-fixed-0.5 |" in table and "vs cloud-only" in table
+    assert "## Edge previews, rounds 2+" in table and "relative to regenerating every round from scratch" in table
     for name in ("latency_quality.png", "per_round_latency.png", "finals_grid.png"):
         assert (out / name).stat().st_size > 1000
 

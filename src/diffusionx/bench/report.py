@@ -45,6 +45,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         )
     if any(m.get("quality_note") for m in methods.values()):
         lines += ["", "Quality columns: n/a (random weights): this table's models only give latency and cost."]
+    lines += _edge_preview_table(methods)
     calib = report["calibration_measured_s"]
     timed = calib.get("models", report["models"])
     lines += [
@@ -72,6 +73,44 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "Plots: `latency_quality.png`, `per_round_latency.png`, `finals_grid.png`.",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _from_scratch(methods: dict[str, Any]) -> dict[str, Any] | None:
+    """The method whose edge regenerates every round from noise (edge strength 1 or no reuse)."""
+    for m in methods.values():
+        if m.get("edited_previews") and (m.get("edge_strength") == 1.0 or m.get("reuse_latents") is False):
+            return m
+    return None
+
+
+def _edge_preview_table(methods: dict[str, Any]) -> list[str]:
+    """Rounds 2+ on the edge: the steps a policy saves and what its previews lose for it."""
+    rows = {name: m for name, m in methods.items() if m.get("edited_previews")}
+    if not rows:
+        return []
+    ref = _from_scratch(methods)
+    lines = [
+        "",
+        "## Edge previews, rounds 2+",
+        "",
+        "Edge U-Net steps per session (all rounds) and the quality of the previews of rounds 2+ (where "
+        "the edge strength is chosen)" + (", relative to regenerating every round from scratch (edge strength 1)."
+                                          if ref else "; add `--policy fixed-1-C` for the from-scratch reference."),
+        "",
+        "| method | edge U-Net steps/session | vs scratch | preview attribute acc. | vs scratch "
+        "| preview CLIP score | vs scratch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows.items():
+        steps, attr, score = m["edge_unet_steps_per_session"], m["edited_preview_attribute_accuracy"], \
+            m["edited_preview_clip_score"]
+        saved = _rel(steps, ref["edge_unet_steps_per_session"]) if ref else "n/a"
+        lines.append(
+            f"| {name} | {steps:.1f} | {saved} | {attr:.3f} | "
+            f"{_rel(attr, ref['edited_preview_attribute_accuracy']) if ref else 'n/a'} | {score:.2f} | "
+            f"{_rel(score, ref['edited_preview_clip_score']) if ref else 'n/a'} |"
+        )
+    return lines
 
 
 def write_plots(report: dict[str, Any], finals: dict[str, list], prompts: list[str], out: Path) -> None:

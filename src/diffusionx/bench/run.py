@@ -133,6 +133,26 @@ def _quality(evaluator, images: list, prompts: list[str], references: list | Non
     }
 
 
+def _edge_steps(method: Method, records: list) -> float:
+    if method.kind == "cloud-only":
+        return 0.0
+    return float(np.mean([sum(r["unet_steps"] for r in record.rounds) for record in records]))
+
+
+def _edited_previews(evaluator, by_round: dict[int, list]) -> dict[str, Any]:
+    """Quality of the previews of rounds 2+, the ones a policy's edge strength decides (round 1 is
+    always a fresh generation): compare with a from-scratch method (edge strength 1, `fixed-1-C`)."""
+    pairs = [pair for index, round_pairs in by_round.items() if index > 1 for pair in round_pairs]
+    if evaluator is None or not pairs:
+        return {}
+    images, prompts = [i for i, _ in pairs], [p for _, p in pairs]
+    return {
+        "edited_preview_attribute_accuracy": evaluator.attribute_accuracy(images, prompts)["mean"],
+        "edited_preview_clip_score": float(np.mean(evaluator.clip_score(images, prompts))),
+        "edited_previews": len(pairs),
+    }
+
+
 def _references(sessions: list[dict]) -> list | None:
     from ..world import Scene, render
 
@@ -183,6 +203,7 @@ def run_bench(
             for index, pairs in sorted(by_round.items())
             if evaluator is not None
         }
+        edited = _edited_previews(evaluator, by_round) if method.kind == "diffusionx" else {}
         max_rounds = max(len(lat["round_waits_s"]) for lat in latencies)
         round_waits = [
             float(np.mean([lat["round_waits_s"][k] for lat in latencies if k < len(lat["round_waits_s"])]))
@@ -202,6 +223,8 @@ def run_bench(
             "bytes_per_session": float(np.mean([lat["bytes"] for lat in latencies])),
             **(_quality(evaluator, finals[method.name], prompts, references) if evaluator else NO_QUALITY),
             "preview_attribute_accuracy_by_round": preview_quality,
+            "edge_unet_steps_per_session": _edge_steps(method, records),
+            **edited,
         }
     report = {
         "methods": results,
