@@ -22,15 +22,11 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffusionx.bench.harness import sync
 from diffusionx.models import unet_config
 
 LATENT_SIZE = {"sd15": 64, "tiny_sd": 64, "embedded_edge": 16, "embedded_cloud": 16}
 TEXT = {"sd15": (77, 768), "tiny_sd": (77, 768), "embedded_edge": (77, 128), "embedded_cloud": (77, 128)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # CUDA runs asynchronously: time finished work only
 
 
 def measure(name: str, steps: int, warmup: int, batch: int, cfg: bool, device: str = "cpu",
@@ -48,10 +44,10 @@ def measure(name: str, steps: int, warmup: int, batch: int, cfg: bool, device: s
     times = []
     with torch.no_grad():
         for i in range(warmup + steps):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             unet(sample, timesteps, encoder_hidden_states=context)
-            _sync(dev)
+            sync(dev)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in unet.parameters())

@@ -175,6 +175,38 @@ def test_load_aware_is_non_increasing_in_load_and_never_below_the_floor():
     assert policy.cloud_strength("p", latents, None) == 0.5
 
 
+def test_floors_come_from_the_manifest_unless_given():
+    latents = torch.zeros(1, 4, 16, 16)
+    predictors = _stub_predictors()
+    predictors.manifest = {"policy_defaults": {"min_edge": 0.7, "min_cloud": 0.9}}
+    tuned = LearnedPolicy(predictors)
+    assert (tuned.min_edge, tuned.min_cloud) == (0.7, 0.9)
+    assert tuned.edge_strength("a", "b", latents) == 0.7  # the predicted 0.5 is under the floor
+    assert tuned.cloud_strength("a", latents, None) == 0.9
+    explicit = LearnedPolicy(predictors, min_edge=0.0, min_cloud=0.0)
+    assert explicit.edge_strength("a", "b", latents) == 0.5
+    assert LearnedPolicy(_stub_predictors()).min_edge == 0.0  # no tuned floors: none
+    load_aware = LoadAwarePolicy(predictors)  # trades cloud steps under load: only max_drop bounds it
+    assert (load_aware.min_edge, load_aware.min_cloud) == (0.7, 0.0)
+
+
+def test_tune_picks_the_fastest_floor_that_meets_the_target():
+    from diffusionx.predictors.tune import finals_ok, pick, previews_ok
+
+    scratch = {"edited_preview_attribute_accuracy": 0.50, "edited_preview_clip_score": 60.0}
+    def run(latency, attr, score):
+        return {"session_latency_mean_s": latency, "edited_preview_attribute_accuracy": attr,
+                "edited_preview_clip_score": score}
+
+    floors = {0.0: run(1.0, 0.45, 61), 0.4: run(2.0, 0.495, 59), 0.6: run(3.0, 0.52, 62)}
+    assert pick(floors, lambda m: previews_ok(m, scratch, 0.02)) == (0.4, True)
+    assert pick(floors, lambda m: previews_ok(m, scratch, 0.0)) == (0.6, True)
+    assert pick(floors, lambda m: m["session_latency_mean_s"] > 5) == (0.6, False)  # none: the highest floor
+    cloud_only = {"attribute_accuracy": 0.66, "clip_score": 82.0}
+    assert finals_ok({"attribute_accuracy": 0.655, "clip_score": 81.5}, cloud_only, 0.01)
+    assert not finals_ok({"attribute_accuracy": 0.64, "clip_score": 82.0}, cloud_only, 0.01)
+
+
 def test_bench_policy_specs():
     from diffusionx.bench.run import parse_policy
 
@@ -186,6 +218,8 @@ def test_bench_policy_specs():
     assert method.policy.load_source() == {"estimated_wait_s": 10.0}
     assert isinstance(parse_policy("similarity-rule", 0.6).policy, SimilarityRule)
     assert parse_policy("fixed-0.5", 0.6).policy.cloud == 0.5
+    assert parse_policy("learned", 0.6).policy._min_edge is None  # the tuned floors, when it loads
+    assert parse_policy("learned-emin0-cmin1", 0.6).policy._min_cloud == 1.0
     for bad in ("learned-zz3", "load-aware-wait", "oracle"):
         with pytest.raises(InvalidInputError):
             parse_policy(bad, 0.6)
@@ -273,6 +307,22 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
     z = decode_latents(latents)
     assert policy.edge_strength("a red circle", "a blue circle", z) in grid
     assert policy.cloud_strength("a blue circle", z, {"estimated_wait_s": 5.0}) in grid
+
+    # tune: whole sessions through the benchmark, floors into the manifest
+    from diffusionx.predictors.tune import tune_floors
+
+    sessions = [dict(s, rounds=s["rounds"][:3]) for s in generate_sessions(2, "validation")]
+    summary = tune_floors(untrained_pair, sessions, tmp_path / "model", tmp_path / "tune", edge_floors=[0.0, 0.5],
+                          cloud_floors=[0.5, 1.0], steps=2, batch=8, write=True)
+    chosen = summary["policy_defaults"]
+    assert chosen["min_edge"] in (0.0, 0.5) and chosen["min_cloud"] in (0.5, 1.0)
+    assert set(summary["edge_floors"]) == {"0.0", "0.5"} and set(summary["cloud_floors"]) == {"0.5", "1.0"}
+    scratch = summary["references"]["scratch"]
+    assert scratch["edge_unet_steps_per_session"] == 2 * 3  # every round from noise, 2 steps each
+    assert summary["edge_floors"]["0.5"]["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
+    assert (tmp_path / "tune" / "tune.json").is_file() and (tmp_path / "tune" / "edge_floors" / "results.md").is_file()
+    tuned = LearnedPolicy(Predictors.load(tmp_path / "model", features=features))
+    assert (tuned.min_edge, tuned.min_cloud) == (chosen["min_edge"], chosen["min_cloud"])
 
 
 def test_cli_predictors_errors(tmp_path, capsys):

@@ -53,18 +53,20 @@ def default_methods(cloud_strengths: list[float], edge_strength: float = 0.6) ->
 
 
 # ----- measured compute ------------------------------------------------------------------------
-def _median_time(fn, repeats: int, device: torch.device | None = None) -> float:
-    def sync() -> None:
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)  # CUDA is asynchronous: time finished work
+def sync(device: torch.device | None) -> None:
+    """Wait for `device`'s queued work: CUDA is asynchronous, and a timer must see finished work."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+def _median_time(fn, repeats: int, device: torch.device | None = None) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

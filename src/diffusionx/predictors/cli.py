@@ -1,4 +1,4 @@
-"""`diffusionx predictors collect | train | curve` (wired into diffusionx.cli.build_parser)."""
+"""`diffusionx predictors collect | train | tune | curve` (wired into diffusionx.cli.build_parser)."""
 
 from __future__ import annotations
 
@@ -147,6 +147,60 @@ def cmd_curve(args) -> int:
     return 0
 
 
+def _floors(text: str) -> list[float]:
+    import argparse
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"floors must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError("floors must be strengths in [0, 1]")
+    return values
+
+
+def cmd_tune(args) -> int:
+    from ..bench import get_profile
+    from ..bench.run import load_sessions
+    from ..errors import InvalidInputError
+    from ..models import load_pair
+    from ..world import generate_sessions
+    from .policies import ASSET_DIR
+    from .tune import tune_floors
+
+    if args.sessions:
+        sessions, workload = load_sessions(args.sessions, args.n)
+    elif args.n < 1:
+        raise InvalidInputError(f"--n must be at least 1, got {args.n}")
+    else:  # never the test split: the floors are chosen here and judged there
+        sessions, workload = generate_sessions(args.n, "validation"), "embedded world, validation split"
+    folder = Path(args.predictors or ASSET_DIR)
+    if not (folder / "predictors.json").is_file():
+        raise InvalidInputError(f"no predictors in {folder}: run `diffusionx predictors train` first")
+    pair = load_pair(args.model)
+    summary = tune_floors(
+        pair,
+        sessions,
+        folder,
+        args.out,
+        edge_floors=args.edge_floors,
+        cloud_floors=args.cloud_floors,
+        preview_tolerance=args.preview_tolerance,
+        final_tolerance=args.final_tolerance,
+        profile=get_profile(args.profile),
+        workload=workload,
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        write=args.write,
+    )
+    print(json.dumps(summary, indent=1))
+    chosen = summary["policy_defaults"]
+    where = f"written to {folder / 'predictors.json'}" if args.write else "not written (add --write)"
+    print(f"floors: edge {chosen['min_edge']:g}, cloud {chosen['min_cloud']:g}; {where}", file=sys.stderr)
+    return 0
+
+
 def add_predictors_parser(sub) -> None:
     from ..models import PRESETS
     from .curves import DEFAULT_EPS, GRID
@@ -192,6 +246,24 @@ def add_predictors_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-refit", action="store_true", help="ship the train-only fit (default: refit on train+val)")
     t.set_defaults(func=cmd_train)
+
+    u = psub.add_parser("tune", help="choose the learned policy's strength floors on validation sessions")
+    u.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
+    u.add_argument("--predictors", default=None, help=f"predictor folder (default: the shipped ones, {ASSET_DIR})")
+    u.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's validation split)")
+    u.add_argument("--n", type=int, default=128, help="sessions (default 128)")
+    u.add_argument("--edge-floors", type=_floors, default=[0.0, 0.3, 0.4, 0.5, 0.6], help="comma-separated")
+    u.add_argument("--cloud-floors", type=_floors, default=[0.0, 0.8, 0.9, 1.0], help="comma-separated")
+    u.add_argument("--preview-tolerance", type=float, default=0.02,
+                   help="previews of rounds 2+ within this (relative) of regenerating from scratch")
+    u.add_argument("--final-tolerance", type=float, default=0.01, help="finals within this (relative) of cloud-only")
+    u.add_argument("--profile", default="laptop-gpu", help="device profile for the latency the choice minimizes")
+    u.add_argument("--steps", type=int, default=20)
+    u.add_argument("--batch", type=int, default=64, help="sessions per U-Net call")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--write", action="store_true", help="write the chosen floors into the predictors' manifest")
+    u.add_argument("--out", default="outputs/predictors/tune", help="folder for the benchmark runs and tune.json")
+    u.set_defaults(func=cmd_tune)
 
     v = psub.add_parser("curve", help="load-aware policy: estimated wait vs chosen strength vs predicted quality (PNG)")
     v.add_argument("--data", nargs="+", default=["outputs/predictors/sweep.jsonl"], help="sweep tables (cloud cases)")

@@ -95,7 +95,9 @@ class LearnedPolicy:
 
     edge_eps / cloud_eps: quality tolerance vs the reference (fresh edge generation / cloud-only);
     edge_cost / cloud_cost: quality a whole unit of strength is worth giving up (0: pure eps rule);
-    min_edge / min_cloud: lower bounds on the strength."""
+    min_edge / min_cloud: lower bounds on the strength; None (default) takes the floors that
+    `predictors tune` chose on validation sessions and wrote into the predictors' manifest
+    (`policy_defaults`), or 0 where it has none."""
 
     def __init__(
         self,
@@ -105,15 +107,16 @@ class LearnedPolicy:
         cloud_eps: float = DEFAULT_EPS,
         edge_cost: float = 0.0,
         cloud_cost: float = 0.0,
-        min_edge: float = 0.0,
-        min_cloud: float = 0.0,
+        min_edge: float | None = None,
+        min_cloud: float | None = None,
         folder: str | Path | None = None,
     ) -> None:
         self._predictors = predictors
         self._folder = folder
         self.edge_eps, self.cloud_eps = float(edge_eps), float(cloud_eps)
         self.edge_cost, self.cloud_cost = float(edge_cost), float(cloud_cost)
-        self.min_edge, self.min_cloud = float(min_edge), float(min_cloud)
+        self._min_edge = None if min_edge is None else float(min_edge)
+        self._min_cloud = None if min_cloud is None else float(min_cloud)
         self.timings_s: list[float] = []  # predictor forward time per call (features excluded)
 
     @property
@@ -121,6 +124,17 @@ class LearnedPolicy:
         if self._predictors is None:  # lazy: the bench builds policies before it loads models
             self._predictors = Predictors.load(self._folder)
         return self._predictors
+
+    def _tuned(self, key: str) -> float:
+        return float(self.predictors.manifest.get("policy_defaults", {}).get(key, 0.0))
+
+    @property
+    def min_edge(self) -> float:
+        return self._tuned("min_edge") if self._min_edge is None else self._min_edge
+
+    @property
+    def min_cloud(self) -> float:
+        return self._tuned("min_cloud") if self._min_cloud is None else self._min_cloud
 
     def edge_strength(self, previous_prompt: str, prompt: str, previous_latents: torch.Tensor) -> float:
         gaps = self.predictors.edge_gaps(previous_prompt, prompt, previous_latents)
@@ -159,7 +173,8 @@ class LoadAwarePolicy(LearnedPolicy):
 
     so each second of queue makes a unit of strength worth `wait_weight` more quality points;
     the strength is non-increasing in W and the predicted quality never goes below the floor
-    q(cloud-only) - max_drop (the bounded amount of quality traded). Where the load comes from:
+    q(cloud-only) - max_drop (the bounded amount of quality traded); the learned policy's tuned
+    cloud floor does not apply (an explicit `min_cloud` does). Where the load comes from:
     the `load` argument if the caller passes one, else `load_source()` (e.g. `CloudClient.load`,
     or the server's in-process `service.load().as_dict`), else no load (W = 0)."""
 
@@ -177,6 +192,12 @@ class LoadAwarePolicy(LearnedPolicy):
             raise ValueError("wait_weight and max_drop must be >= 0")
         self.wait_weight, self.max_drop = float(wait_weight), float(max_drop)
         self.load_source = load_source
+
+    @property
+    def min_cloud(self) -> float:
+        # Its quality bound is `max_drop`; the tuned cloud floor (an idle cloud's answer) would
+        # leave no cloud steps to trade under load, so only an explicit floor applies.
+        return 0.0 if self._min_cloud is None else self._min_cloud
 
     @staticmethod
     def wait_of(load: dict[str, Any] | None) -> float:

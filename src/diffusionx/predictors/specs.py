@@ -1,6 +1,7 @@
 """Policy specs for `diffusionx bench --policy`: the predictors' policies by name.
 
 learned[-eps0.02][-eeps0.02][-ceps0.01][-cw0.05][-ecw0]   LearnedPolicy (eps: both directions)
+       [-emin0.4][-cmin1]                                 strength floors (default: the tuned ones)
 load-aware[-wait10][-ww0.01][-floor0.05][-eps..]          LoadAwarePolicy; wait = the estimated
                                                           wait (s) of an in-process load report
 similarity-rule[-low0.5][-min0.3][-c0.5]                  SimilarityRule baseline
@@ -52,8 +53,8 @@ def policy_from_spec(spec: str, oracle_sweeps: list[str] | None = None) -> Any:
         "cloud_eps": cloud_eps,
         "cloud_cost": params.get("cw", 0.0),
         "edge_cost": params.get("ecw", 0.0),
-        "min_edge": params.get("emin", 0.0),
-        "min_cloud": params.get("cmin", 0.0),
+        "min_edge": params.get("emin"),  # None: the floors `predictors tune` chose (manifest)
+        "min_cloud": params.get("cmin"),
     }
     if prefix == "learned":
         return LearnedPolicy(**kwargs)
