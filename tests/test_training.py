@@ -18,6 +18,25 @@ def test_cosine_lr_and_budget():
     assert b.total == 1000 and b.locked
 
 
+def test_ema_update_is_the_moving_average():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # float params + an int buffer
+    ema = EMA(m, 0.9)
+    expected = {k: v.clone().float() for k, v in m.state_dict().items()}
+    for step in range(5):
+        m.train()(torch.randn(8, 3)).pow(2).mean().backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= 0.1 * p.grad
+        ema.update(m, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        for k, v in m.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v.float() if v.dtype.is_floating_point else v.clone()
+    for k in expected:
+        torch.testing.assert_close(ema.shadow[k].to(expected[k].dtype), expected[k])
+    assert ema.shadow["1.num_batches_tracked"].item() == 5
+
+
 def test_checkpoint_round_trip_resumes_optimizer(tmp_path):
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
-from .common import EMA, Checkpoint, LossLog, StepBudget, cosine_lr
+from .common import EMA, Checkpoint, LossLog, StepBudget, adamw, cosine_lr
 from .data import captions_for, paired_scenes, render_all, split_scenes, to_tensor_images
 
 SEED = 20260
@@ -200,7 +200,7 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
     text.to(dev), proj.to(dev), image.to(dev)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=dev))
     params = [*text.parameters(), *proj.parameters(), *image.parameters(), logit_scale]
-    opt = torch.optim.AdamW(params, lr=cfg.te_lr, weight_decay=0.01)
+    opt = adamw(params, cfg.te_lr, 0.01, dev)
     holder = torch.nn.ParameterDict({"logit_scale": logit_scale})
     modules = {"text": text, "proj": proj, "image": image, "scale": holder}
     rng = np.random.default_rng([cfg.seed, 1])
@@ -299,7 +299,7 @@ def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
         return ck.state()
     torch.manual_seed(cfg.seed + 2)
     vae = _new_vae().to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    opt = adamw(vae.parameters(), cfg.vae_lr, 0.0, device)
     rng = np.random.default_rng([cfg.seed, 2])
     images = render_all(split_scenes(rng, cfg.vae_images), rng, workers=cfg.render_workers)
     state = {"step": 0, "total": cfg.vae_steps}
@@ -400,7 +400,7 @@ def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
     trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=cfg.vae_decoder_lr, weight_decay=0.0)
+    opt = adamw(trainable, cfg.vae_decoder_lr, 0.0, device)
     rng = np.random.default_rng([cfg.seed, 6])
     images = render_all(split_scenes(rng, cfg.vae_decoder_images), rng, workers=cfg.render_workers)
     with torch.no_grad():
@@ -553,7 +553,7 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
     torch.manual_seed(cfg.seed + (4 if role == "edge" else 5))
     unet = _new_unet(role).to(device)
     base_lr = cfg.unet_lr_edge if role == "edge" else cfg.unet_lr_cloud
-    opt = torch.optim.AdamW(unet.parameters(), lr=base_lr, weight_decay=0.01)
+    opt = adamw(unet.parameters(), base_lr, 0.01, device)
     ema = EMA(unet, cfg.ema_decay)
     cache = load_file(str(out_dir / "cache" / "cache.safetensors"))
     scaling = json.loads((out_dir / "cache" / "cache.json").read_text())["scaling_factor"]
