@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..bench.harness import Method
+from ..bench.harness import Method, calibrate
 from ..policies import FixedStrength
 from .policies import MANIFEST, LearnedPolicy, Predictors
 
@@ -90,7 +90,10 @@ def tune_floors(
     def learned(e: float, c: float) -> Method:
         return Method(_name(e, c), "diffusionx", LearnedPolicy(predictors, min_edge=e, min_cloud=c))
 
-    common = {"workload": workload, "steps": steps, "guidance_scale": guidance_scale, "batch": batch, "seed": seed}
+    # One calibration for both passes: their latencies are compared with each other.
+    calibration = {**calibrate(pair, guidance_scale=guidance_scale), "models": pair.describe()}
+    common = {"workload": workload, "steps": steps, "guidance_scale": guidance_scale, "batch": batch, "seed": seed,
+              "calibration": calibration}
     top_cloud = max(cloud_floors)
     edge_pass = [
         Method("cloud-only", "cloud-only"),
