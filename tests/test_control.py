@@ -276,3 +276,8 @@ def test_bench_edits_writes_json_and_grid(tmp_path, untrained_pair):
         assert result[key] is None or 0.0 <= result[key] <= 1.0
     assert len(result["per_edit"]) == 2
     assert (tmp_path / "edits_grid.png").exists()
+    assert result["side"] == "edge"
+    args = build_parser().parse_args(["bench-edits", "--side", "cloud"])
+    assert args.side == "cloud"
+    with pytest.raises(ValueError, match="side"):
+        bench_edits(untrained_pair, n=1, steps=2, out_dir=tmp_path, side="phone")

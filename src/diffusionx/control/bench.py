@@ -2,7 +2,7 @@
 
 On the embedded world's test sessions, every consecutive pair of rounds whose prompts differ by
 exactly one swapped word (an attribute edit: shape, color, size, position, or the background
-color) is an edit. For each, with the edge model and one seed:
+color) is an edit. For each, with the edge model (`--side cloud`: the cloud one) and one seed:
 
 - *previous*: the previous round's prompt, generated from noise;
 - *plain*: the new prompt, generated from the same noise (plain re-generation);
@@ -169,14 +169,19 @@ def bench_edits(
     guidance_scale: float = 7.5,
     evaluator=None,
     progress: bool = True,
+    side: str = "edge",
 ) -> dict[str, Any]:
+    """`side`: the model that runs the rounds: the edge one (where edits happen), or the cloud one
+    to see how the same control does with a stronger model."""
     from tqdm.auto import tqdm
 
     from ..metrics import get_evaluator
 
     config = config or ControlConfig()
     evaluator = evaluator or get_evaluator()
-    engine = pair.edge
+    if side not in ("edge", "cloud"):
+        raise ValueError(f"side must be 'edge' or 'cloud', got {side!r}")
+    engine = pair.edge if side == "edge" else pair.cloud
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     edits = one_word_edits(n)
@@ -260,6 +265,7 @@ def bench_edits(
         },
         "bars": {"controlled_kept": ">= 0.90 and >= plain_kept + 0.20", "edited_right": ">= 0.80"},
         "model": pair.describe() if hasattr(pair, "describe") else str(pair),
+        "side": side,
         "steps": steps,
         "seed": seed,
         "config": config.__dict__,
@@ -298,6 +304,8 @@ def add_bench_edits_parser(sub) -> None:
     p.add_argument("--self-steps", type=float, default=ControlConfig.self_steps)
     p.add_argument("--no-blend", action="store_true", help="switch the local blend off")
     p.add_argument("--blend-threshold", type=float, default=ControlConfig.blend_threshold)
+    p.add_argument("--side", choices=("edge", "cloud"), default="edge",
+                   help="the model that runs the rounds (default edge, where edits happen)")
     p.set_defaults(func=cmd_bench_edits)
 
 
@@ -318,8 +326,9 @@ def cmd_bench_edits(args) -> int:
     except ValueError as err:
         raise InvalidInputError(str(err)) from err
     pair = load_pair(args.model)
-    result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config)
-    print(f"models: edge {pair.edge_info.label}")
+    result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config,
+                         side=args.side)
+    print(f"model: {args.side} {getattr(pair, f'{args.side}_info').label}")
     for key in ("edits", "controlled_kept", "plain_kept", "edited_right", "plain_edited_right"):
         value = result[key]
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
