@@ -29,10 +29,15 @@ if [[ $step == all || $step == collect ]]; then
 if [[ $step == all || $step == predictors ]]; then
   diffusionx predictors train --data "$OUT/pred/edge.jsonl" "$OUT/pred/cloud.jsonl" --out src/diffusionx/assets/predictors \
     2>&1 | quiet > "$OUT/pred/train.log"
-  diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy learned --policy load-aware-wait20 \
-    --policy similarity-rule --policy oracle --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1.0 \
-    --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"; fi
+  # new predictors drop the old floors: choose them again on validation sessions
+  diffusionx predictors tune --n 128 --write --out "$OUT/tune" 2>&1 | quiet > "$OUT/tune.log"
+  diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy oracle --policy learned \
+    --policy learned-emin0-cmin0 --policy load-aware-wait20 --policy similarity-rule --policy fixed-0.3 --policy fixed-0.5 \
+    --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"
+  diffusionx bench --n 192 --batch 64 --policy learned --policy fixed-1 --policy fixed-1-1 --out "$OUT/bench_learned" 2>&1 \
+    | quiet > "$OUT/bench_learned.log"; fi
 # issue 7: attention control on one-word edits
-if [[ $step == all || $step == edits ]]; then diffusionx bench-edits --n 48 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"; fi
+if [[ $step == all || $step == edits ]]; then diffusionx bench-edits --n 48 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"
+  diffusionx bench-edits --n 48 --side cloud --out "$OUT/edits_cloud" 2>&1 | quiet > "$OUT/edits_cloud.log"; fi
 # issue 4: the service under load (needs the machine to itself)
 if [[ $step == all || $step == loadtest ]]; then python -m diffusionx.server.loadtest 2>&1 | quiet > "$OUT/loadtest.log"; fi
