@@ -175,3 +175,55 @@ class StepBudget:
         self.total = min(self.total, projected)
         self.locked = True
         self._t0, self._s0 = now, step
+
+
+class StageLoop:
+    """The bookkeeping every training stage's loop shares: the step against its budget, the
+    progress bar, the loss log and the periodic checkpoint a resumed run continues from.
+
+        loop = StageLoop(budget, state, bar, LossLog(path), ck, log_every=10, ckpt_every=100)
+        while loop.running:
+            ...one optimizer step...
+            if loop.advance():
+                loop.write_log({"loss": "0.123"}, loss=...)
+            loop.checkpoint(modules, opt)
+        loop.bar.close()
+    """
+
+    def __init__(self, budget: StepBudget, state: dict, bar, log: LossLog, ck: Checkpoint, *, log_every: int,
+                 ckpt_every: int):
+        self.budget, self.bar, self.log, self.ck = budget, bar, log, ck
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.step = state["step"]
+        self.t_start = time.time() - state.get("wall_s", 0.0)  # a resumed run keeps counting its time
+
+    @property
+    def running(self) -> bool:
+        return self.step < self.budget.total
+
+    @property
+    def wall_s(self) -> float:
+        return time.time() - self.t_start
+
+    @property
+    def log_due(self) -> bool:
+        return self.step % self.log_every == 0 or self.step == self.budget.total
+
+    def advance(self) -> bool:
+        """Count a finished step; True when it is one to log."""
+        self.step += 1
+        self.budget.observe(self.step)
+        self.bar.total = self.budget.total
+        self.bar.update(1)
+        return self.log_due
+
+    def write_log(self, postfix: dict[str, str], **record) -> None:
+        self.log.write(step=self.step, **record, wall_s=self.wall_s)
+        self.bar.set_postfix(**postfix)
+
+    def checkpoint(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, ema: EMA | None = None,
+                   **extra) -> None:
+        """Save every `ckpt_every` steps, except the last (the stage's final save follows)."""
+        if self.step % self.ckpt_every == 0 and self.step < self.budget.total:
+            self.ck.save({"step": self.step, "total": self.budget.total, "locked": self.budget.locked,
+                          "wall_s": self.wall_s, **extra}, modules, opt, ema)

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
-from .common import EMA, Checkpoint, LossLog, StepBudget, adamw, cosine_lr
+from .common import EMA, Checkpoint, LossLog, StageLoop, StepBudget, adamw, cosine_lr
 from .data import captions_for, paired_scenes, render_all, split_scenes, to_tensor_images
 
 SEED = 20260
@@ -146,6 +146,13 @@ def _bar(progress: bool, total: int, initial: int, desc: str, position: int = 0)
                 mininterval=5.0, dynamic_ncols=True, leave=True)
 
 
+def _loop(out_dir: Path, stage: str, desc: str, budget: StepBudget, state: dict, ck: Checkpoint, cfg: TrainConfig,
+          progress: bool, position: int) -> StageLoop:
+    bar = _bar(progress, budget.total, state["step"], desc, position)
+    return StageLoop(budget, state, bar, LossLog(out_dir / "logs" / f"{stage}.jsonl"), ck, log_every=cfg.log_every,
+                     ckpt_every=cfg.ckpt_every)
+
+
 def _done(out_dir: Path, stage: str) -> bool:
     return Checkpoint(out_dir / stage / "ckpt").state().get("done", False)
 
@@ -211,13 +218,11 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
         state = ck.load(modules, opt)
     budget = StepBudget(state["total"], deadline, locked=state.get("locked", False),
                         measure_after=cfg.budget_measure_steps)
-    log = LossLog(out_dir / "logs" / "text_encoder.jsonl")
-    step = state["step"]
-    bar = _bar(progress, budget.total, step, "text encoder", position)
-    t_start = time.time() - state.get("wall_s", 0.0)
+    loop = _loop(out_dir, "text_encoder", "text encoder", budget, state, ck, cfg, progress, position)
     n_pairs = len(scenes) // 2
     text.train()
-    while step < budget.total:
+    while loop.running:
+        step = loop.step
         srng = np.random.default_rng([cfg.seed, 11, step])
         pairs = srng.choice(n_pairs, size=min(cfg.te_batch_pairs, n_pairs), replace=False)
         idx = np.stack([2 * pairs, 2 * pairs + 1], 1).reshape(-1)
@@ -235,19 +240,13 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
-        budget.observe(step)
-        bar.total = budget.total
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == budget.total:
+        if loop.advance():
             acc = (logits.argmax(1) == labels).float().mean().item()
-            log.write(step=step, loss=loss.item(), retrieval_acc=acc, lr=opt.param_groups[0]["lr"],
-                      wall_s=time.time() - t_start)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if step % cfg.ckpt_every == 0 and step < budget.total:
-            ck.save({"step": step, "total": budget.total, "locked": budget.locked, "wall_s": time.time() - t_start},
-                    modules, opt)
-    bar.close()
+            loop.write_log({"loss": f"{loss.item():.3f}", "acc": f"{acc:.2f}"}, loss=loss.item(), retrieval_acc=acc,
+                           lr=opt.param_groups[0]["lr"])
+        loop.checkpoint(modules, opt)
+    loop.bar.close()
+    step = loop.step
     # Held-out check: caption -> image retrieval among 32 test-split scenes (with hard negatives).
     text.eval()
     image.eval()
@@ -260,7 +259,7 @@ def train_text_encoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
         test_acc = ((v @ t.T).argmax(0) == torch.arange(len(test), device=dev)).float().mean().item()
     text.save_pretrained(stage / "final", safe_serialization=True)
     final = {"step": step, "total": budget.total, "locked": True, "done": True, "final_loss": loss.item(),
-             "test_retrieval_top1_of_32": test_acc, "wall_s": time.time() - t_start,
+             "test_retrieval_top1_of_32": test_acc, "wall_s": loop.wall_s,
              "params": sum(p.numel() for p in text.parameters())}
     ck.save(final, modules, opt)
     return final
@@ -309,12 +308,10 @@ def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
     cost = cfg.vae_small_frac + (1 - cfg.vae_small_frac) * ratio
     budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), cost_factor=cost,
                         measure_after=cfg.budget_measure_steps)
-    log = LossLog(out_dir / "logs" / "vae.jsonl")
-    step = state["step"]
-    bar = _bar(progress, budget.total, step, "vae", position)
-    t_start = time.time() - state.get("wall_s", 0.0)
+    loop = _loop(out_dir, "vae", "vae", budget, state, ck, cfg, progress, position)
     vae.train()
-    while step < budget.total:
+    while loop.running:
+        step = loop.step
         srng = np.random.default_rng([cfg.seed, 12, step])
         idx = srng.choice(len(images), size=min(cfg.vae_batch, len(images)), replace=False)
         x = to_tensor_images(images[idx]).to(device)
@@ -339,19 +336,13 @@ def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        step += 1
-        budget.observe(step)
-        bar.total = budget.total
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == budget.total:
+        if loop.advance():
             p = psnr(rec.detach(), x)
-            log.write(step=step, loss=loss.item(), mse=mse.item(), kl=kl.item(), psnr=p, full=bool(full),
-                      lr=opt.param_groups[0]["lr"], wall_s=time.time() - t_start)
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}")
-        if step % cfg.ckpt_every == 0 and step < budget.total:
-            ck.save({"step": step, "total": budget.total, "locked": budget.locked, "wall_s": time.time() - t_start},
-                    {"vae": vae}, opt)
-    bar.close()
+            loop.write_log({"loss": f"{loss.item():.4f}", "psnr": f"{p:.1f}"}, loss=loss.item(), mse=mse.item(),
+                           kl=kl.item(), psnr=p, full=bool(full), lr=opt.param_groups[0]["lr"])
+        loop.checkpoint({"vae": vae}, opt)
+    loop.bar.close()
+    step = loop.step
     vae.eval()
     with torch.no_grad():
         test_psnr = vae_test_psnr(vae, cfg.vae_test_images, cfg.seed)
@@ -361,7 +352,7 @@ def train_vae(out_dir: Path, cfg: TrainConfig, *, resume: bool, progress: bool,
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(stage / "final", safe_serialization=True)
     final = {"step": step, "total": budget.total, "locked": True, "done": True, "final_loss": loss.item(),
-             "test_psnr_db": test_psnr, "scaling_factor": scaling, "wall_s": time.time() - t_start,
+             "test_psnr_db": test_psnr, "scaling_factor": scaling, "wall_s": loop.wall_s,
              "params": sum(p.numel() for p in vae.parameters())}
     ck.save(final, {"vae": vae}, opt)
     return final
@@ -416,13 +407,11 @@ def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
                         measure_after=cfg.budget_measure_steps)
     if deadline is not None and time.time() > deadline - 60:
         budget = StepBudget(state["step"], None)  # no time left: keep the decoder as it is
-    log = LossLog(out_dir / "logs" / "vae_decoder.jsonl")
-    step = state["step"]
-    bar = _bar(progress, budget.total, step, "vae decoder", position)
-    t_start = time.time() - state.get("wall_s", 0.0)
+    loop = _loop(out_dir, "vae_decoder", "vae decoder", budget, state, ck, cfg, progress, position)
     vae.decoder.train()
     loss = torch.tensor(float("nan"))
-    while step < budget.total:
+    while loop.running:
+        step = loop.step
         srng = np.random.default_rng([cfg.seed, 16, step])
         g = torch.Generator().manual_seed(int(srng.integers(2**62)))
         idx = srng.choice(len(images), size=min(cfg.vae_decoder_batch, len(images)), replace=False)
@@ -440,18 +429,13 @@ def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        step += 1
-        budget.observe(step)
-        bar.total = budget.total
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == budget.total:
+        if loop.advance():
             p = psnr(rec.detach(), x)
-            log.write(step=step, loss=loss.item(), psnr=p, lr=opt.param_groups[0]["lr"], wall_s=time.time() - t_start)
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}")
-        if step % cfg.ckpt_every == 0 and step < budget.total:
-            ck.save({"step": step, "total": budget.total, "locked": budget.locked, "wall_s": time.time() - t_start},
-                    {"vae": vae}, opt)
-    bar.close()
+            loop.write_log({"loss": f"{loss.item():.4f}", "psnr": f"{p:.1f}"}, loss=loss.item(), psnr=p,
+                           lr=opt.param_groups[0]["lr"])
+        loop.checkpoint({"vae": vae}, opt)
+    loop.bar.close()
+    step = loop.step
     vae.eval()
     test_psnr = vae_test_psnr(vae, cfg.vae_test_images, cfg.seed)
     base = Checkpoint(out_dir / "vae" / "ckpt").state().get("test_psnr_db", -1.0)
@@ -459,7 +443,7 @@ def refine_vae_decoder(out_dir: Path, cfg: TrainConfig, *, resume: bool, progres
         vae.save_pretrained(stage / "final", safe_serialization=True)
     final = {"step": step, "total": budget.total, "locked": True, "done": True, "final_loss": loss.item(),
              "test_psnr_db": test_psnr, "test_psnr_db_before": base, "used": test_psnr > base,
-             "wall_s": time.time() - t_start}
+             "wall_s": loop.wall_s}
     ck.save(final, {"vae": vae}, opt)
     return final
 
@@ -582,13 +566,11 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
             budget_file.write_text(json.dumps({"total": budget.total}))
 
     publish()
-    log = LossLog(out_dir / "logs" / f"unet_{role}.jsonl")
-    step = state["step"]
-    bar = _bar(progress, budget.total, step, f"unet {role}", position)
-    t_start = time.time() - state.get("wall_s", 0.0)
+    loop = _loop(out_dir, f"unet_{role}", f"unet {role}", budget, state, ck, cfg, progress, position)
     unet.train()
     running = None
-    while step < budget.total:
+    while loop.running:
+        step = loop.step
         # The batch depends only on (seed, step): both U-Nets see the same data, resumes repeat it.
         srng = np.random.default_rng([cfg.seed, 14, step])
         g = torch.Generator().manual_seed(int(srng.integers(2**62)))
@@ -613,30 +595,27 @@ def _train_unet(out_dir: Path, cfg: TrainConfig, role: str, *, resume: bool, pro
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        step += 1
+        loop.advance()
+        step = loop.step
         ema.update(unet, step)
-        budget.observe(step)
         ema.decay = min(cfg.ema_decay, 1 - 10 / budget.total)  # average over ~the last 10% of a short run
         publish()
         if match and step % 10 == 0:
             budget.total = max(step, _cloud_total(out_dir))  # the cloud may have lowered its count
-        bar.total = budget.total
-        bar.update(1)
+            loop.bar.total = budget.total
         running = per.mean().item() if running is None else 0.98 * running + 0.02 * per.mean().item()
-        if step % cfg.log_every == 0 or step == budget.total:
-            log.write(step=step, loss=loss.item(), mse=per.mean().item(), mse_ema=running,
-                      lr=opt.param_groups[0]["lr"], wall_s=time.time() - t_start)
-            bar.set_postfix(mse=f"{running:.4f}")
-        if step % cfg.ckpt_every == 0 and step < budget.total:
-            ck.save({"step": step, "total": budget.total, "locked": budget.locked, "wall_s": time.time() - t_start,
-                     "mse_ema": running}, {"unet": unet}, opt, ema)
-    bar.close()
+        if loop.log_due:  # after the edge's count may have followed the cloud's
+            loop.write_log({"mse": f"{running:.4f}"}, loss=loss.item(), mse=per.mean().item(), mse_ema=running,
+                           lr=opt.param_groups[0]["lr"])
+        loop.checkpoint({"unet": unet}, opt, ema, mse_ema=running)
+    loop.bar.close()
+    step = loop.step
     budget.locked = True
     publish()  # a run shorter than the timing window never fixed its count: the edge must not wait
     ema.copy_to(unet)
     unet.save_pretrained(stage / "final", safe_serialization=True)
     final = {"step": step, "total": budget.total, "locked": True, "done": True, "final_loss": loss.item(),
-             "final_mse_ema": running, "wall_s": time.time() - t_start,
+             "final_mse_ema": running, "wall_s": loop.wall_s,
              "params": sum(p.numel() for p in unet.parameters()), "lr": base_lr, "batch": cfg.unet_batch}
     ck.save(final, {"unet": unet}, opt, ema)
     return final
