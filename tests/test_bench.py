@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from diffusionx import InvalidInputError
@@ -181,3 +182,25 @@ def test_arch_mode_times_with_a_calibration_and_skips_quality(tmp_path):
     per_round = CALIB["cloud"]["text_encode_s"] + 4 * CALIB["cloud"]["unet_step_s"] + CALIB["cloud"]["decode_s"]
     assert cloud["session_latency_mean_s"] == pytest.approx(rounds / 2 * per_round)
     assert "n/a (random weights)" in (out / "results.md").read_text()
+
+
+def test_paired_interval_of_preview_quality():
+    from diffusionx.bench.report import paired_relative_ci
+
+    rng = np.random.default_rng(0)
+    sessions = [s for s in range(40) for _ in range(4)]
+    rounds = [r for _ in range(40) for r in range(2, 6)]
+    ref_values = list(rng.uniform(0.3, 0.8, len(sessions)))
+
+    def run(values):
+        return {"edited_preview_per_image": {"session": sessions, "round": rounds, "attribute_accuracy": values}}
+
+    ref = run(ref_values)
+    low, high = paired_relative_ci(run([0.9 * v for v in ref_values]), ref, "attribute_accuracy")
+    assert low == pytest.approx(-0.1) and high == pytest.approx(-0.1)  # every pair is 10% lower
+    noisy = run([v * 0.95 + rng.normal(0, 0.05) for v in ref_values])
+    low, high = paired_relative_ci(noisy, ref, "attribute_accuracy")
+    assert low < -0.05 < high and high - low < 0.1
+    other = {"edited_preview_per_image": {"session": sessions, "round": [r + 1 for r in rounds],
+                                          "attribute_accuracy": ref_values}}
+    assert paired_relative_ci(other, ref, "attribute_accuracy") is None  # not the same previews

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _rel(value: float, base: float) -> str:
     return f"{(value / base - 1) * 100:+.1f}%" if base else "n/a"
@@ -83,6 +85,39 @@ def _from_scratch(methods: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def paired_relative_ci(
+    method: dict[str, Any], reference: dict[str, Any], key: str, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95% bootstrap interval of mean(method) / mean(reference) - 1 over the previews both have,
+    resampling whole sessions (a session's rounds are not independent); None when the two runs
+    did not score the same (session, round) previews."""
+    a_run, b_run = method.get("edited_preview_per_image"), reference.get("edited_preview_per_image")
+    if not a_run or not b_run or (a_run["session"], a_run["round"]) != (b_run["session"], b_run["round"]):
+        return None
+    sums: dict[int, list[float]] = {}
+    for session, a, b in zip(a_run["session"], a_run[key], b_run[key]):
+        if a is not None and b is not None:
+            total = sums.setdefault(session, [0.0, 0.0])
+            total[0] += a
+            total[1] += b
+    if len(sums) < 2:
+        return None
+    per_session = np.asarray(list(sums.values()))
+    rng = np.random.default_rng(seed)
+    draws = per_session[rng.integers(0, len(per_session), size=(n_boot, len(per_session)))].sum(axis=1)
+    ratios = draws[:, 0] / np.maximum(draws[:, 1], 1e-12) - 1
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _vs(m: dict[str, Any], ref: dict[str, Any] | None, mean_key: str, per_image_key: str) -> str:
+    if ref is None:
+        return "n/a"
+    text = _rel(m[mean_key], ref[mean_key])
+    ci = paired_relative_ci(m, ref, per_image_key) if m is not ref else None
+    return f"{text} [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else text
+
+
 def _edge_preview_table(methods: dict[str, Any]) -> list[str]:
     """Rounds 2+ on the edge: the steps a policy saves and what its previews lose for it."""
     rows = {name: m for name, m in methods.items() if m.get("edited_previews")}
@@ -94,7 +129,9 @@ def _edge_preview_table(methods: dict[str, Any]) -> list[str]:
         "## Edge previews, rounds 2+",
         "",
         "Edge U-Net steps per session (all rounds) and the quality of the previews of rounds 2+ (where "
-        "the edge strength is chosen)" + (", relative to regenerating every round from scratch (edge strength 1)."
+        "the edge strength is chosen)" + (", relative to regenerating every round from scratch (edge strength 1); "
+                                          "in brackets a 95% interval, pairing each preview with the scratch one and "
+                                          "resampling sessions."
                                           if ref else "; add `--policy fixed-1-C` for the from-scratch reference."),
         "",
         "| method | edge U-Net steps/session | vs scratch | preview attribute acc. | vs scratch "
@@ -107,8 +144,8 @@ def _edge_preview_table(methods: dict[str, Any]) -> list[str]:
         saved = _rel(steps, ref["edge_unet_steps_per_session"]) if ref else "n/a"
         lines.append(
             f"| {name} | {steps:.1f} | {saved} | {attr:.3f} | "
-            f"{_rel(attr, ref['edited_preview_attribute_accuracy']) if ref else 'n/a'} | {score:.2f} | "
-            f"{_rel(score, ref['edited_preview_clip_score']) if ref else 'n/a'} |"
+            f"{_vs(m, ref, 'edited_preview_attribute_accuracy', 'attribute_accuracy')} | {score:.2f} | "
+            f"{_vs(m, ref, 'edited_preview_clip_score', 'clip_score')} |"
         )
     return lines
 

@@ -139,17 +139,31 @@ def _edge_steps(method: Method, records: list) -> float:
     return float(np.mean([sum(r["unet_steps"] for r in record.rounds) for record in records]))
 
 
-def _edited_previews(evaluator, by_round: dict[int, list]) -> dict[str, Any]:
+def _edited_previews(evaluator, sessions: list[dict], records: list) -> dict[str, Any]:
     """Quality of the previews of rounds 2+, the ones a policy's edge strength decides (round 1 is
-    always a fresh generation): compare with a from-scratch method (edge strength 1, `fixed-1-C`)."""
-    pairs = [pair for index, round_pairs in by_round.items() if index > 1 for pair in round_pairs]
-    if evaluator is None or not pairs:
+    always a fresh generation): compare with a from-scratch method (edge strength 1, `fixed-1-C`).
+    Per-image values are kept, keyed by (session, round), so two methods can be compared pair by pair."""
+    items = [
+        (i, index, image, session["rounds"][index - 1]["prompt"])
+        for i, (session, record) in enumerate(zip(sessions, records))
+        for index, image in record.previews
+        if index > 1
+    ]
+    if evaluator is None or not items:
         return {}
-    images, prompts = [i for i, _ in pairs], [p for _, p in pairs]
+    images, prompts = [it[2] for it in items], [it[3] for it in items]
+    attributes = evaluator.attribute_accuracy(images, prompts)
+    scores = evaluator.clip_score(images, prompts)
     return {
-        "edited_preview_attribute_accuracy": evaluator.attribute_accuracy(images, prompts)["mean"],
-        "edited_preview_clip_score": float(np.mean(evaluator.clip_score(images, prompts))),
-        "edited_previews": len(pairs),
+        "edited_preview_attribute_accuracy": attributes["mean"],
+        "edited_preview_clip_score": float(np.mean(scores)),
+        "edited_previews": len(items),
+        "edited_preview_per_image": {
+            "session": [it[0] for it in items],
+            "round": [it[1] for it in items],
+            "attribute_accuracy": attributes["per_image"],
+            "clip_score": [float(x) for x in scores],
+        },
     }
 
 
@@ -203,7 +217,7 @@ def run_bench(
             for index, pairs in sorted(by_round.items())
             if evaluator is not None
         }
-        edited = _edited_previews(evaluator, by_round) if method.kind == "diffusionx" else {}
+        edited = _edited_previews(evaluator, sessions, records) if method.kind == "diffusionx" else {}
         max_rounds = max(len(lat["round_waits_s"]) for lat in latencies)
         round_waits = [
             float(np.mean([lat["round_waits_s"][k] for lat in latencies if k < len(lat["round_waits_s"])]))
