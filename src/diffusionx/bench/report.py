@@ -160,11 +160,13 @@ def write_plots(report: dict[str, Any], finals: dict[str, list], prompts: list[s
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key in zip(axes, ("attribute_accuracy", "fid")):
         points = [(name, m["session_latency_mean_s"], m[key]) for name, m in methods.items() if m.get(key) is not None]
+        if not points:
+            continue
+        span_x = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
+        span_y = max(p[2] for p in points) - min(p[2] for p in points) or 1.0
         for i, (name, x, y) in enumerate(points):
             ax.scatter(x, y, s=40)
             # Methods at (nearly) the same point get their labels stacked instead of overprinted.
-            span_x = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
-            span_y = max(p[2] for p in points) - min(p[2] for p in points) or 1.0
             near = sum(abs(x - px) < 0.06 * span_x and abs(y - py) < 0.04 * span_y for _, px, py in points[:i])
             ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4 - 10 * near), textcoords="offset points")
     axes[0].set_ylabel("final attribute accuracy (higher is better)")

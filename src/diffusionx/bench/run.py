@@ -139,29 +139,41 @@ def _edge_steps(method: Method, records: list) -> float:
     return float(np.mean([sum(r["unet_steps"] for r in record.rounds) for record in records]))
 
 
-def _edited_previews(evaluator, sessions: list[dict], records: list) -> dict[str, Any]:
-    """Quality of the previews of rounds 2+, the ones a policy's edge strength decides (round 1 is
-    always a fresh generation): compare with a from-scratch method (edge strength 1, `fixed-1-C`).
-    Per-image values are kept, keyed by (session, round), so two methods can be compared pair by pair."""
+def _mean_scored(values: list) -> float | None:
+    scored = [v for v in values if v is not None]  # None: an unparseable prompt, not scored
+    return float(np.mean(scored)) if scored else None
+
+
+def _preview_quality(evaluator, sessions: list[dict], records: list, edited: bool) -> tuple[dict, dict[str, Any]]:
+    """Attribute accuracy of every preview, read once: its mean per round, and (with `edited`) the
+    quality of the previews of rounds 2+, the ones a policy's edge strength decides (round 1 is
+    always a fresh generation), to compare with a from-scratch method (edge strength 1, `fixed-1-C`).
+    Their per-image values are kept, keyed by (session, round), so two methods can be compared pair
+    by pair."""
     items = [
         (i, index, image, session["rounds"][index - 1]["prompt"])
         for i, (session, record) in enumerate(zip(sessions, records))
         for index, image in record.previews
-        if index > 1
     ]
     if evaluator is None or not items:
-        return {}
-    images, prompts = [it[2] for it in items], [it[3] for it in items]
-    attributes = evaluator.attribute_accuracy(images, prompts)
-    scores = evaluator.clip_score(images, prompts)
-    return {
-        "edited_preview_attribute_accuracy": attributes["mean"],
+        return {}, {}
+    accuracy = evaluator.attribute_accuracy([it[2] for it in items], [it[3] for it in items])["per_image"]
+    by_round: dict[int, list] = {}
+    for it, acc in zip(items, accuracy):
+        by_round.setdefault(it[1], []).append(acc)
+    per_round = {index: _mean_scored(values) for index, values in sorted(by_round.items())}
+    later = [(it, acc) for it, acc in zip(items, accuracy) if it[1] > 1]
+    if not edited or not later:
+        return per_round, {}
+    scores = evaluator.clip_score([it[2] for it, _ in later], [it[3] for it, _ in later])
+    return per_round, {
+        "edited_preview_attribute_accuracy": _mean_scored([acc for _, acc in later]),
         "edited_preview_clip_score": float(np.mean(scores)),
-        "edited_previews": len(items),
+        "edited_previews": len(later),
         "edited_preview_per_image": {
-            "session": [it[0] for it in items],
-            "round": [it[1] for it in items],
-            "attribute_accuracy": attributes["per_image"],
+            "session": [it[0] for it, _ in later],
+            "round": [it[1] for it, _ in later],
+            "attribute_accuracy": [acc for _, acc in later],
             "clip_score": [float(x) for x in scores],
         },
     }
@@ -208,16 +220,7 @@ def run_bench(
         records = run_method(method, pair, sessions, steps=steps, guidance_scale=guidance_scale, batch=batch, seed=seed)
         latencies = [session_latency(method, r, calib, profile) for r in records]
         finals[method.name] = [r.final_image for r in records]
-        by_round: dict[int, list] = {}
-        for session, record in zip(sessions, records):
-            for index, image in record.previews:
-                by_round.setdefault(index, []).append((image, session["rounds"][index - 1]["prompt"]))
-        preview_quality = {
-            index: evaluator.attribute_accuracy([i for i, _ in pairs], [p for _, p in pairs])["mean"]
-            for index, pairs in sorted(by_round.items())
-            if evaluator is not None
-        }
-        edited = _edited_previews(evaluator, sessions, records) if method.kind == "diffusionx" else {}
+        preview_quality, edited = _preview_quality(evaluator, sessions, records, method.kind == "diffusionx")
         max_rounds = max(len(lat["round_waits_s"]) for lat in latencies)
         round_waits = [
             float(np.mean([lat["round_waits_s"][k] for lat in latencies if k < len(lat["round_waits_s"])]))

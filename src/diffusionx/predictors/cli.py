@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _strengths(text: str) -> list[float]:
+def _numbers(text: str, what: str) -> list[float]:
     import argparse
 
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"strengths must be comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _strengths(text: str) -> list[float]:
+    import argparse
+
+    values = _numbers(text, "strengths")
     if not values or any(not 0.0 < v <= 1.0 for v in values) or values != sorted(values) or values[-1] != 1.0:
         raise argparse.ArgumentTypeError("strengths must be increasing, in (0, 1], and end at 1.0")
     return values
@@ -150,10 +156,7 @@ def cmd_curve(args) -> int:
 def _floors(text: str) -> list[float]:
     import argparse
 
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"floors must be comma-separated numbers, got {text!r}") from None
+    values = _numbers(text, "floors")
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError("floors must be strengths in [0, 1]")
     return values
