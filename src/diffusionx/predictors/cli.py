@@ -56,7 +56,20 @@ def cmd_collect(args) -> int:
             raise InvalidInputError(f"no final previews in {args.previews}")
     elif not groups:
         raise InvalidInputError("nothing to collect: give --train/--validation/--test counts or --sessions FILE")
-    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
+    rollout = None
+    if args.rollout_policy:
+        from .specs import is_predictor_spec, policy_from_spec
+
+        if not is_predictor_spec(args.rollout_policy) or args.rollout_policy.startswith("oracle"):
+            raise InvalidInputError(
+                f"--rollout-policy takes a learned, load-aware or similarity-rule spec, not {args.rollout_policy!r} "
+                "(leave it out to continue from the oracle label)"
+            )
+        try:
+            rollout = policy_from_spec(args.rollout_policy)
+        except ValueError as err:
+            raise InvalidInputError(str(err)) from None
+    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud, device=args.device)
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     budget = args.time_budget_min * 60 if args.time_budget_min else None
     work = interleave(groups)
@@ -83,6 +96,8 @@ def cmd_collect(args) -> int:
         time_budget_s=budget,
         directions=args.directions,
         previews=previews,
+        rollout=rollout,
+        rollout_name=args.rollout_policy,
     )
     print(json.dumps(summary, indent=1))
     if summary["remaining"]:
@@ -228,6 +243,12 @@ def add_predictors_parser(sub) -> None:
     c.add_argument("--batch", type=int, default=64, help="jobs per U-Net call")
     c.add_argument("--chunk", type=int, default=4, help="sessions per chunk (rows are appended per chunk)")
     c.add_argument("--rollout-eps", type=float, default=DEFAULT_EPS, help="sessions continue from the oracle label")
+    c.add_argument(
+        "--rollout-policy",
+        help="continue each session from this policy's edge choice instead (a --policy spec such as learned "
+        "or learned-emin0-cmin0): rows of the states the policy itself reaches (DAgger)",
+    )
+    c.add_argument("--device", default="cpu", help="where the model pair runs: cpu (default) or cuda[:N]")
     c.add_argument("--time-budget-min", type=float, default=0.0, help="stop cleanly after about this many minutes")
     c.add_argument(
         "--directions",

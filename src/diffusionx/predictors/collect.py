@@ -6,7 +6,9 @@ For every session (rounds in lock-step across a chunk of sessions, batched U-Net
 - every later round k is re-generated from round k-1's latent at each strength of the grid
   (strength 1.0 = a fresh generation, the edge reference); each result is scored against p_k;
   the session continues from the result at the oracle label (smallest strength within
-  `rollout_eps` of fresh), so later rounds see latents like a good policy would produce;
+  `rollout_eps` of fresh), so later rounds see latents like a good policy would produce; or,
+  with a `rollout` policy, from the strength that policy picks (DAgger-style: the rows then show
+  the states the policy itself reaches, its own earlier mistakes included);
 - the final preview is refined by the cloud model at each strength (1.0 = cloud-only from
   scratch, the cloud reference), after the same fp16 round trip as on the wire.
 
@@ -119,12 +121,16 @@ def collect(
     progress: bool = True,
     directions: str = "both",
     previews: list[dict] | None = None,
+    rollout: Any = None,
+    rollout_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweeps for `work` (see `interleave`), appending rows to `out`. Returns a summary.
 
     directions: "both"; "edge" (edge sweeps and each session's final preview as a
     `final_preview` row; `pair.cloud` is not used); or "cloud" (cloud sweeps of `previews`, the
-    `final_preview` rows of an edge run; `work` is not used)."""
+    `final_preview` rows of an edge run; `work` is not used).
+    rollout: a `StrengthPolicy` whose edge choice each session continues from (None: the oracle
+    label at `rollout_eps`); `rollout_name` is what the header records for it."""
     if directions not in ("both", "edge", "cloud"):
         raise ValueError(f"directions must be both, edge or cloud, not {directions!r}")
     out = Path(out)
@@ -140,6 +146,7 @@ def collect(
         "grid": grid,
         "seed": seed,
         "rollout_eps": rollout_eps,
+        "rollout": rollout_name or ("oracle-label" if rollout is None else type(rollout).__name__),
         "directions": directions,
         "models": pair.describe(),
         "feature_names": {"edge": features.edge_names(), "cloud": features.cloud_names()},
@@ -147,8 +154,8 @@ def collect(
     existing = read_rows(out)
     if existing:
         old = existing[0]
-        for key in ("steps", "guidance_scale", "grid", "seed"):
-            if old.get(key) != header[key]:
+        for key in ("steps", "guidance_scale", "grid", "seed", "rollout"):
+            if old.get(key, "oracle-label" if key == "rollout" else None) != header[key]:
                 raise ValueError(
                     f"{out} was collected with {key}={old.get(key)!r}, not {header[key]!r}: "
                     "use another --out or the same settings to resume"
@@ -180,7 +187,7 @@ def collect(
         if directions == "cloud":
             rows = _cloud_chunk(pair, part, **kwargs)
         else:
-            rows, final = _edge_chunk(pair, part, seed=seed, rollout_eps=rollout_eps, **kwargs)
+            rows, final = _edge_chunk(pair, part, seed=seed, rollout_eps=rollout_eps, rollout=rollout, **kwargs)
             rows += final
             if directions == "both":
                 rows += _cloud_chunk(pair, final, **kwargs)
@@ -209,7 +216,7 @@ def previews_from(paths: Sequence[str | Path]) -> list[dict]:
     return [r for path in paths for r in read_rows(path) if r.get("kind") == "final_preview"]
 
 
-def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, scorer, features):
+def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, rollout, scorer, features):
     """Edge sweeps of a chunk of sessions: (edge rows, final_preview rows)."""
     n = len(work)
     seeds = [session_seed(seed, split, i) for split, i, _ in work]
@@ -237,9 +244,12 @@ def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, 
         g = len(grid)
         for k, i in enumerate(active):
             a, c = attr[k * g : (k + 1) * g], clip[k * g : (k + 1) * g]
-            gaps = gap_curve(quality(a, c))
-            chosen = grid.index(label(gaps, rollout_eps, grid))
             p_prompt, p_latent = prev[i][0], prev[i][1]
+            if rollout is None:
+                chosen = grid.index(label(gap_curve(quality(a, c)), rollout_eps, grid))
+            else:  # the grid strength nearest to the policy's choice
+                wanted = rollout.edge_strength(p_prompt, rounds[i][r]["prompt"], p_latent)
+                chosen = int(np.argmin([abs(s - wanted) for s in grid]))
             split, index, _ = work[i]
             rows.append(
                 {
@@ -248,6 +258,7 @@ def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, 
                     "session": index,
                     "round": r + 1,
                     "seed": seeds[i],
+                    "rollout_strength": grid[chosen],
                     "edit": rounds[i][r].get("edit"),
                     "previous_prompt": p_prompt,
                     "prompt": rounds[i][r]["prompt"],
