@@ -60,7 +60,8 @@ def worker(args) -> None:
     features = FeatureExtractor.from_engine(pair.edge, sentence)
     predictors = Predictors.load(features=FeatureExtractor.from_folder(EMBEDDED_DIR / "edge", sentence))
     policy = LearnedPolicy(predictors, min_edge=floor)
-    groups = [("train", generate_sessions(args.train, "train")), ("validation", generate_sessions(args.validation, "validation"))]
+    counts = {"train": args.train, "validation": args.validation}
+    groups = [(split, generate_sessions(n, split)) for split, n in counts.items()]
     work = interleave(groups)[args.worker :: len(FLOORS)]
     raw = Path(f"/tmp/dagger-{args.worker}.jsonl")
     summary = collect(
@@ -109,9 +110,9 @@ def main() -> int:
     started = time.time()
     procs = []
     for k in range(len(FLOORS)):
-        log = open(Path(args.out) / f"worker-{k}.log", "w")
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", str(k)]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ))
+        with open(Path(args.out) / f"worker-{k}.log", "w") as log:  # the child keeps its own handle
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ))
     codes = [proc.wait() for proc in procs]
     print(f"workers exited {codes} after {time.time() - started:.0f} s")
     return max(codes)

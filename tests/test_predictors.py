@@ -181,6 +181,7 @@ def test_floors_come_from_the_manifest_unless_given():
     predictors.manifest = {"policy_defaults": {"min_edge": 0.7, "min_cloud": 0.9}}
     tuned = LearnedPolicy(predictors)
     assert (tuned.min_edge, tuned.min_cloud) == (0.7, 0.9)
+    assert tuned.edge_eps == 0.02  # no tuned eps: the default
     assert tuned.edge_strength("a", "b", latents) == 0.7  # the predicted 0.5 is under the floor
     assert tuned.cloud_strength("a", latents, None) == 0.9
     explicit = LearnedPolicy(predictors, min_edge=0.0, min_cloud=0.0)
@@ -188,6 +189,8 @@ def test_floors_come_from_the_manifest_unless_given():
     assert LearnedPolicy(_stub_predictors()).min_edge == 0.0  # no tuned floors: none
     load_aware = LoadAwarePolicy(predictors)  # trades cloud steps under load: only max_drop bounds it
     assert (load_aware.min_edge, load_aware.min_cloud) == (0.7, 0.0)
+    predictors.manifest["policy_defaults"]["edge_eps"] = 0.05
+    assert tuned.edge_eps == 0.05 and LearnedPolicy(predictors, edge_eps=0.0).edge_eps == 0.0
 
 
 def test_tune_picks_the_fastest_floor_that_meets_the_target():
@@ -292,6 +295,26 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
     both = [r for r in rows if r["kind"] == "cloud" and (r["split"], r["session"]) == (work[0][0], work[0][1])]
     assert len(late) == 1 and late[0]["clip_score"] == pytest.approx(both[0]["clip_score"], abs=1e-4)
 
+    # DAgger rollout: sessions continue from the policy's choice, and the rows say so
+    from diffusionx.policies import FixedStrength
+    from diffusionx.predictors.collect import decode_latents
+
+    dagger = tmp_path / "dagger.jsonl"
+    kept = dict(kwargs, grid=(0.2, 0.5, 1.0))
+    collect(untrained_pair, work[:1], dagger, directions="edge", rollout=FixedStrength(edge=0.5, cloud=1.0),
+            rollout_name="fixed-0.5", **kept)
+    rolled = read_rows(dagger)
+    assert rolled[0]["rollout"] == "fixed-0.5"
+    assert [r["rollout_strength"] for r in rolled if r["kind"] == "edge"] == [0.5, 0.5]
+    # round 3 starts from round 2's strength-0.5 result: its previous latent is that one's
+    z2 = untrained_pair.edge.generate(
+        train[0]["rounds"][1]["prompt"], steps=2, strength=0.5, seed=rolled[1]["seed"],
+        init_latents=decode_latents(rolled[1]["previous_latents"]),
+    ).latents
+    assert torch.allclose(decode_latents(rolled[2]["previous_latents"]), z2.half().float(), atol=1e-2)
+    with pytest.raises(ValueError, match="rollout"):
+        collect(untrained_pair, work, dagger, directions="edge", **kept)  # another rollout: not a resume
+
     report = train_predictors(out, tmp_path / "model", text_encoder="untrained", progress=False)
     for kind in ("edge", "cloud"):
         d = report["directions"][kind]
@@ -309,20 +332,23 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
     assert policy.cloud_strength("a blue circle", z, {"estimated_wait_s": 5.0}) in grid
 
     # tune: whole sessions through the benchmark, floors into the manifest
-    from diffusionx.predictors.tune import tune_floors
+    from diffusionx.predictors.tune import tune_policy
 
     sessions = [dict(s, rounds=s["rounds"][:3]) for s in generate_sessions(2, "validation")]
-    summary = tune_floors(untrained_pair, sessions, tmp_path / "model", tmp_path / "tune", edge_floors=[0.0, 0.5],
-                          cloud_floors=[0.5, 1.0], steps=2, batch=8, write=True)
+    summary = tune_policy(untrained_pair, sessions, tmp_path / "model", tmp_path / "tune", edge_floors=[0.0, 0.5],
+                          cloud_floors=[0.5, 1.0], edge_eps=[0.0, 0.05], steps=2, batch=8, write=True)
     chosen = summary["policy_defaults"]
-    assert chosen["min_edge"] in (0.0, 0.5) and chosen["min_cloud"] in (0.5, 1.0)
-    assert set(summary["edge_floors"]) == {"0.0", "0.5"} and set(summary["cloud_floors"]) == {"0.5", "1.0"}
+    assert chosen["min_edge"] in (0.0, 0.5) and chosen["min_cloud"] in (0.5, 1.0) and chosen["edge_eps"] in (0.0, 0.05)
+    settings = {(s["edge_eps"], s["min_edge"]): s for s in summary["edge_settings"]}
+    assert set(settings) == {(0.0, 0.0), (0.0, 0.5), (0.05, 0.0), (0.05, 0.5)}
+    assert set(summary["cloud_floors"]) == {"0.5", "1.0"}
     scratch = summary["references"]["scratch"]
     assert scratch["edge_unet_steps_per_session"] == 2 * 3  # every round from noise, 2 steps each
-    assert summary["edge_floors"]["0.5"]["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
+    assert settings[0.0, 0.5]["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
     assert (tmp_path / "tune" / "tune.json").is_file() and (tmp_path / "tune" / "edge_floors" / "results.md").is_file()
     tuned = LearnedPolicy(Predictors.load(tmp_path / "model", features=features))
-    assert (tuned.min_edge, tuned.min_cloud) == (chosen["min_edge"], chosen["min_cloud"])
+    assert (tuned.edge_eps, tuned.min_edge, tuned.min_cloud) == (
+        chosen["edge_eps"], chosen["min_edge"], chosen["min_cloud"])
 
 
 def test_cli_predictors_errors(tmp_path, capsys):

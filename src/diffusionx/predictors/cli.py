@@ -184,7 +184,7 @@ def cmd_tune(args) -> int:
     from ..models import load_pair
     from ..world import generate_sessions
     from .policies import ASSET_DIR
-    from .tune import tune_floors
+    from .tune import tune_policy
 
     if args.sessions:
         sessions, workload = load_sessions(args.sessions, args.n)
@@ -196,13 +196,14 @@ def cmd_tune(args) -> int:
     if not (folder / "predictors.json").is_file():
         raise InvalidInputError(f"no predictors in {folder}: run `diffusionx predictors train` first")
     pair = load_pair(args.model)
-    summary = tune_floors(
+    summary = tune_policy(
         pair,
         sessions,
         folder,
         args.out,
         edge_floors=args.edge_floors,
         cloud_floors=args.cloud_floors,
+        edge_eps=args.edge_eps,
         preview_tolerance=args.preview_tolerance,
         final_tolerance=args.final_tolerance,
         profile=get_profile(args.profile),
@@ -271,11 +272,13 @@ def add_predictors_parser(sub) -> None:
     t.add_argument("--no-refit", action="store_true", help="ship the train-only fit (default: refit on train+val)")
     t.set_defaults(func=cmd_train)
 
-    u = psub.add_parser("tune", help="choose the learned policy's strength floors on validation sessions")
+    u = psub.add_parser("tune", help="choose the learned policy's edge eps and strength floors on validation sessions")
     u.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
     u.add_argument("--predictors", default=None, help=f"predictor folder (default: the shipped ones, {ASSET_DIR})")
     u.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's validation split)")
     u.add_argument("--n", type=int, default=128, help="sessions (default 128)")
+    u.add_argument("--edge-eps", type=_floors, default=[DEFAULT_EPS],
+                   help="comma-separated edge tolerances (each tried with every edge floor)")
     u.add_argument("--edge-floors", type=_floors, default=[0.0, 0.3, 0.4, 0.5, 0.6], help="comma-separated")
     u.add_argument("--cloud-floors", type=_floors, default=[0.0, 0.8, 0.9, 1.0], help="comma-separated")
     u.add_argument("--preview-tolerance", type=float, default=0.02,

@@ -94,6 +94,7 @@ class LearnedPolicy:
     """Edge and cloud strengths chosen from the predicted gap curves.
 
     edge_eps / cloud_eps: quality tolerance vs the reference (fresh edge generation / cloud-only);
+    edge_eps None (default) takes the one `predictors tune` chose, else DEFAULT_EPS;
     edge_cost / cloud_cost: quality a whole unit of strength is worth giving up (0: pure eps rule);
     min_edge / min_cloud: lower bounds on the strength; None (default) takes the floors that
     `predictors tune` chose on validation sessions and wrote into the predictors' manifest
@@ -103,7 +104,7 @@ class LearnedPolicy:
         self,
         predictors: Predictors | None = None,
         *,
-        edge_eps: float = DEFAULT_EPS,
+        edge_eps: float | None = None,
         cloud_eps: float = DEFAULT_EPS,
         edge_cost: float = 0.0,
         cloud_cost: float = 0.0,
@@ -113,7 +114,8 @@ class LearnedPolicy:
     ) -> None:
         self._predictors = predictors
         self._folder = folder
-        self.edge_eps, self.cloud_eps = float(edge_eps), float(cloud_eps)
+        self._edge_eps = None if edge_eps is None else float(edge_eps)
+        self.cloud_eps = float(cloud_eps)
         self.edge_cost, self.cloud_cost = float(edge_cost), float(cloud_cost)
         self._min_edge = None if min_edge is None else float(min_edge)
         self._min_cloud = None if min_cloud is None else float(min_cloud)
@@ -125,8 +127,12 @@ class LearnedPolicy:
             self._predictors = Predictors.load(self._folder)
         return self._predictors
 
-    def _tuned(self, key: str) -> float:
-        return float(self.predictors.manifest.get("policy_defaults", {}).get(key, 0.0))
+    def _tuned(self, key: str, default: float = 0.0) -> float:
+        return float(self.predictors.manifest.get("policy_defaults", {}).get(key, default))
+
+    @property
+    def edge_eps(self) -> float:
+        return self._tuned("edge_eps", DEFAULT_EPS) if self._edge_eps is None else self._edge_eps
 
     @property
     def min_edge(self) -> float:

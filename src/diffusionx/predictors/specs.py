@@ -1,6 +1,7 @@
 """Policy specs for `diffusionx bench --policy`: the predictors' policies by name.
 
-learned[-eps0.02][-eeps0.02][-ceps0.01][-cw0.05][-ecw0]   LearnedPolicy (eps: both directions)
+learned[-eps0.02][-eeps0.02][-ceps0.01][-cw0.05][-ecw0]   LearnedPolicy (eps: both directions;
+                                                          default edge eps: the tuned one)
        [-emin0.4][-cmin1]                                 strength floors (default: the tuned ones)
 load-aware[-wait10][-ww0.01][-floor0.05][-eps..]          LoadAwarePolicy; wait = the estimated
                                                           wait (s) of an in-process load report
@@ -49,7 +50,7 @@ def policy_from_spec(spec: str, oracle_sweeps: list[str] | None = None) -> Any:
     if prefix == "oracle":
         return OraclePolicy(oracle_sweeps, edge_eps=edge_eps, cloud_eps=cloud_eps)
     kwargs: dict[str, Any] = {
-        "edge_eps": edge_eps,
+        "edge_eps": params.get("eeps", params.get("eps")),  # None: the eps `predictors tune` chose
         "cloud_eps": cloud_eps,
         "cloud_cost": params.get("cw", 0.0),
         "edge_cost": params.get("ecw", 0.0),
