@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -321,6 +322,21 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
         assert d["selected"] in ("mlp", "trees")
         assert set(d["models"]["mlp"]["validation"]) >= {"curve_mae", "label_mae", "gap"}
         assert "oracle" in d["baselines"]["validation"]
+    # retrain the edge alone (train rows only): the cloud predictor and its report stay
+    cloud_file = (tmp_path / "model" / "cloud.json").read_text() if report["directions"]["cloud"][
+        "selected"] == "trees" else (tmp_path / "model" / "cloud.safetensors").read_bytes()
+    edge_only = train_predictors(out, tmp_path / "model", text_encoder="untrained", progress=False,
+                                 refit_all=False, directions=("edge",))
+    assert edge_only["directions"]["cloud"] == json.loads(json.dumps(report["directions"]["cloud"]))
+    assert edge_only["directions"]["edge"]["shipped_n_train"] == 2 + 2  # the validation row is not in it
+    manifest = json.loads((tmp_path / "model" / MANIFEST).read_text())
+    assert manifest["cloud"]["n_train"] == report["directions"]["cloud"]["shipped_n_train"]
+    assert cloud_file in ((tmp_path / "model" / "cloud.json").read_text() if manifest["cloud"]["kind"] == "trees"
+                          else (tmp_path / "model" / "cloud.safetensors").read_bytes(),)
+    with pytest.raises(ValueError, match="grid"):
+        train_predictors(dagger, tmp_path / "model", text_encoder="untrained", progress=False, directions=("edge",))
+    with pytest.raises(ValueError, match="none to keep"):
+        train_predictors(out, tmp_path / "fresh", text_encoder="untrained", progress=False, directions=("edge",))
     predictors = Predictors.load(tmp_path / "model", features=features)
     assert predictors.grid == grid
     policy = LoadAwarePolicy(predictors)
@@ -336,15 +352,15 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
 
     sessions = [dict(s, rounds=s["rounds"][:3]) for s in generate_sessions(2, "validation")]
     summary = tune_policy(untrained_pair, sessions, tmp_path / "model", tmp_path / "tune", edge_floors=[0.0, 0.5],
-                          cloud_floors=[0.5, 1.0], edge_eps=[0.0, 0.05], steps=2, batch=8, write=True)
+                          cloud_floors=[0.5, 1.0], edge_eps=[0.02, 0.05], steps=2, batch=8, write=True)
     chosen = summary["policy_defaults"]
-    assert chosen["min_edge"] in (0.0, 0.5) and chosen["min_cloud"] in (0.5, 1.0) and chosen["edge_eps"] in (0.0, 0.05)
+    assert chosen["min_edge"] in (0.0, 0.5) and chosen["min_cloud"] in (0.5, 1.0) and chosen["edge_eps"] in (0.02, 0.05)
     settings = {(s["edge_eps"], s["min_edge"]): s for s in summary["edge_settings"]}
-    assert set(settings) == {(0.0, 0.0), (0.0, 0.5), (0.05, 0.0), (0.05, 0.5)}
+    assert set(settings) == {(0.02, 0.0), (0.02, 0.5), (0.05, 0.0), (0.05, 0.5)}
     assert set(summary["cloud_floors"]) == {"0.5", "1.0"}
     scratch = summary["references"]["scratch"]
     assert scratch["edge_unet_steps_per_session"] == 2 * 3  # every round from noise, 2 steps each
-    assert settings[0.0, 0.5]["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
+    assert settings[0.02, 0.5]["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
     assert (tmp_path / "tune" / "tune.json").is_file() and (tmp_path / "tune" / "edge_floors" / "results.md").is_file()
     tuned = LearnedPolicy(Predictors.load(tmp_path / "model", features=features))
     assert (tuned.edge_eps, tuned.min_edge, tuned.min_cloud) == (

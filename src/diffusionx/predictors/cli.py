@@ -122,12 +122,14 @@ def cmd_train(args) -> int:
             text_encoder=args.model,
             seed=args.seed,
             refit_all=not args.no_refit,
+            directions=tuple(args.directions.split(",")),
         )
     except ValueError as err:
         raise InvalidInputError(str(err)) from None
     print(Path(args.out, "train_report.md").read_text())
     for kind, d in report["directions"].items():
-        print(f"{kind}: shipped {d['selected']} -> {args.out}")
+        verb = "shipped" if kind in args.directions.split(",") else "kept"
+        print(f"{kind}: {verb} {d['selected']} -> {args.out}")
     return 0
 
 
@@ -270,6 +272,8 @@ def add_predictors_parser(sub) -> None:
     t.add_argument("--score-weight", type=float, default=1.0, help="q = attribute accuracy + w * score / 100")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-refit", action="store_true", help="ship the train-only fit (default: refit on train+val)")
+    t.add_argument("--directions", choices=("edge,cloud", "edge", "cloud"), default="edge,cloud",
+                   help="train only one direction; the other's model already in --out is kept")
     t.set_defaults(func=cmd_train)
 
     u = psub.add_parser("tune", help="choose the learned policy's edge eps and strength floors on validation sessions")

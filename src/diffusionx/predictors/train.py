@@ -86,7 +86,12 @@ def train_predictors(
     feature_names: dict[str, list[str]] | None = None,
     seed: int = 0,
     progress: bool = True,
+    directions: tuple[str, ...] = ("edge", "cloud"),
 ) -> dict[str, Any]:
+    """Fit, compare and ship the predictors of `directions`; a direction left out keeps the model
+    (and report section) already in `out` (e.g. the edge retrained on DAgger rows, the cloud not)."""
+    if not directions or set(directions) - {"edge", "cloud"}:
+        raise ValueError(f"directions must be edge and/or cloud, not {directions!r}")
     files = [data] if isinstance(data, (str, Path)) else list(data)
     rows: list[dict] = []
     for f in files:
@@ -116,7 +121,21 @@ def train_predictors(
         "models": headers[0].get("models"),
         "feature_names": feature_names or {},
     }
-    for kind in ("edge", "cloud"):
+    kept = [kind for kind in ("edge", "cloud") if kind not in directions]
+    if kept:
+        try:
+            old_manifest = json.loads((out / MANIFEST).read_text())
+            old_report = json.loads((out / "train_report.json").read_text())
+            if [float(v) for v in old_manifest["grid"]] != grid:
+                raise ValueError(f"the predictor kept in {out} uses the grid {old_manifest['grid']}, "
+                                 f"these sweeps {grid}: collect with the same --strengths or train both")
+            for kind in kept:
+                manifest[kind] = old_manifest[kind]
+                report["directions"][kind] = old_report["directions"][kind]
+        except (OSError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"training only {', '.join(directions)} keeps the other predictor from {out}, "
+                             f"but there is none to keep ({err}): train both directions first") from None
+    for kind in directions:
         x_tr, g_tr, _ = table(rows, kind, ("train",), score_weight)
         if len(x_tr) < 2:
             raise ValueError(f"only {len(x_tr)} {kind} training rows: collect more sessions")
@@ -209,7 +228,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Predictor training (eps {report['eps']}, held out: {', '.join(report['held_out']) or 'none'})", ""]
     for kind, d in report["directions"].items():
         lines += [
-            f"## {kind} ({d['n_train']} train rows; shipped: {d['selected']}, refit on {d['shipped_n_train']} rows)",
+            f"## {kind} ({d['n_train']} train rows; shipped: {d['selected']}, fit on {d['shipped_n_train']} rows)",
             "",
             "| split | method | curve MAE | strength MAE vs oracle | gap at choice | within eps | "
             "mean strength | steps saved |",
