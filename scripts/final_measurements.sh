@@ -31,10 +31,24 @@ if [[ $step == all || $step == predictors ]]; then
     2>&1 | quiet > "$OUT/pred/train.log"
   # new predictors drop the old floors: choose them again on validation sessions
   diffusionx predictors tune --n 128 --write --out "$OUT/tune" 2>&1 | quiet > "$OUT/tune.log"
+fi
+# issue 6, second pass: edge rows from the learned policy's own rollouts (DAgger), the edge predictor
+# retrained on them, edge eps and floors tuned again. On a lent GPU, scripts/gpu_dagger_collect.py
+# collects the same kind of rows with four policies at once (how the shipped edge predictor's rows were made).
+if [[ $step == all || $step == dagger ]]; then
+  for floor in 0.5 0.3; do diffusionx predictors collect --train 400 --validation 80 --directions edge --seed 1 \
+    --rollout-policy learned-emin$floor --out "$OUT/pred/dagger-$floor.jsonl" 2>&1 | quiet > "$OUT/pred/dagger-$floor.log"; done
+  diffusionx predictors train --directions edge --no-refit --data "$OUT"/pred/dagger-*.jsonl \
+    --out src/diffusionx/assets/predictors 2>&1 | quiet > "$OUT/pred/train_dagger.log"
+  diffusionx predictors tune --n 128 --edge-eps 0,0.01,0.02,0.03 --edge-floors 0 --cloud-floors 1 --preview-tolerance 0.015 \
+    --write --out "$OUT/tune_dagger" 2>&1 | quiet > "$OUT/tune_dagger.log"; fi
+if [[ $step == all || $step == bench_predictors ]]; then
   diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy oracle --policy learned \
     --policy learned-emin0-cmin0 --policy load-aware-wait20 --policy similarity-rule --policy fixed-0.3 --policy fixed-0.5 \
-    --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"
-  diffusionx bench --n 192 --batch 64 --policy learned --policy fixed-1 --policy fixed-1-1 --out "$OUT/bench_learned" 2>&1 \
+    --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --calibration benchmarks/results/calibration_embedded_cpu.json \
+    --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"
+  diffusionx bench --n 192 --batch 64 --policy learned --policy fixed-1 --policy fixed-1-1 \
+    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench_learned" 2>&1 \
     | quiet > "$OUT/bench_learned.log"; fi
 # issue 7: attention control on one-word edits
 if [[ $step == all || $step == edits ]]; then diffusionx bench-edits --n 48 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"

@@ -361,7 +361,8 @@ def test_collect_train_predict_round_trip(untrained_pair, tmp_path):
     scratch = summary["references"]["scratch"]
     assert scratch["edge_unet_steps_per_session"] == 2 * 3  # every round from noise, 2 steps each
     assert settings[0.02, 0.5]["edge_unet_steps_per_session"] < scratch["edge_unet_steps_per_session"]
-    assert (tmp_path / "tune" / "tune.json").is_file() and (tmp_path / "tune" / "edge_floors" / "results.md").is_file()
+    assert (tmp_path / "tune" / "tune.json").is_file()
+    assert (tmp_path / "tune" / "edge_settings" / "results.md").is_file()
     tuned = LearnedPolicy(Predictors.load(tmp_path / "model", features=features))
     assert (tuned.edge_eps, tuned.min_edge, tuned.min_cloud) == (
         chosen["edge_eps"], chosen["min_edge"], chosen["min_cloud"])

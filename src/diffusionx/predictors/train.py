@@ -204,6 +204,7 @@ def train_predictors(
         direction["predict_ms"] = {name: _predict_ms(m, x_tr[0]) for name, m in fitted.items()}
         direction["predict_ms"]["shipped"] = _predict_ms(load_regressor(path), x_tr[0])
         report["directions"][kind] = direction
+    report["directions"] = {k: report["directions"][k] for k in ("edge", "cloud")}  # kept ones came first
     manifest["report"] = {
         k: {"selected": v["selected"], "models": v["models"]} for k, v in report["directions"].items()
     }

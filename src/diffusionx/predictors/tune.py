@@ -112,7 +112,7 @@ def tune_policy(
         Method(SCRATCH, "diffusionx", FixedStrength(edge=1.0, cloud=1.0)),
         *(learned(eps, e, top_cloud) for eps, e in settings),
     ]
-    first = run_bench(pair, sessions, edge_pass, profile, out / "edge_floors", **common)["methods"]
+    first = run_bench(pair, sessions, edge_pass, profile, out / "edge_settings", **common)["methods"]
     cloud_only, scratch = first["cloud-only"], first[SCRATCH]
     by_edge = {(eps, e): first[_name(eps, e, top_cloud)] for eps, e in settings}
     (eps, min_edge), previews_met = pick(
