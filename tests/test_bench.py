@@ -204,3 +204,14 @@ def test_paired_interval_of_preview_quality():
     other = {"edited_preview_per_image": {"session": sessions, "round": [r + 1 for r in rounds],
                                           "attribute_accuracy": ref_values}}
     assert paired_relative_ci(other, ref, "attribute_accuracy") is None  # not the same previews
+
+
+def test_plot_labels_that_would_collide_are_stacked():
+    from diffusionx.bench.report import label_offsets
+
+    # three labels on one row, 100 px wide, anchors 30 px apart: one line down, then one line up
+    assert label_offsets([(0, 50), (30, 50), (60, 50)], [100, 100, 100]) == [0, 10, -10]
+    # far apart, or on different rows: untouched
+    assert label_offsets([(0, 50), (200, 50), (0, 10)], [100, 100, 100]) == [0, 0, 0]
+    # a label whose nearest free places are taken moves on past them
+    assert label_offsets([(0, 50), (0, 40), (0, 60), (10, 50)], [100] * 4) == [0, 0, 0, 20]

@@ -150,6 +150,36 @@ def _edge_preview_table(methods: dict[str, Any]) -> list[str]:
     return lines
 
 
+def label_offsets(anchors: list[tuple[float, float]], widths: list[float], height: float = 10.0) -> list[float]:
+    """Downward pixel shifts so that no two labels overlap: label i starts at anchor i (its
+    point, in pixels, y up) and is widths[i] x height; each tries 0, one line down, one line up,
+    two down, two up, ... and takes the first place clear of the labels placed before it."""
+    placed: list[tuple[float, float, float]] = []
+    shifts = []
+    for (x, y), w in zip(anchors, widths):
+        for k in range(2 * len(anchors) + 1):
+            shift = height * ((k + 1) // 2) * (1 if k % 2 else -1)
+            if not any(x < bx + bw and bx < x + w and abs((y - shift) - by) < height for bx, by, bw in placed):
+                break
+        placed.append((x, y - shift, w))
+        shifts.append(shift + 0.0)
+    return shifts
+
+
+def _place_labels(ax, points: list[tuple[str, float, float]], dpi: int) -> None:
+    """Name each point; a label that would run into another moves a line or more away, with a
+    thin line back to its point."""
+    font_pt = 8
+    px = dpi / 72.0
+    anchors = [tuple(ax.transData.transform((x, y)) + 4 * px) for _, x, y in points]
+    widths = [0.6 * font_pt * px * len(name) for name, _, _ in points]  # ~0.6 em per character
+    shifts = label_offsets(anchors, widths, height=1.25 * font_pt * px)
+    for (name, x, y), shift in zip(points, shifts):
+        arrow = {"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if shift else None
+        ax.annotate(name, (x, y), fontsize=font_pt, xytext=(4, 4 - shift / px), textcoords="offset points",
+                    arrowprops=arrow)
+
+
 def write_plots(report: dict[str, Any], finals: dict[str, list], prompts: list[str], out: Path) -> None:
     import matplotlib
 
@@ -157,26 +187,25 @@ def write_plots(report: dict[str, Any], finals: dict[str, list], prompts: list[s
     import matplotlib.pyplot as plt
 
     methods = report["methods"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dpi = 110
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=dpi)
     for ax, key in zip(axes, ("attribute_accuracy", "fid")):
-        points = [(name, m["session_latency_mean_s"], m[key]) for name, m in methods.items() if m.get(key) is not None]
+        points = [(name.removeprefix("diffusionx-"), m["session_latency_mean_s"], m[key])
+                  for name, m in methods.items() if m.get(key) is not None]
         if not points:
             continue
-        span_x = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
-        span_y = max(p[2] for p in points) - min(p[2] for p in points) or 1.0
-        for i, (name, x, y) in enumerate(points):
+        for _, x, y in points:
             ax.scatter(x, y, s=40)
-            # Methods at (nearly) the same point get their labels stacked instead of overprinted.
-            near = sum(abs(x - px) < 0.06 * span_x and abs(y - py) < 0.04 * span_y for _, px, py in points[:i])
-            ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4 - 10 * near), textcoords="offset points")
+        ax.autoscale_view()
+        _place_labels(ax, points, dpi)
     axes[0].set_ylabel("final attribute accuracy (higher is better)")
     axes[1].set_ylabel("final FID (lower is better)")
     for ax in axes:
         ax.set_xlabel(f"mean session latency (s), profile {report['profile']['name']}")
         ax.grid(alpha=0.3)
-    fig.suptitle("Latency vs quality, one point per method")
+    fig.suptitle("Latency vs quality, one point per method (DiffusionX methods without the diffusionx- prefix)")
     fig.tight_layout()
-    fig.savefig(out / "latency_quality.png", dpi=110)
+    fig.savefig(out / "latency_quality.png", dpi=dpi)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
