@@ -376,6 +376,14 @@ def test_cli_predictors_errors(tmp_path, capsys):
     assert main(["predictors", "collect", "--train", "0", "--validation", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["predictors", "collect", "--strengths", "0.5,0.2"])
+    capsys.readouterr()
+    assert main(["predictors", "collect", "--train", "1", "--rollout-policy", "oracle"]) == 2
+    assert "--rollout-policy takes" in capsys.readouterr().err
+    assert main(["predictors", "collect", "--train", "1", "--rollout-policy", "learned-zz3"]) == 2
+    assert "bad parameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predictors", "tune", "--edge-eps", "-0.1"])
+    assert "tolerances must be" in capsys.readouterr().err
 
 
 def test_oracle_policy_reads_labels_from_a_sweep(tmp_path):

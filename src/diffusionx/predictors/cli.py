@@ -179,6 +179,15 @@ def _floors(text: str) -> list[float]:
     return values
 
 
+def _tolerances(text: str) -> list[float]:
+    import argparse
+
+    values = _numbers(text, "tolerances")
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("tolerances must be numbers >= 0")
+    return values
+
+
 def cmd_tune(args) -> int:
     from ..bench import get_profile
     from ..bench.run import load_sessions
@@ -281,7 +290,7 @@ def add_predictors_parser(sub) -> None:
     u.add_argument("--predictors", default=None, help=f"predictor folder (default: the shipped ones, {ASSET_DIR})")
     u.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's validation split)")
     u.add_argument("--n", type=int, default=128, help="sessions (default 128)")
-    u.add_argument("--edge-eps", type=_floors, default=[DEFAULT_EPS],
+    u.add_argument("--edge-eps", type=_tolerances, default=[DEFAULT_EPS],
                    help="comma-separated edge tolerances (each tried with every edge floor)")
     u.add_argument("--edge-floors", type=_floors, default=[0.0, 0.3, 0.4, 0.5, 0.6], help="comma-separated")
     u.add_argument("--cloud-floors", type=_floors, default=[0.0, 0.8, 0.9, 1.0], help="comma-separated")

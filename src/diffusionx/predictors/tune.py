@@ -19,9 +19,8 @@ per-transition sweep rows cannot show) on sessions that are not the test split, 
    `final_tolerance` of cloud-only.
 
 Where no candidate meets a target, the safest one (highest floor, then smallest eps) is kept and
-the report says so. The choice is
-written to the predictors' manifest as `policy_defaults`; `LearnedPolicy` uses it when it is not
-given floors of its own.
+the report says so. The choice is written to the predictors' manifest as `policy_defaults`;
+`LearnedPolicy` uses it for whatever it is not given explicitly.
 """
 
 from __future__ import annotations
