@@ -47,7 +47,7 @@ def worker(args) -> None:
     import torch
 
     from diffusionx.metrics.evaluator import Evaluator
-    from diffusionx.models import EMBEDDED_DIR, load_pair
+    from diffusionx.models import load_pair
     from diffusionx.predictors.collect import collect, evaluator_scorer, interleave
     from diffusionx.predictors.features import FeatureExtractor
     from diffusionx.predictors.policies import LearnedPolicy, Predictors
@@ -58,7 +58,7 @@ def worker(args) -> None:
     sentence = TableSentence(args.similarities)
     pair = load_pair("embedded", device=args.device)
     features = FeatureExtractor.from_engine(pair.edge, sentence)
-    predictors = Predictors.load(features=FeatureExtractor.from_folder(EMBEDDED_DIR / "edge", sentence))
+    predictors = Predictors.load(features=features)  # the pair's own text encoder: loaded once
     policy = LearnedPolicy(predictors, min_edge=floor)
     counts = {"train": args.train, "validation": args.validation}
     groups = [(split, generate_sessions(n, split)) for split, n in counts.items()]

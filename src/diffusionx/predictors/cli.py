@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
     from ..errors import InvalidInputError
     from .train import train_predictors
 
-    data = args.data
+    data, directions = args.data, tuple(args.directions.split(","))
     for f in data:
         if not Path(f).is_file():
             raise InvalidInputError(f"no sweep table at {f}: run `diffusionx predictors collect` first")
@@ -122,13 +122,13 @@ def cmd_train(args) -> int:
             text_encoder=args.model,
             seed=args.seed,
             refit_all=not args.no_refit,
-            directions=tuple(args.directions.split(",")),
+            directions=directions,
         )
     except ValueError as err:
         raise InvalidInputError(str(err)) from None
     print(Path(args.out, "train_report.md").read_text())
     for kind, d in report["directions"].items():
-        verb = "shipped" if kind in args.directions.split(",") else "kept"
+        verb = "shipped" if kind in directions else "kept"
         print(f"{kind}: {verb} {d['selected']} -> {args.out}")
     return 0
 

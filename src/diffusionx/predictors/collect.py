@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 from ..bench.harness import Item, decode_batched, generate_batched
 from ..engine import steps_for_strength
 from ..wire import latents_from_bytes, latents_to_bytes
-from .curves import DEFAULT_EPS, GRID, gap_curve, label, quality
+from .curves import DEFAULT_EPS, GRID, gap_curve, label, nearest_index, quality
 from .features import FeatureExtractor
 
 SPLIT_SEED_OFFSET = {"train": 0, "validation": 100_000, "test": 200_000}
+ORACLE_ROLLOUT = "oracle-label"  # the header's `rollout` without a rollout policy (and in older tables)
 Scorer = Callable[[list, list[str]], tuple[list[float], list[float]]]
 
 
@@ -146,7 +147,7 @@ def collect(
         "grid": grid,
         "seed": seed,
         "rollout_eps": rollout_eps,
-        "rollout": rollout_name or ("oracle-label" if rollout is None else type(rollout).__name__),
+        "rollout": rollout_name or (ORACLE_ROLLOUT if rollout is None else type(rollout).__name__),
         "directions": directions,
         "models": pair.describe(),
         "feature_names": {"edge": features.edge_names(), "cloud": features.cloud_names()},
@@ -155,7 +156,7 @@ def collect(
     if existing:
         old = existing[0]
         for key in ("steps", "guidance_scale", "grid", "seed", "rollout"):
-            if old.get(key, "oracle-label" if key == "rollout" else None) != header[key]:
+            if old.get(key, ORACLE_ROLLOUT if key == "rollout" else None) != header[key]:
                 raise ValueError(
                     f"{out} was collected with {key}={old.get(key)!r}, not {header[key]!r}: "
                     "use another --out or the same settings to resume"
@@ -248,8 +249,7 @@ def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, 
             if rollout is None:
                 chosen = grid.index(label(gap_curve(quality(a, c)), rollout_eps, grid))
             else:  # the grid strength nearest to the policy's choice
-                wanted = rollout.edge_strength(p_prompt, rounds[i][r]["prompt"], p_latent)
-                chosen = int(np.argmin([abs(s - wanted) for s in grid]))
+                chosen = nearest_index(rollout.edge_strength(p_prompt, rounds[i][r]["prompt"], p_latent), grid)
             split, index, _ = work[i]
             rows.append(
                 {

@@ -89,7 +89,11 @@ def label(gaps: Sequence[float], eps: float = DEFAULT_EPS, grid: Sequence[float]
     return choose_strength(gaps, eps=eps, cost_weight=0.0, grid=grid)
 
 
+def nearest_index(strength: float, grid: Sequence[float] = GRID) -> int:
+    """Index of the grid strength nearest to `strength`."""
+    return int(np.argmin(np.abs(np.asarray(grid) - strength)))
+
+
 def gap_at(gaps: Sequence[float], strength: float, grid: Sequence[float] = GRID) -> float:
     """The measured gap at a grid strength."""
-    index = int(np.argmin(np.abs(np.asarray(grid) - strength)))
-    return float(np.asarray(gaps)[index])
+    return float(np.asarray(gaps)[nearest_index(strength, grid)])
