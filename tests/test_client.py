@@ -109,10 +109,16 @@ def test_retry_after_a_lost_response_is_not_computed_twice(untrained_pair, serve
     service = server.server.config.app.state.service
     before, replays = service.refiner.load().completed, service.replays
     engine = untrained_pair.cloud
-    request = make_request(engine, strength=1.0, steps=8, guidance_scale=7.5, seed=31)  # ~2 s of U-Net
-    with CloudClient(server.url, TOKEN, timeout=0.4, retries=100, backoff=0.1, max_backoff=0.3) as client:
-        result = client.refine(request)
-        assert client.attempts >= 2
+    request = make_request(engine, strength=1.0, steps=8, guidance_scale=7.5, seed=31)
+    # Each U-Net call is held for 0.15 s, so the computation outlasts the 0.4 s timeout on any
+    # machine (a fast one used to finish inside the first attempt).
+    slow = engine.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
+    try:
+        with CloudClient(server.url, TOKEN, timeout=0.4, retries=100, backoff=0.1, max_backoff=0.3) as client:
+            result = client.refine(request)
+            assert client.attempts >= 2
+    finally:
+        slow.remove()
     assert service.refiner.load().completed == before + 1
     assert service.replays >= replays + 1
     assert result.unet_steps == 8
