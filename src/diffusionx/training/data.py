@@ -28,7 +28,8 @@ def paired_scenes(rng: np.random.Generator, n_pairs: int, split: str = "train") 
         other = None
         while other is None:
             edit = "change_background" if rng.random() < 0.2 else "change_attribute"
-            cand = _apply_edit(base, edit, rng)
+            edited = _apply_edit(base, base, edit, rng)
+            cand = None if edited is None else edited[0]
             if cand is not None and cand != base and scene_split(cand) == split:
                 other = cand
         out += [base, other]

@@ -7,19 +7,27 @@
 edit of the scene re-uses the wording and only the edited words change, as when a person
 edits a prompt.
 
-`parse_prompt(text)` inverts every form the grammar produces; it returns None for text that
-is not a world prompt (unknown words, missing or stray attributes).
+Prompts may be partial, as people write them: an object needs its shape word, its size, color
+and position may be left unsaid, and so may the background ("a circle", "heart, black
+background", "a red star in the top left"); a background alone is a prompt too ("a blue
+background"). `caption_with_style` words a partial scene (attributes that are None are left
+out) and `partial_caption` draws which attributes a training caption names.
+
+`parse_prompt(text)` inverts every form the grammar produces, partial ones included, into the
+(partial) scene the text names; it returns None for text that is not a world prompt (unknown
+words, a color or size without a shape, two backgrounds). `unknown_words` lists what falls
+outside the vocabulary.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .scene import Scene, SceneObject, canonical_objects
-from .vocab import COLORS, FUNCTION_WORDS, POSITIONS, SHAPES
+from .vocab import COLORS, FUNCTION_WORDS, POSITIONS, SHAPES, SIZES
 
 SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
 SIZE_OF_WORD = {w: size for size, words in SIZE_WORDS.items() for w in words}
@@ -54,6 +62,9 @@ BACKGROUND_FIRST = (
     "a plain {bg} backdrop with {objs}",
     "{bg} background with {objs}",
 )
+# Objects without a background phrase, and a background without objects.
+NO_BACKGROUND = ("{objs}",)
+BACKGROUND_ONLY = ("a {bg} background", "{bg} background", "a plain {bg} backdrop", "a plain {bg} background")
 PREFIXES = ("", "", "", "an image of ", "a picture of ", "a scene with ", "a picture showing ")
 JOINERS = ((" and ",), (", ", " and "), (" with ",), (", ",))
 
@@ -91,15 +102,25 @@ def sample_style(rng: np.random.Generator) -> CaptionStyle:
 
 
 def _object_phrase(obj: SceneObject, slot: int, style: CaptionStyle) -> str:
-    size_words = SIZE_WORDS[obj.size]
-    size = size_words[style.size_word[slot % 3] % len(size_words)]
+    size = ""
+    if obj.size is not None:
+        size_words = SIZE_WORDS[obj.size]
+        size = size_words[style.size_word[slot % 3] % len(size_words)]
+    obj_text = " ".join(w for w in (size, obj.color or "", obj.shape) if w)
+    obj_text = style.article + obj_text
+    if obj.position is None:
+        return obj_text
     phrases = POSITION_PHRASES[obj.position]
     pos = phrases[style.position_phrase[slot % 3] % len(phrases)]
-    obj_text = f"{style.article}{size} {obj.color} {obj.shape}"
     return style.object_form.format(obj=obj_text, pos=pos)
 
 
 def caption_with_style(scene: Scene, style: CaptionStyle) -> str:
+    """`scene` worded with `style`; attributes that are None are not said."""
+    if any(o.position is None for o in scene.objects) and style.object_form != OBJECT_FORMS[0]:
+        # "a circle and on the right, a square" would give the circle the position: positions
+        # go after their objects when not every object has one
+        style = replace(style, object_form=OBJECT_FORMS[0])
     parts = [_object_phrase(o, i, style) for i, o in enumerate(scene.objects)]
     if len(parts) == 1:
         objs = parts[0]
@@ -107,7 +128,16 @@ def caption_with_style(scene: Scene, style: CaptionStyle) -> str:
         objs = style.joiner[0].join(parts)
     else:
         objs = style.joiner[0].join(parts[:-1]) + style.joiner[1] + parts[-1]
-    text = style.prefix + style.template.format(objs=objs, bg=scene.background)
+    if not parts:
+        if scene.background is None:
+            raise ValueError("a scene with no objects needs a background to be worded")
+        template = BACKGROUND_ONLY[(style.size_word[0] + style.position_phrase[0]) % len(BACKGROUND_ONLY)]
+        text = template.format(bg=scene.background)
+    elif scene.background is None:
+        text = style.prefix + objs
+    else:
+        prefix = style.prefix if style.template in BACKGROUND_LAST else ""
+        text = prefix + style.template.format(objs=objs, bg=scene.background)
     text = re.sub(r"\s+", " ", text).strip()
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)  # "a orange" -> "an orange"
 
@@ -115,6 +145,35 @@ def caption_with_style(scene: Scene, style: CaptionStyle) -> str:
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A random paraphrase describing `scene` completely (every attribute of every object)."""
     return caption_with_style(scene, sample_style(rng))
+
+
+# Training captions: about half name everything; the rest leave each attribute out at random.
+COMPLETE_SHARE = 0.5
+DROP_PROBABILITY = {"size": 0.5, "color": 0.35, "position": 0.45, "background": 0.45}
+
+
+def named_part(scene: Scene, rng: np.random.Generator, complete_share: float = COMPLETE_SHARE) -> Scene:
+    """The part of a complete `scene` that a caption names: everything with probability
+    `complete_share`, else each object's size, color and position and the background are
+    left out at random (shapes are always named, every object is named)."""
+    if rng.random() < complete_share:
+        return scene
+    objects = tuple(
+        SceneObject(
+            o.shape,
+            None if rng.random() < DROP_PROBABILITY["color"] else o.color,
+            None if rng.random() < DROP_PROBABILITY["size"] else o.size,
+            None if rng.random() < DROP_PROBABILITY["position"] else o.position,
+        )
+        for o in scene.objects
+    )
+    background = None if rng.random() < DROP_PROBABILITY["background"] else scene.background
+    return Scene(objects=objects, background=background)
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator, complete_share: float = COMPLETE_SHARE) -> str:
+    """A training caption of the complete `scene` that may leave attributes unsaid."""
+    return caption_with_style(named_part(scene, rng, complete_share), sample_style(rng))
 
 
 def canonical_caption(scene: Scene) -> str:
@@ -130,46 +189,65 @@ _HORIZ = {"left": "left", "right": "right"}
 _CENTER = {"center", "centre", "middle"}
 _BACKGROUND = {"background", "backdrop"}
 _COLOR_FILLERS = {"colored", "coloured", "plain"}
+_BACKGROUND_LINKS = {"is", "of", "in"}  # "the background is blue", "a background of blue"
 ALLOWED_WORDS = (
     set(FUNCTION_WORDS) | set(SHAPES) | set(COLORS) | set(SIZE_OF_WORD) | set(_VERT) | set(_HORIZ)
     | _CENTER | _BACKGROUND | {"left", "right", "top", "bottom", "center"}
 )
+VOCABULARY_WORDS = frozenset(ALLOWED_WORDS)
 
 
-def parse_prompt(text: str) -> Scene | None:
-    """The scene a world prompt describes, or None when `text` is not a world prompt.
+def prompt_words(text: str) -> list[str]:
+    """Lower-case words of a prompt; hyphens and apostrophes split words ("top-left")."""
+    return re.findall(r"[a-z]+", text.lower())
 
-    Accepts every form `caption` produces (any order of objects and background phrase, any
-    paraphrase). Objects come back in canonical (grid) order.
-    """
-    if not isinstance(text, str):
-        return None
-    if re.search(r"[^a-zA-Z\s,.;]", text):
-        return None
-    words = re.findall(r"[a-z]+", text.lower())
-    if not words or any(w not in ALLOWED_WORDS for w in words):
-        return None
+
+def unknown_words(text: str) -> list[str]:
+    """Words of `text` outside the embedded world's vocabulary, in order, each once."""
+    seen: dict[str, None] = {}
+    for word in re.findall(r"[^\W\d_]+|\d+", text.lower()):
+        if word not in VOCABULARY_WORDS:
+            seen.setdefault(word)
+    return list(seen)
+
+
+def _tokens(words: list[str]) -> list[tuple[str, object]] | None:
+    """The prompt as a list of ("obj", (size, color, shape)), ("pos", p) and ("bg", color)."""
     items: list[tuple[str, object]] = []
     i, n = 0, len(words)
     while i < n:
         w = words[i]
-        if w in COLORS:
-            j = i + 1
-            while j < n and words[j] in _COLOR_FILLERS:
-                j += 1
-            if j < n and words[j] in _BACKGROUND:
-                items.append(("bg", w))
-                i = j + 1
+        if w in COLORS or w in SIZE_OF_WORD:
+            # adjectives then a shape, in either order: "large red circle", "red big star"
+            size = color = None
+            k = i
+            while k < n and (words[k] in COLORS or words[k] in SIZE_OF_WORD):
+                if words[k] in COLORS:
+                    if color is not None:
+                        break
+                    color = words[k]
+                else:
+                    if size is not None:
+                        return None
+                    size = SIZE_OF_WORD[words[k]]
+                k += 1
+            if k < n and words[k] in SHAPES:
+                items.append(("obj", (size, color, words[k])))
+                i = k + 1
                 continue
-            return None  # a color that is neither an object's nor the background's
-        if w in SIZE_OF_WORD:
-            if i + 2 < n and words[i + 1] in COLORS and words[i + 2] in SHAPES:
-                items.append(("obj", (SIZE_OF_WORD[w], words[i + 1], words[i + 2])))
-                i += 3
-                continue
-            return None
+            if w in COLORS and size is None:
+                j = i + 1
+                while j < n and words[j] in _COLOR_FILLERS:
+                    j += 1
+                if j < n and words[j] in _BACKGROUND:
+                    items.append(("bg", w))
+                    i = j + 1
+                    continue
+            return None  # a color or size that is neither an object's nor the background's
         if w in SHAPES:
-            return None  # a shape without size and color
+            items.append(("obj", (None, None, w)))
+            i += 1
+            continue
         if w in _VERT:
             if i + 1 < n and words[i + 1] in _HORIZ:
                 items.append(("pos", f"{_VERT[w]} {_HORIZ[words[i + 1]]}"))
@@ -187,21 +265,66 @@ def parse_prompt(text: str) -> Scene | None:
             i += 1
             continue
         if w in _BACKGROUND:
+            j = i + 1
+            while j < n and words[j] in _BACKGROUND_LINKS | _COLOR_FILLERS | {"a", "the"}:
+                j += 1
+            if j > i + 1 and j < n and words[j] in COLORS and not (j + 1 < n and words[j + 1] in SHAPES):
+                items.append(("bg", words[j]))
+                i = j + 1
+                continue
             return None  # "background" without a color
         i += 1
-    backgrounds = [v for k, v in items if k == "bg"]
+    return items
+
+
+def _attach_positions(items: list[tuple[str, object]]) -> list[SceneObject] | None:
+    """Give each position phrase to its object: the one before it ("a circle on the left"), or,
+    when the prompt opens with a position, the one after it ("on the left, a circle")."""
     rest = [(k, v) for k, v in items if k != "bg"]
-    if len(backgrounds) != 1 or not rest or len(rest) % 2:
+    position_first = bool(rest) and rest[0][0] == "pos"
+    objects: list[list] = []  # [size, color, shape, position]
+    pending: str | None = None
+    for kind, value in rest:
+        if kind == "obj":
+            size, color, shape = value  # type: ignore[misc]
+            objects.append([size, color, shape, pending])
+            pending = None
+        elif position_first:
+            if pending is not None:
+                return None  # two positions in a row
+            pending = str(value)
+        else:
+            if not objects or objects[-1][3] is not None:
+                return None  # a position with no object of its own
+            objects[-1][3] = str(value)
+    if pending is not None:
+        return None  # a position after the last object
+    return [SceneObject(shape=shape, color=color, size=size, position=pos) for size, color, shape, pos in objects]
+
+
+def parse_prompt(text: str) -> Scene | None:
+    """The (partial) scene a world prompt names, or None when `text` is not a world prompt.
+
+    Accepts every form `caption` and `partial_caption` produce (any order of objects and
+    background phrase, any paraphrase, attributes left out). Unnamed attributes are None.
+    Objects come back in canonical (grid) order.
+    """
+    if not isinstance(text, str):
         return None
-    first = rest[0][0]
-    second = "pos" if first == "obj" else "obj"
-    objects = []
-    for a, b in zip(rest[0::2], rest[1::2]):
-        if a[0] != first or b[0] != second:
-            return None
-        (size, color, shape), position = (a[1], b[1]) if first == "obj" else (b[1], a[1])
-        objects.append(SceneObject(shape=shape, color=color, size=size, position=position))
-    if not 1 <= len(objects) <= 3 or len({o.position for o in objects}) != len(objects):
+    if re.search(r"[^a-zA-Z\s,.;:!'\-]", text):
         return None
-    assert all(o.position in POSITIONS for o in objects)
-    return Scene(objects=canonical_objects(objects), background=str(backgrounds[0]))
+    words = prompt_words(text)
+    if not words or any(w not in ALLOWED_WORDS for w in words):
+        return None
+    items = _tokens(words)
+    if items is None:
+        return None
+    backgrounds = [v for k, v in items if k == "bg"]
+    objects = _attach_positions(items)
+    if objects is None or len(backgrounds) > 1 or (not objects and not backgrounds):
+        return None
+    positions = [o.position for o in objects if o.position is not None]
+    if len(objects) > 3 or len(set(positions)) != len(positions):
+        return None
+    assert all(p in POSITIONS for p in positions) and all(o.size in (None, *SIZES) for o in objects)
+    return Scene(objects=canonical_objects(objects), background=str(backgrounds[0]) if backgrounds else None)

@@ -4,6 +4,11 @@ A scene is one to three objects (shape, color, size, position on a 3x3 grid) on 
 background. `render` draws it at 4x the output resolution and box-downsamples, so edges are
 anti-aliased; without an rng it is fully deterministic, with one it adds a small jitter of
 position and size (used to make training data less regular).
+
+A *partial* scene is what a prompt names: every object has its shape, but its color, size and
+position, and the background, may be None ("a circle", "a red star in the top left"). A scene
+with no objects and a background is a plain backdrop ("a blue background"). `complete` draws
+the unnamed attributes at random; only complete scenes render.
 """
 
 from __future__ import annotations
@@ -52,43 +57,85 @@ POSITION_XY: dict[str, tuple[float, float]] = {
 SUPERSAMPLE = 4
 
 
+OBJECT_ATTRIBUTES = ("shape", "color", "size", "position")
+
+
 @dataclass(frozen=True)
 class SceneObject:
     shape: str
-    color: str
-    size: str
-    position: str
+    color: str | None = None  # None: the prompt does not say
+    size: str | None = None
+    position: str | None = None
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, str | None]:
         return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
 
     @classmethod
     def from_dict(cls, d: dict) -> SceneObject:
-        return cls(shape=d["shape"], color=d["color"], size=d["size"], position=d["position"])
+        return cls(shape=d["shape"], color=d.get("color"), size=d.get("size"), position=d.get("position"))
+
+    @property
+    def is_complete(self) -> bool:
+        return None not in (self.color, self.size, self.position)
 
 
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[SceneObject, ...]
-    background: str
+    background: str | None = None  # None: the prompt does not say
 
     def to_dict(self) -> dict:
         return {"objects": [o.to_dict() for o in self.objects], "background": self.background}
 
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
-        return cls(objects=tuple(SceneObject.from_dict(o) for o in d["objects"]), background=d["background"])
+        return cls(objects=tuple(SceneObject.from_dict(o) for o in d["objects"]), background=d.get("background"))
 
     def canonical(self) -> Scene:
         """The same scene with objects in grid order (the order `random_scene` produces)."""
         return Scene(objects=canonical_objects(self.objects), background=self.background)
 
+    @property
+    def is_complete(self) -> bool:
+        """Every attribute named: the scene can be rendered as it stands."""
+        return self.background is not None and all(o.is_complete for o in self.objects)
+
+    def named_attributes(self) -> int:
+        """How many attributes the scene names (shapes included), the background counted once."""
+        named = sum(getattr(o, a) is not None for o in self.objects for a in OBJECT_ATTRIBUTES)
+        return named + (self.background is not None)
+
 
 def canonical_objects(objects) -> tuple[SceneObject, ...]:
     def key(o: SceneObject):
-        return (POSITIONS.index(o.position) if o.position in POSITIONS else 99, o.shape, o.color, o.size)
+        position = POSITIONS.index(o.position) if o.position in POSITIONS else 99
+        return (position, o.shape, o.color or "", o.size or "")
 
     return tuple(sorted(objects, key=key))
+
+
+def complete(scene: Scene, rng: np.random.Generator) -> Scene:
+    """`scene` with every unnamed attribute drawn at random (named ones are kept).
+
+    Draws as `random_scene` does: positions distinct, no object colored like the background.
+    A backdrop-only scene stays without objects.
+    """
+    named_colors = {o.color for o in scene.objects if o.color is not None}
+    background = scene.background
+    if background is None:
+        choices = [c for c in COLORS if c not in named_colors] or list(COLORS)
+        background = choices[rng.integers(len(choices))]
+    free = [p for p in POSITIONS if p not in {o.position for o in scene.objects}]
+    objects = []
+    for obj in scene.objects:
+        position = obj.position
+        if position is None:
+            position = free.pop(int(rng.integers(len(free))))
+        colors = [c for c in COLORS if c != background]
+        color = obj.color if obj.color is not None else colors[rng.integers(len(colors))]
+        size = obj.size if obj.size is not None else SIZES[rng.integers(len(SIZES))]
+        objects.append(SceneObject(obj.shape, color, size, position))
+    return Scene(objects=canonical_objects(objects), background=background)
 
 
 def scene_key(scene: Scene) -> str:
@@ -210,8 +257,10 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     """Render `scene` as a uint8 (size, size, 3) array.
 
     Deterministic when `rng` is None; with an rng, positions move by up to 3.5% of the width
-    and sizes by up to 10%.
+    and sizes by up to 10%. A partial scene must be `complete`d first.
     """
+    if not scene.is_complete:
+        raise ValueError(f"cannot render a partial scene (complete it first): {scene}")
     if rng is None:
         return np.frombuffer(_render_cached(scene, size), dtype=np.uint8).reshape(size, size, 3).copy()
     return _render(scene, size, rng)

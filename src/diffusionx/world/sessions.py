@@ -1,24 +1,29 @@
 """Multi-round prompt sessions of the embedded world.
 
-A session is 3-8 rounds of prompts that evolve as people edit prompts. Each round records the
-prompt, its scene graph and the edit that produced it from the previous round:
+A session is 3-8 rounds of prompts that evolve as people edit prompts. Behind a session is a
+complete scene (what the person has in mind); each round's prompt names part of it, as people
+write prompts: first prompts are often vague ("a circle") and gain detail. Each round records
+the prompt, the (partial) scene it names and the edit that produced it from the previous round:
 
-- ``start``: the first round.
-- ``add_detail``: a small object is added (the prompt grows by one phrase).
-- ``change_attribute``: one object's shape, color, size or position changes (one word or phrase).
-- ``add_object``: a large object is added.
+- ``start``: the first round (often vague: some attributes left unsaid).
+- ``add_detail``: one attribute the prompt left unsaid is now named ("a circle" -> "a red circle").
+- ``drop_detail``: one named attribute is dropped again ("a red circle" -> "a circle").
+- ``change_attribute``: one named attribute of an object changes: shape, color, size or position
+  (one word or phrase is replaced).
+- ``change_background``: the named background color changes.
+- ``add_object``: an object is added (its shape and some of its attributes named).
 - ``remove_object``: one object is dropped (only when there are two or more).
-- ``change_background``: the background color changes.
-- ``reword``: the same scene, described with a new paraphrase.
-- ``start_over``: a new random scene and a new wording.
+- ``reword``: the same named scene, described with a new paraphrase.
+- ``start_over``: a new scene, a new wording.
 
-Edit frequencies follow the prompt statistics of DiffusionDB (shared/data/README.md): about
-40% of real prompts are near-copies of a recent one and about 50% are new ideas. A new idea is
-a new session here; inside a session most edits are small and keep the wording (the caption
-style is kept, so only the edited words change), with occasional rewording and start-overs.
+Edit frequencies follow DiffusionDB (shared/data/README.md): of consecutive near-duplicate
+prompts, 74% replace words, 18% only add words and 7% only delete words; about half of all
+prompts are new ideas (a new session here, or a start-over). Small edits keep the wording (the
+caption style is kept, so only the edited words change).
 
-Splits are fixed by seed *and* by scene content (`scene_split`): every scene of a split's
-sessions lies in that split's share of the scene space, so no test scene is ever trained on.
+Splits are fixed by seed *and* by scene content (`scene_split` of the complete scene): every
+scene of a split's sessions lies in that split's share of the scene space, so no test scene is
+ever trained on.
 """
 
 from __future__ import annotations
@@ -28,26 +33,30 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import caption_with_style, sample_style
-from .scene import Scene, SceneObject, canonical_objects, random_object, random_scene, scene_split
+from .captions import caption_with_style, named_part, parse_prompt, sample_style
+from .scene import OBJECT_ATTRIBUTES, Scene, SceneObject, random_object, random_scene, scene_split
 from .vocab import COLORS, POSITIONS, SHAPES, SIZES
 
 SPLIT_SEEDS = {"train": 1_000_003, "validation": 2_000_003, "test": 3_000_017}
 
 EDITS = (
-    "start", "add_detail", "change_attribute", "add_object", "remove_object",
-    "change_background", "reword", "start_over",
+    "start", "add_detail", "drop_detail", "change_attribute", "change_background", "add_object",
+    "remove_object", "reword", "start_over",
 )
-# Probabilities of the edits after the first round (small edits dominate).
+# Probabilities of the edits after the first round: replace 0.62, add 0.15, delete 0.06 (the
+# DiffusionDB 74 / 18 / 7 mix of near-duplicates), reword 0.09, start over 0.08.
 EDIT_WEIGHTS = {
-    "add_detail": 0.17,
-    "change_attribute": 0.33,
-    "add_object": 0.10,
-    "remove_object": 0.10,
+    "change_attribute": 0.50,
     "change_background": 0.12,
-    "reword": 0.10,
+    "add_detail": 0.11,
+    "add_object": 0.04,
+    "drop_detail": 0.04,
+    "remove_object": 0.02,
+    "reword": 0.09,
     "start_over": 0.08,
 }
+# A first prompt names everything this often; otherwise attributes are left out.
+START_COMPLETE_SHARE = 0.3
 _MAX_TRIES = 200
 
 
@@ -56,47 +65,84 @@ def _free_positions(scene: Scene) -> list[str]:
     return [p for p in POSITIONS if p not in used]
 
 
-def _with_objects(scene: Scene, objects) -> Scene:
-    return Scene(objects=canonical_objects(objects), background=scene.background)
+def _change_object(full: Scene, named: Scene, rng: np.random.Generator) -> tuple[Scene, Scene] | None:
+    """Replace one named attribute of one object (in the complete scene and in the named part)."""
+    k = int(rng.integers(len(named.objects)))
+    attrs = [a for a in OBJECT_ATTRIBUTES if getattr(named.objects[k], a) is not None]
+    attr = attrs[rng.integers(len(attrs))]
+    o = full.objects[k]
+    if attr == "shape":
+        value = str(rng.choice([s for s in SHAPES if s != o.shape]))
+    elif attr == "color":
+        value = str(rng.choice([c for c in COLORS if c not in (o.color, full.background)]))
+    elif attr == "size":
+        value = SIZES[1 - SIZES.index(o.size)]
+    else:
+        value = str(rng.choice(_free_positions(full)))
+    full_objs, named_objs = list(full.objects), list(named.objects)
+    full_objs[k] = _with(o, attr, value)
+    named_objs[k] = _with(named.objects[k], attr, value)
+    return Scene(tuple(full_objs), full.background), Scene(tuple(named_objs), named.background)
 
 
-def _apply_edit(scene: Scene, edit: str, rng: np.random.Generator) -> Scene | None:
-    """The edited scene, or None when the edit does not apply to this scene."""
-    objs = list(scene.objects)
-    if edit in ("add_detail", "add_object"):
-        if len(objs) >= 3:
-            return None
-        pos = _free_positions(scene)
-        new = random_object(rng, pos[rng.integers(len(pos))], scene.background)
-        size = "small" if edit == "add_detail" else "large"
-        return _with_objects(scene, [*objs, SceneObject(new.shape, new.color, size, new.position)])
-    if edit == "remove_object":
-        if len(objs) < 2:
-            return None
-        del objs[rng.integers(len(objs))]
-        return _with_objects(scene, objs)
+def _with(obj: SceneObject, attr: str, value: str | None) -> SceneObject:
+    return SceneObject(**{**obj.to_dict(), attr: value})
+
+
+def _unnamed(named: Scene) -> list[tuple[int, str]]:
+    """(object index or -1 for the background, attribute) of everything the prompt leaves out."""
+    out = [(k, a) for k, o in enumerate(named.objects) for a in OBJECT_ATTRIBUTES if getattr(o, a) is None]
+    return out + ([(-1, "background")] if named.background is None else [])
+
+
+def _named_details(named: Scene) -> list[tuple[int, str]]:
+    """What could be dropped: every named attribute but the shapes."""
+    out = [(k, a) for k, o in enumerate(named.objects) for a in OBJECT_ATTRIBUTES[1:] if getattr(o, a) is not None]
+    return out + ([(-1, "background")] if named.background is not None and named.objects else [])
+
+
+def _set_detail(named: Scene, where: tuple[int, str], full: Scene | None) -> Scene:
+    """`named` with one attribute set to the complete scene's value (or dropped when `full` is None)."""
+    k, attr = where
+    if k < 0:
+        return Scene(named.objects, None if full is None else full.background)
+    objs = list(named.objects)
+    objs[k] = _with(objs[k], attr, None if full is None else getattr(full.objects[k], attr))
+    return Scene(tuple(objs), named.background)
+
+
+def _apply_edit(full: Scene, named: Scene, edit: str, rng: np.random.Generator) -> tuple[Scene, Scene] | None:
+    """(complete scene, named part) after `edit`, or None when the edit does not apply here.
+
+    `named` keeps `full`'s object order (index k of one is index k of the other).
+    """
+    if edit == "add_detail":
+        todo = _unnamed(named)
+        return None if not todo else (full, _set_detail(named, todo[rng.integers(len(todo))], full))
+    if edit == "drop_detail":
+        todo = _named_details(named)
+        return None if not todo else (full, _set_detail(named, todo[rng.integers(len(todo))], None))
     if edit == "change_attribute":
-        k = int(rng.integers(len(objs)))
-        o = objs[k]
-        attr = ("shape", "color", "size", "position")[rng.integers(4)]
-        if attr == "shape":
-            o = SceneObject(str(rng.choice([s for s in SHAPES if s != o.shape])), o.color, o.size, o.position)
-        elif attr == "color":
-            choices = [c for c in COLORS if c not in (o.color, scene.background)]
-            o = SceneObject(o.shape, str(rng.choice(choices)), o.size, o.position)
-        elif attr == "size":
-            o = SceneObject(o.shape, o.color, SIZES[1 - SIZES.index(o.size)], o.position)
-        else:
-            pos = _free_positions(scene)
-            o = SceneObject(o.shape, o.color, o.size, str(rng.choice(pos)))
-        objs[k] = o
-        return _with_objects(scene, objs)
+        return _change_object(full, named, rng) if named.objects else None
     if edit == "change_background":
-        used = {o.color for o in objs} | {scene.background}
-        choices = [c for c in COLORS if c not in used]
-        return Scene(objects=scene.objects, background=str(rng.choice(choices)))
-    if edit in ("reword", "start_over"):
-        return scene if edit == "reword" else random_scene(rng)
+        if named.background is None:
+            return None
+        used = {o.color for o in full.objects} | {full.background}
+        color = str(rng.choice([c for c in COLORS if c not in used]))
+        return Scene(full.objects, color), Scene(named.objects, color)
+    if edit == "add_object":
+        if len(full.objects) >= 3:
+            return None
+        pos = _free_positions(full)
+        new = random_object(rng, pos[rng.integers(len(pos))], full.background)
+        shown = named_part(Scene((new,), full.background), rng, complete_share=0.3).objects[0]
+        return Scene((*full.objects, new), full.background), Scene((*named.objects, shown), named.background)
+    if edit == "remove_object":
+        if len(full.objects) < 2:
+            return None
+        k = int(rng.integers(len(full.objects)))
+        drop = lambda objs: tuple(o for i, o in enumerate(objs) if i != k)  # noqa: E731
+        return Scene(drop(full.objects), full.background), Scene(drop(named.objects), named.background)
     raise ValueError(f"unknown edit {edit!r}")
 
 
@@ -108,39 +154,49 @@ def _scene_in_split(rng: np.random.Generator, split: str) -> Scene:
     raise RuntimeError("no scene found in split")  # pragma: no cover
 
 
+def _start(rng: np.random.Generator, split: str) -> tuple[Scene, Scene]:
+    full = _scene_in_split(rng, split)
+    return full, named_part(full, rng, complete_share=START_COMPLETE_SHARE)
+
+
+def _round(named: Scene, style, edit: str) -> dict:
+    return {"prompt": caption_with_style(named, style), "scene": named.canonical().to_dict(), "edit": edit}
+
+
 def _session(rng: np.random.Generator, split: str, index: int) -> dict:
     n_rounds = int(rng.integers(3, 9))
-    scene = _scene_in_split(rng, split)
+    full, named = _start(rng, split)
     style = sample_style(rng)
-    rounds = [{"prompt": caption_with_style(scene, style), "scene": scene.to_dict(), "edit": "start"}]
+    rounds = [_round(named, style, "start")]
     names = list(EDIT_WEIGHTS)
     probs = np.array([EDIT_WEIGHTS[e] for e in names])
     probs = probs / probs.sum()
     while len(rounds) < n_rounds:
         edit = names[rng.choice(len(names), p=probs)]
         if edit == "start_over":
-            new_scene = _scene_in_split(rng, split)
-        else:
-            new_scene = None
-            for _ in range(_MAX_TRIES):
-                candidate = _apply_edit(scene, edit, rng)
-                if candidate is None:
-                    break
-                if scene_split(candidate) == split:
-                    new_scene = candidate
-                    break
-            if new_scene is None:
-                continue  # the edit does not apply here; draw another
-        if edit in ("reword", "start_over"):
+            full, named = _start(rng, split)
+            style = sample_style(rng)
+        elif edit == "reword":
             new_style = sample_style(rng)
-            prompt = caption_with_style(new_scene, new_style)
-            if edit == "reword" and prompt == rounds[-1]["prompt"]:
+            if caption_with_style(named, new_style) == rounds[-1]["prompt"]:
                 continue
             style = new_style
         else:
-            prompt = caption_with_style(new_scene, style)
-        scene = new_scene
-        rounds.append({"prompt": prompt, "scene": scene.to_dict(), "edit": edit})
+            edited = None
+            for _ in range(_MAX_TRIES):
+                candidate = _apply_edit(full, named, edit, rng)
+                if candidate is None:
+                    break
+                if scene_split(candidate[0]) == split:
+                    edited = candidate
+                    break
+            if edited is None:
+                continue  # the edit does not apply here; draw another
+            full, named = edited
+        round_ = _round(named, style, edit)
+        if round_["prompt"] == rounds[-1]["prompt"] and edit != "start_over":
+            continue
+        rounds.append(round_)
     return {"id": f"{split}-{index:05d}", "split": split, "rounds": rounds}
 
 
@@ -154,6 +210,29 @@ def generate_sessions(n: int, split: str) -> list[dict]:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     rng = np.random.default_rng(SPLIT_SEEDS[split])
     return [_session(rng, split, i) for i in range(n)]
+
+
+def normalize_session(session: dict, index: int = 0) -> dict:
+    """A session whose rounds may be plain strings (``{"rounds": ["a circle", "a red circle"]}``)
+    as one whose rounds are objects: {"prompt", "scene", "edit"}. A round without a scene gets
+    the one `parse_prompt` reads from its prompt (None outside the world's vocabulary).
+
+    Raises ValueError naming what is wrong when the session has no usable rounds.
+    """
+    if not isinstance(session, dict) or not isinstance(session.get("rounds"), list) or not session["rounds"]:
+        raise ValueError("needs a non-empty 'rounds' list (prompts, or objects with a 'prompt')")
+    rounds = []
+    for k, r in enumerate(session["rounds"]):
+        if isinstance(r, str):
+            r = {"prompt": r}
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise ValueError(f"round {k + 1} needs a non-empty prompt (a string, or an object with a 'prompt')")
+        scene = r.get("scene")
+        if scene is None:
+            parsed = parse_prompt(r["prompt"])
+            scene = None if parsed is None else parsed.to_dict()
+        rounds.append({**r, "scene": scene, "edit": r.get("edit", "start" if k == 0 else None)})
+    return {**session, "id": str(session.get("id", f"session-{index:05d}")), "rounds": rounds}
 
 
 def write_jsonl(sessions: list[dict], path: str | Path) -> Path:
