@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
 
@@ -446,3 +447,82 @@ def test_health_load_metrics_openapi(server, http):
     assert {"200", "401", "413", "422", "429", "503"} <= set(refine["responses"])
     missing = http.get("/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+# ----- hostile and broken clients (issue 18) --------------------------------------------------
+def test_non_ascii_tokens_are_403_and_do_not_break_other_tokens(untrained_pair):
+    """hmac.compare_digest raises on non-ASCII str: a non-ASCII bearer token was a 500, and a
+    non-ASCII token in the tokens file broke every token checked after it."""
+    accented = [f"tökén-ünïcode-{i:02d}" for i in range(20)]  # many: the set's order cannot hide the bug
+    running = start_in_thread(create_app(untrained_pair.cloud, tokens={TOKEN, *accented}, insecure=False))
+    payload = body(untrained_pair.cloud, strength=0.0)
+    try:
+        url = running.url + "/v1/refine"
+        wrong = httpx.post(url, json=payload, headers={"Authorization": "Bearer wröng-tökén".encode()}, timeout=60)
+        assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+        ascii_ok = httpx.post(url, json=payload, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert ascii_ok.status_code == 200, ascii_ok.text
+        utf8 = {"Authorization": f"Bearer {accented[7]}".encode()}  # sent as UTF-8, as in the file
+        assert httpx.post(url, json=payload, headers=utf8, timeout=60).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_tokens_file_is_read_as_utf8(tmp_path):
+    file = tmp_path / "tokens"
+    file.write_bytes("tökén-ünïcode-1\n".encode())
+    assert load_tokens(file, env={}) == {"tökén-ünïcode-1"}
+
+
+class _ExplodingRefiner:
+    """A refiner with a bug: submit() raises something the server does not expect."""
+
+    max_batch = 1
+
+    def load(self):
+        from diffusionx.server.batching import LoadReport
+
+        return LoadReport(0, 0, 1, 0.0, 0.0, 0, 0, 0, False)
+
+    def submit(self, request):
+        raise RuntimeError("a bug in submit")
+
+    def close(self, drain=True, timeout=None):
+        return True
+
+
+def test_unexpected_errors_are_logged_with_an_id_the_client_sees(untrained_pair, caplog):
+    running = start_in_thread(create_app(_ExplodingRefiner(), insecure=True))
+    try:
+        with caplog.at_level("ERROR", logger="diffusionx.server.app"):
+            response = httpx.post(running.url + "/v1/refine", json=body(untrained_pair.cloud), timeout=60)
+    finally:
+        running.stop()
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal"
+    error_id = response.headers["x-error-id"]
+    assert error_id in response.json()["error"]["message"]
+    records = [r for r in caplog.records if error_id in r.getMessage()]
+    assert records, "the 500 says the server log has the details: it must"
+    assert "/v1/refine" in records[0].getMessage() and records[0].exc_info is not None
+    assert "a bug in submit" in str(records[0].exc_info[1])
+
+
+def test_a_client_hanging_up_mid_upload_is_not_a_500(untrained_pair):
+    running = start_in_thread(create_app(untrained_pair.cloud, insecure=True))
+    try:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/refine HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100000\r\n\r\n{"prompt": "a red'
+            )
+            time.sleep(0.2)  # let the server start reading the body
+        deadline = time.monotonic() + 30
+        while 'diffusionx_client_disconnects_total{path="/v1/refine"} 1' not in (
+            metrics := httpx.get(running.url + "/metrics", timeout=10).text
+        ):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+    finally:
+        running.stop()
+    assert 'status="500"' not in metrics

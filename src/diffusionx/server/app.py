@@ -38,10 +38,11 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..cloud import RefineRequest, RefineResult, _read_png
 from ..engine import DEFAULT_SCHEDULER, SCHEDULERS, Engine
@@ -63,7 +64,7 @@ def load_tokens(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         file = Path(path)
         if not file.is_file():
             raise InvalidInputError(f"tokens file {file} does not exist; write one token per line")
-        for line in file.read_text().splitlines():
+        for line in file.read_text(encoding="utf-8").splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 tokens.add(line)
@@ -283,6 +284,8 @@ class Service:
         self.refiner = refiner
         self.engine: Engine | None = getattr(refiner, "engine", None)
         self.tokens = set(tokens)
+        # Compared as UTF-8 bytes: hmac.compare_digest raises on str with non-ASCII characters.
+        self._token_bytes = [token.encode("utf-8") for token in self.tokens]
         self.insecure = insecure
         self.limits = limits
         self.replica = replica
@@ -296,6 +299,7 @@ class Service:
         self.latency_sum = 0.0
         self.latency_n = 0
         self.replays = 0
+        self.client_disconnects: defaultdict[str, int] = defaultdict(int, {"/v1/refine": 0})
         self._lock = threading.Lock()
 
     # auth: returns an identity for quotas/idempotency (a hash: the token itself is never stored twice)
@@ -312,13 +316,19 @@ class Service:
             raise ApiError(
                 401, "unauthorized", "the Authorization header must be 'Bearer <token>'", {"WWW-Authenticate": "Bearer"}
             )
-        if not any(hmac.compare_digest(token, known) for known in self.tokens):
+        # Starlette decodes header bytes as latin-1; re-encoding gives the bytes the client sent
+        # (so a UTF-8 token in the tokens file matches a client sending it as UTF-8).
+        raw = token.encode("latin-1", errors="replace")
+        matched = False
+        for known in self._token_bytes:  # every token compared: the time does not say which one is close
+            matched |= hmac.compare_digest(raw, known)
+        if not matched:
             raise ApiError(
                 403,
                 "forbidden",
                 f"this token is not accepted by this server; check --tokens / {TOKENS_ENV} on the server",
             )
-        return hashlib.sha256(token.encode()).hexdigest()[:16]
+        return hashlib.sha256(raw).hexdigest()[:16]
 
     def check_draining(self) -> None:
         if self.draining:
@@ -340,6 +350,11 @@ class Service:
                 for i, bound in enumerate(self.latency_buckets):
                     if seconds <= bound:
                         self.latency_counts[i] += 1
+
+    def observe_disconnect(self, path: str) -> None:
+        """A client hung up before its request was read: its fault, not a server error."""
+        with self._lock:
+            self.client_disconnects[path if path in KNOWN_PATHS else "other"] += 1
 
     def load(self) -> LoadReport:
         return self.refiner.load()
@@ -582,8 +597,18 @@ def create_app(
         start = time.perf_counter()
         try:
             response = await call_next(request)
+        except ClientDisconnect:  # hung up mid-upload: nobody reads an answer, and it is no 5xx
+            service.observe_disconnect(request.url.path)
+            return Response(status_code=499)
         except Exception:
-            response = _error(500, "internal", "internal server error; the server log has the details")
+            error_id = uuid.uuid4().hex
+            log.exception("unexpected error on %s %s (error id %s)", request.method, request.url.path, error_id)
+            response = _error(
+                500,
+                "internal",
+                f"internal server error; the server log has the details (error id {error_id})",
+                {"X-Error-Id": error_id},
+            )
         service.observe(request.url.path, response.status_code, time.perf_counter() - start)
         return response
 
@@ -726,11 +751,18 @@ def _prometheus(service: Service) -> str:
         requests = sorted(service.requests.items())
         buckets = list(zip(service.latency_buckets, service.latency_counts))
         lat_sum, lat_n, replays = service.latency_sum, service.latency_n, service.replays
+        disconnects = sorted(service.client_disconnects.items())
     metric(
         "diffusionx_http_requests_total",
         "counter",
         "HTTP requests by path and status",
         [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in requests],
+    )
+    metric(
+        "diffusionx_client_disconnects_total",
+        "counter",
+        "requests whose client hung up before the body was read (not counted as HTTP requests)",
+        [(f'{{path="{p}"}}', n) for p, n in disconnects],
     )
     cumulative, samples = 0, []
     for bound, count in buckets:
