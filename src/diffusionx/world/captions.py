@@ -15,8 +15,10 @@ out) and `partial_caption` draws which attributes a training caption names.
 
 `parse_prompt(text)` inverts every form the grammar produces, partial ones included, into the
 (partial) scene the text names; it returns None for text that is not a world prompt (unknown
-words, a color or size without a shape, two backgrounds). `unknown_words` lists what falls
-outside the vocabulary.
+words, a color or size without a shape, two backgrounds). It also reads a few forms people
+write that the grammar never produces: counts ("two red circles": alike objects, no position),
+a bare background color ("a red star on white", "background blue") and "top center" /
+"middle left" for the edge cells. `unknown_words` lists what falls outside the vocabulary.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def caption_with_style(scene: Scene, style: CaptionStyle) -> str:
         # go after their objects when not every object has one
         style = replace(style, object_form=OBJECT_FORMS[0])
     parts = [_object_phrase(o, i, style) for i, o in enumerate(scene.objects)]
-    if len(parts) == 1:
-        objs = parts[0]
+    if len(parts) <= 1:
+        objs = "".join(parts)  # "" for a backdrop alone
     elif len(style.joiner) == 1:
         objs = style.joiner[0].join(parts)
     else:
@@ -190,6 +192,8 @@ _CENTER = {"center", "centre", "middle"}
 _BACKGROUND = {"background", "backdrop"}
 _COLOR_FILLERS = {"colored", "coloured", "plain"}
 _BACKGROUND_LINKS = {"is", "of", "in"}  # "the background is blue", "a background of blue"
+_COUNTS = {"two": 2, "three": 3}  # "two red circles"
+PLURAL_SHAPES = {f"{s}es" if s.endswith("s") else f"{s}s": s for s in SHAPES}
 ALLOWED_WORDS = (
     set(FUNCTION_WORDS) | set(SHAPES) | set(COLORS) | set(SIZE_OF_WORD) | set(_VERT) | set(_HORIZ)
     | _CENTER | _BACKGROUND | {"left", "right", "top", "bottom", "center"}
@@ -217,6 +221,21 @@ def _tokens(words: list[str]) -> list[tuple[str, object]] | None:
     i, n = 0, len(words)
     while i < n:
         w = words[i]
+        if w in _COUNTS:  # "two circles", "three small red stars": that many alike objects
+            size = color = None
+            k = i + 1
+            while k < n and (words[k] in COLORS or words[k] in SIZE_OF_WORD):
+                if (words[k] in COLORS and color is not None) or (words[k] in SIZE_OF_WORD and size is not None):
+                    return None
+                color, size = (words[k], size) if words[k] in COLORS else (color, SIZE_OF_WORD[words[k]])
+                k += 1
+            if k < n and words[k] in PLURAL_SHAPES:
+                items.append(("objs", (_COUNTS[w], size, color, PLURAL_SHAPES[words[k]])))
+                i = k + 1
+                continue
+            return None
+        if w in PLURAL_SHAPES:
+            return None  # "circles" without a count: how many is not said
         if w in COLORS or w in SIZE_OF_WORD:
             # adjectives then a shape, in either order: "large red circle", "red big star"
             size = color = None
@@ -243,6 +262,10 @@ def _tokens(words: list[str]) -> list[tuple[str, object]] | None:
                     items.append(("bg", w))
                     i = j + 1
                     continue
+                if k == i + 1 and i > 0 and words[i - 1] in ("on", "over"):  # "a red star on white"
+                    items.append(("bg", w))
+                    i += 1
+                    continue
             return None  # a color or size that is neither an object's nor the background's
         if w in SHAPES:
             items.append(("obj", (None, None, w)))
@@ -252,23 +275,27 @@ def _tokens(words: list[str]) -> list[tuple[str, object]] | None:
             if i + 1 < n and words[i + 1] in _HORIZ:
                 items.append(("pos", f"{_VERT[w]} {_HORIZ[words[i + 1]]}"))
                 i += 2
-            else:
+            else:  # "top", "top center" (the middle column's top cell)
                 items.append(("pos", _VERT[w]))
-                i += 1
+                i += 2 if i + 1 < n and words[i + 1] in _CENTER else 1
             continue
         if w in _HORIZ:
             items.append(("pos", _HORIZ[w]))
             i += 1
             continue
         if w in _CENTER:
-            items.append(("pos", "center"))
-            i += 1
+            if i + 1 < n and words[i + 1] in _HORIZ:  # "middle left" (the middle row's left cell)
+                items.append(("pos", _HORIZ[words[i + 1]]))
+                i += 2
+            else:
+                items.append(("pos", "center"))
+                i += 1
             continue
         if w in _BACKGROUND:
             j = i + 1
             while j < n and words[j] in _BACKGROUND_LINKS | _COLOR_FILLERS | {"a", "the"}:
                 j += 1
-            if j > i + 1 and j < n and words[j] in COLORS and not (j + 1 < n and words[j + 1] in SHAPES):
+            if j < n and words[j] in COLORS and not (j + 1 < n and words[j + 1] in SHAPES):
                 items.append(("bg", words[j]))
                 i = j + 1
                 continue
@@ -284,18 +311,25 @@ def _attach_positions(items: list[tuple[str, object]]) -> list[SceneObject] | No
     position_first = bool(rest) and rest[0][0] == "pos"
     objects: list[list] = []  # [size, color, shape, position]
     pending: str | None = None
+    group = False  # the last object phrase named several objects ("two circles")
     for kind, value in rest:
         if kind == "obj":
             size, color, shape = value  # type: ignore[misc]
             objects.append([size, color, shape, pending])
-            pending = None
+            pending, group = None, False
+        elif kind == "objs":
+            count, size, color, shape = value  # type: ignore[misc]
+            if pending is not None:
+                return None  # one position for several objects
+            objects.extend([size, color, shape, None] for _ in range(count))
+            group = True
         elif position_first:
             if pending is not None:
                 return None  # two positions in a row
             pending = str(value)
         else:
-            if not objects or objects[-1][3] is not None:
-                return None  # a position with no object of its own
+            if not objects or objects[-1][3] is not None or group:
+                return None  # a position with no object of its own, or one for several objects
             objects[-1][3] = str(value)
     if pending is not None:
         return None  # a position after the last object
