@@ -199,6 +199,32 @@ def test_long_prompt_is_truncated_with_a_warning(untrained_pair, real_prompts):
     assert emb.cond.shape[1] == engine.tokenizer.model_max_length
 
 
+def test_out_of_vocabulary_words_warn_once_and_are_reported(untrained_pair):
+    from diffusionx import OutOfVocabularyWarning
+    from diffusionx.engine import uses_world_tokenizer
+
+    engine = untrained_pair.edge
+    assert engine.world_vocabulary and uses_world_tokenizer(engine.tokenizer)
+    with pytest.warns(OutOfVocabularyWarning, match=r"zebra, playing, xylophone.*diffusionx vocab"):
+        gen = engine.generate("a zebra playing a xylophone", seed=0, steps=1)
+    assert gen.unknown_words == ("zebra", "playing", "xylophone")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutOfVocabularyWarning)
+        again = engine.generate("a zebra and a xylophone", seed=0, steps=1)  # the same words: no second warning
+        assert again.unknown_words == ("zebra", "xylophone")
+        assert engine.generate("a circle, black background", seed=0, steps=1).unknown_words == ()
+
+
+def test_hub_tokenizers_are_not_the_world_vocabulary():
+    from diffusionx.engine import uses_world_tokenizer
+
+    class OtherTokenizer:
+        def get_vocab(self):
+            return {"a": 0, "cat": 1}
+
+    assert not uses_world_tokenizer(OtherTokenizer()) and not uses_world_tokenizer(object())
+
+
 def test_real_prompts_encode(untrained_pair, real_prompts):
     """Unicode, emoji, odd punctuation and very long prompts from DiffusionDB all encode."""
     engine = untrained_pair.edge

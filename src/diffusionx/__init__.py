@@ -4,6 +4,7 @@ from .errors import (
     DiffusionXError,
     InvalidInputError,
     ModelNotAvailableError,
+    OutOfVocabularyWarning,
     PromptTruncatedWarning,
     RoundNotFoundError,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "DiffusionXError",
     "InvalidInputError",
     "ModelNotAvailableError",
+    "OutOfVocabularyWarning",
     "PromptTruncatedWarning",
     "RoundNotFoundError",
     "__version__",

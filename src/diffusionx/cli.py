@@ -113,9 +113,29 @@ def cmd_generate(args) -> int:
     pair = _load(args)
     engine = pair.edge if args.side == "edge" else pair.cloud
     gen = engine.generate(args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance, progress=True)
-    path = _save(gen.image, Path(args.out), pair, prompt=args.prompt, seed=args.seed, steps=args.steps)
+    path = _save(gen.image, Path(args.out), pair, prompt=args.prompt, seed=args.seed, steps=args.steps,
+                 out_of_vocabulary=list(gen.unknown_words))
     info = pair.edge_info if args.side == "edge" else pair.cloud_info
     print(f"wrote {path} ({info.label}, {gen.unet_steps} steps, {gen.timing.total_s:.3f} s)")
+    return 0
+
+
+def cmd_vocab(args) -> int:
+    from .world.captions import POSITION_PHRASES, SIZE_WORDS
+    from .world.vocab import COLORS, EXAMPLE_PROMPTS, SHAPES
+
+    print("The embedded models know only their synthetic world: one to three objects on a plain background.")
+    print("An object needs its shape; size, color and position may be left out, and so may the background.\n")
+    print(f"shapes     {', '.join(SHAPES)}")
+    print(f"colors     {', '.join(COLORS)}")
+    print("sizes      " + "; ".join(f"{size}: {', '.join(words)}" for size, words in SIZE_WORDS.items()))
+    print("positions  " + ", ".join(POSITION_PHRASES))
+    print("           (as 'on the left', 'at the top', 'in the top right corner', 'in the middle', ...)")
+    print("background '<color> background', 'on a <color> background', 'with a <color> backdrop'\n")
+    print("examples:")
+    for prompt in EXAMPLE_PROMPTS:
+        print(f"  {prompt}")
+    print("\nWith real models (--model sd15) any text works.")
     return 0
 
 
@@ -175,6 +195,22 @@ def cmd_train(args) -> int:
                        device=args.device, config=SMOKE_CONFIG if args.smoke else None)
         if args.export_to:
             print(f"exported the pair to {args.export_to} (the shipped one lives in src/diffusionx/assets/embedded)")
+    elif args.what == "pair":
+        from .errors import InvalidInputError
+        from .training.distill import SMOKE_DISTILL_CONFIG, distill_pair
+
+        if args.smoke and not args.export_to:
+            raise InvalidInputError("a smoke run needs --export-to DIR: it must not replace the pair it starts from")
+        summary = distill_pair(out, resume_from=args.resume_from, export_to=args.export_to,
+                               budget_minutes=args.budget_minutes, device=args.device, keep=args.keep,
+                               config=SMOKE_DISTILL_CONFIG if args.smoke else None)
+        before, after = summary["validation_before"], summary["validation_after"]
+        print(f"validation attribute accuracy (edge / cloud): before {before['edge']['attribute_accuracy']:.3f} / "
+              f"{before['cloud']['attribute_accuracy']:.3f}, after {after['edge']['attribute_accuracy']:.3f} / "
+              f"{after['cloud']['attribute_accuracy']:.3f}; {summary['samples_per_s']:.1f} samples/s")
+        where = args.export_to or args.resume_from
+        print(f"kept: exported to {where}" if summary["kept"] else
+              f"not kept (no improvement): the candidate is in {out}/candidate")
     else:
         from .metrics.train import train_evaluator
 
@@ -299,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/generate.png")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("vocab", help="the words and example prompts the embedded models know")
+    p.set_defaults(func=cmd_vocab)
+
     p = sub.add_parser("session", help="interactive multi-round session in the terminal")
     model_args(p)
     session_args(p)
@@ -346,14 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="prompts per U-Net call")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("train", help="train the embedded model pair or the evaluator from scratch")
-    p.add_argument("what", choices=("embedded", "evaluator"))
+    p = sub.add_parser("train", help="train the embedded model pair or the evaluator from scratch, "
+                                     "or continue training a pair (cloud + distilled edge)")
+    p.add_argument("what", choices=("embedded", "pair", "evaluator"),
+                   help="embedded: rebuild from scratch; pair: continue from --resume-from (docs/training.md)")
+    p.add_argument("--resume-from", default="shipped",
+                   help="pair: the pair folder to start from (default: shipped, the package's own)")
+    p.add_argument("--keep", default="improved", choices=("improved", "always"),
+                   help="pair: export only when validation accuracy improved (default), or always")
     p.add_argument("--out", help="checkpoints, logs and results (default runs/WHAT); resumes what is there")
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
     p.add_argument("--export-to", help="embedded: write the two diffusers pipeline folders here")
-    p.add_argument("--budget-minutes", type=float, help="embedded: fit the step counts to this wall-clock budget")
-    p.add_argument("--device", default="cpu", help="embedded: cpu (default) or cuda[:N] (larger batches and data)")
-    p.add_argument("--smoke", action="store_true", help="embedded: a few steps of every stage (checks a setup)")
+    p.add_argument("--budget-minutes", type=float, help="embedded, pair: fit the step counts to this wall-clock budget")
+    p.add_argument("--device", default="cpu", help="embedded, pair: cpu (default) or cuda[:N] (larger batches)")
+    p.add_argument("--smoke", action="store_true", help="embedded, pair: a few steps on tiny data (checks a setup)")
     p.set_defaults(func=cmd_train)
 
     from .control.bench import add_bench_edits_parser

@@ -15,11 +15,13 @@ where it is not, diffusers rounds down (and runs zero steps at small strengths),
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,7 +30,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import InvalidInputError, PromptTruncatedWarning
+from .errors import InvalidInputError, OutOfVocabularyWarning, PromptTruncatedWarning
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
@@ -85,6 +87,7 @@ class PromptEmbeddings:
     cond: torch.Tensor  # (1, tokens, dim)
     uncond: torch.Tensor | None  # None when guidance is off
     truncated: bool = False
+    unknown_words: tuple[str, ...] = ()  # words a world-only model never saw (see Engine.world_vocabulary)
 
 
 @dataclass
@@ -161,6 +164,24 @@ class Generation:
     unet_steps: int  # U-Net steps actually run: steps_for_strength(strength, steps)
     timing: Timing
     prompt_truncated: bool = False
+    unknown_words: tuple[str, ...] = ()  # outside a world model's vocabulary (Engine.unknown_words)
+
+
+@lru_cache(maxsize=1)
+def _world_vocab() -> frozenset[str]:
+    from importlib import resources
+
+    path = resources.files("diffusionx") / "assets" / "tokenizer" / "vocab.json"
+    return frozenset(json.loads(path.read_text(encoding="utf-8")))
+
+
+def uses_world_tokenizer(tokenizer: Any) -> bool:
+    """True for the embedded world's tokenizer (the shipped, trained and untrained pairs)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, TypeError):
+        return False
+    return len(vocab) == len(_world_vocab()) and frozenset(vocab) == _world_vocab()
 
 
 class Engine:
@@ -172,6 +193,9 @@ class Engine:
         self.name = name
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._embedding_cache: OrderedDict[tuple[str, str, bool], PromptEmbeddings] = OrderedDict()
+        # Models with the embedded world's tokenizer know only its words; hub models know language.
+        self.world_vocabulary = uses_world_tokenizer(tokenizer)
+        self._warned_words: set[str] = set()
         for module in (unet, vae, text_encoder):
             module.eval().requires_grad_(False)
 
@@ -250,11 +274,30 @@ class Engine:
             return self._embedding_cache[key]
         cond, truncated = self._encode_text(prompt, warn=True)
         uncond = self._encode_text(negative_prompt)[0] if guidance else None
-        embeddings = PromptEmbeddings(cond, uncond, truncated)
+        embeddings = PromptEmbeddings(cond, uncond, truncated, self.unknown_words(prompt, warn=True))
         self._embedding_cache[key] = embeddings
         if len(self._embedding_cache) > 64:
             self._embedding_cache.popitem(last=False)
         return embeddings
+
+    def unknown_words(self, prompt: str, warn: bool = False) -> tuple[str, ...]:
+        """Words of `prompt` this model never saw: those outside the embedded world's vocabulary
+        for a world model, none for a hub model. With `warn`, each new word is warned about once."""
+        if not self.world_vocabulary:
+            return ()
+        from .world.captions import unknown_words
+
+        words = tuple(unknown_words(prompt))
+        new = [w for w in words if w not in self._warned_words]
+        if warn and new:
+            self._warned_words.update(new)
+            warnings.warn(
+                f"the embedded models know only their synthetic world's words; unknown here: {', '.join(new)}. "
+                "The image will not follow them: `diffusionx vocab` lists the words and example prompts.",
+                OutOfVocabularyWarning,
+                stacklevel=3,
+            )
+        return words
 
     def _encode_text(self, text: str, warn: bool = False) -> tuple[torch.Tensor, bool]:
         tok = self.tokenizer
@@ -464,4 +507,5 @@ class Engine:
             unet_steps=job.num_steps,
             timing=timing,
             prompt_truncated=embeddings.truncated,
+            unknown_words=embeddings.unknown_words,
         )

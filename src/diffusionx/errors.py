@@ -19,3 +19,7 @@ class ModelNotAvailableError(DiffusionXError):
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the tokenizer allows and was cut."""
+
+
+class OutOfVocabularyWarning(UserWarning):
+    """A prompt uses words the embedded world's models never saw (`diffusionx vocab` lists theirs)."""

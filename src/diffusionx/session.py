@@ -39,6 +39,7 @@ class Round:
     image: Image.Image
     timing: Timing
     prompt_truncated: bool = False
+    unknown_words: tuple[str, ...] = ()  # words the (embedded) edge model never saw
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class Round:
             "edge_seconds": self.timing.total_s,
             "timing": self.timing.as_dict(),
             "prompt_truncated": self.prompt_truncated,
+            "out_of_vocabulary": list(self.unknown_words),
         }
 
 
@@ -206,6 +208,7 @@ class EdgeSession:
             image=generation.image,
             timing=generation.timing,
             prompt_truncated=generation.prompt_truncated,
+            unknown_words=generation.unknown_words,
         )
         if hook is None:
             from .control import RoundSpec
@@ -259,6 +262,7 @@ class EdgeSession:
             image=out.image,
             timing=out.timing,
             prompt_truncated=out.prompt_truncated,
+            unknown_words=out.unknown_words,
         )
         self._specs[new.index] = RoundSpec(
             prompt, spec.seed, spec.strength, spec.init_latents, source=spec, config=self.control

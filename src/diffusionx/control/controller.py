@@ -279,6 +279,7 @@ class ControlledGeneration:
     mask: torch.Tensor | None = None  # the last local-blend mask, if any
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_truncated: bool = False
+    unknown_words: tuple[str, ...] = ()
     source_latents: torch.Tensor | None = None  # the replayed source's final latents, if it ran to the end
 
 
@@ -389,6 +390,7 @@ def controlled_generate(
         unet_steps=job.num_steps,
         mask=branch.last_mask,
         prompt_truncated=embeddings.truncated,
+        unknown_words=embeddings.unknown_words,
         stats={
             "processor_calls": hook.router.calls,
             "injected_calls": hook.router.injected,

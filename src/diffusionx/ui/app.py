@@ -349,10 +349,18 @@ def _generate(
         warnings.simplefilter("always", PromptTruncatedWarning)
         r = tab.edge.generate(prompt, strength=strength, seed=seed, **extra)
     cut = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    notes = []
     if cut:
-        tab.notes = [cut[0]]
+        notes.append(cut[0])
     elif r.prompt_truncated:  # the engine warns once per prompt; say it every time
-        tab.notes = ["the prompt is longer than the text encoder reads; its end was cut and ignored"]
+        notes.append("the prompt is longer than the text encoder reads; its end was cut and ignored")
+    if r.unknown_words:  # every round that has them, not only the first
+        notes.append(
+            f"the embedded models do not know: {', '.join(r.unknown_words)}; the image will not follow those "
+            "words (`diffusionx vocab` lists the ones they know)"
+        )
+    if notes:
+        tab.notes = notes
     return r
 
 

@@ -22,3 +22,15 @@ FUNCTION_WORDS = (
     "also", "plus", "placed", "sitting", "located", "positioned", "some", "another", "single",
     "circles", "squares", "triangles", "stars", "hearts", "crosses", "rings",
 )
+
+# Prompts `diffusionx vocab` shows: complete ones and partial ones as people write them.
+EXAMPLE_PROMPTS = (
+    "a large red circle on the left on a blue background",
+    "blue background, big red circle at the left",
+    "a small yellow star in the top right corner and a green heart at the bottom on a white background",
+    "a circle",
+    "a red star in the top left",
+    "heart, black background",
+    "square on the left",
+    "a blue background",
+)
