@@ -526,3 +526,80 @@ def test_a_client_hanging_up_mid_upload_is_not_a_500(untrained_pair):
     finally:
         running.stop()
     assert 'status="500"' not in metrics
+
+
+def _filled(engine, value: float, where: str = "all") -> bytes:
+    latents = torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(0))
+    if where == "all":
+        latents.fill_(value)
+    else:
+        latents[0, 0, 0, 0] = value
+    return latents_to_bytes(latents, "fp32")
+
+
+@pytest.mark.parametrize(
+    "value, where",
+    [
+        (1e30, "all"),
+        (1e30, "one"),
+        (2000.0, "all"),
+        (float("inf"), "one"),
+        (float("-inf"), "all"),
+        (float("nan"), "one"),
+    ],
+)
+def test_non_finite_or_absurd_latents_are_refused(untrained_pair, http, value, where):
+    """fp32 latents of 1e30 used to be accepted and answered 200 with an all-NaN result."""
+    response = http.post(
+        "/v1/refine", json=body(untrained_pair.cloud, latent=_b64(_filled(untrained_pair.cloud, value, where)))
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "latent_out_of_range" and "1000" in error["message"]
+
+
+def test_latents_near_the_limit_are_accepted(untrained_pair, http):
+    response = http.post(
+        "/v1/refine", json=body(untrained_pair.cloud, latent=_b64(_filled(untrained_pair.cloud, 900.0, "one")))
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+def nan_unet(untrained_pair):
+    """The cloud U-Net diverges: every call returns NaN."""
+    handle = untrained_pair.cloud.unet.register_forward_hook(
+        lambda module, args, out: (torch.full_like(out[0], float("nan")), *out[1:])
+    )
+    yield
+    handle.remove()
+
+
+@pytest.mark.parametrize("return_format", ["latent", "png"])
+def test_a_diverged_refinement_is_never_a_success(untrained_pair, http, nan_unet, return_format):
+    response = http.post("/v1/refine", json=body(untrained_pair.cloud, seed=77, return_format=return_format))
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["code"] == "non_finite_result" and "NaN" in error["message"]
+
+
+def test_cloud_refiner_raises_on_a_diverged_refinement(untrained_pair, nan_unet):
+    from diffusionx.wire import NonFiniteResultError
+
+    with pytest.raises(NonFiniteResultError, match="NaN"):
+        CloudRefiner(untrained_pair.cloud).refine(request(untrained_pair.cloud))
+
+
+def test_any_refiners_non_finite_result_is_a_500(untrained_pair):
+    class Diverging:
+        def refine(self, req):
+            result = CloudRefiner(untrained_pair.cloud).refine(req)
+            result.payload = latents_to_bytes(torch.full(untrained_pair.cloud.latent_shape(), float("nan")))
+            return result
+
+    running = start_in_thread(create_app(Diverging(), insecure=True))
+    try:
+        response = httpx.post(running.url + "/v1/refine", json=body(untrained_pair.cloud, strength=0.0), timeout=60)
+    finally:
+        running.stop()
+    assert response.status_code == 500 and response.json()["error"]["code"] == "non_finite_result"

@@ -16,7 +16,14 @@ from PIL import Image, UnidentifiedImageError
 
 from .engine import DEFAULT_SCHEDULER, Engine, Timing, check_seed, check_steps, check_strength
 from .errors import InvalidInputError
-from .wire import image_to_png, latents_from_bytes, latents_to_bytes
+from .wire import (
+    NonFiniteResultError,
+    check_latent_values,
+    image_to_png,
+    latent_value_problem,
+    latents_from_bytes,
+    latents_to_bytes,
+)
 
 MAX_PROMPT_CHARS = 2000
 
@@ -81,7 +88,7 @@ class CloudRefiner:
         request.validate()
         timing = Timing()
         if request.latents is not None:
-            latents = self.engine.check_latents(latents_from_bytes(request.latents))
+            latents = self.engine.check_latents(check_latent_values(latents_from_bytes(request.latents), "the latents"))
         else:
             start = time.perf_counter()
             latents = self.engine.encode_image(_read_png(request.image_png))
@@ -99,6 +106,9 @@ class CloudRefiner:
             decode=request.return_format == "png",
         )
         generation.timing.vae_encode_s = timing.vae_encode_s
+        problem = latent_value_problem(generation.latents)
+        if problem is not None:  # never hand back (or decode) NaN as if it were a refinement
+            raise NonFiniteResultError(f"the refinement produced unusable latents: {problem}")
         if request.return_format == "png":
             payload = image_to_png(generation.image)
         else:

@@ -47,6 +47,7 @@ from starlette.requests import ClientDisconnect
 from ..cloud import RefineRequest, RefineResult, _read_png
 from ..engine import DEFAULT_SCHEDULER, SCHEDULERS, Engine
 from ..errors import InvalidInputError
+from ..wire import MAX_LATENT_ABS, NonFiniteResultError, latent_value_problem, latents_from_bytes
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
 
@@ -409,8 +410,6 @@ class Service:
     def _check_latents(self, data: bytes) -> None:
         from safetensors.torch import load as load_safetensors
 
-        from ..wire import latents_from_bytes
-
         try:
             load_safetensors(data)
         except Exception as err:
@@ -421,6 +420,16 @@ class Service:
             ) from None
         try:
             latents = latents_from_bytes(data)
+        except InvalidInputError as err:
+            raise ApiError(422, "latent_mismatch", str(err)) from None
+        problem = latent_value_problem(latents)
+        if problem is not None:
+            raise ApiError(
+                422,
+                "latent_out_of_range",
+                f"'latent' is unusable: {problem}; send finite latents within +-{MAX_LATENT_ABS:g}",
+            )
+        try:
             if self.engine is not None:
                 self.engine.check_latents(latents)
         except InvalidInputError as err:
@@ -473,6 +482,15 @@ def _b64(text: str, field: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "bad_base64", f"'{field}' is not valid base64 (standard alphabet, padded)") from None
+
+
+def _non_finite(request_id: str, message: str) -> ApiError:
+    log.error("refinement %s: %s", request_id, message)
+    return ApiError(
+        500,
+        "non_finite_result",
+        f"{message}; the model diverged on this input, so retrying it will not help (request {request_id})",
+    )
 
 
 def _response(result: RefineResult, request_id: str, replica: str) -> dict[str, Any]:
@@ -697,6 +715,8 @@ def create_app(
             raise ApiError(422, "invalid_input", str(err)) from None
         except ServiceUnavailableError as err:
             raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
+        except NonFiniteResultError as err:
+            raise _non_finite(entry.request_id, str(err)) from None
         except Exception as err:
             log.exception("refinement %s failed", entry.request_id)
             raise ApiError(
@@ -705,6 +725,13 @@ def create_app(
                 f"the refinement failed on the server ({type(err).__name__}); "
                 "retrying may help, the server log has the details",
             ) from None
+        if result.return_format == "latent":  # whatever the refiner: never answer NaN as a success
+            try:
+                problem = latent_value_problem(latents_from_bytes(result.payload))
+            except InvalidInputError as err:
+                problem = f"the refiner's payload is unreadable ({err})"
+            if problem is not None:
+                raise _non_finite(entry.request_id, f"the refinement produced unusable latents: {problem}")
         return JSONResponse(_response(result, entry.request_id, service.replica), headers=headers)
 
     @app.get("/v1/health")

@@ -33,7 +33,15 @@ from safetensors.torch import load as load_safetensors
 from ..cloud import RefineRequest, RefineResult, _read_png
 from ..engine import DenoiseJob, Engine, Timing, steps_for_strength
 from ..errors import InvalidInputError
-from ..wire import LATENT_KEY, image_to_png, latents_from_bytes, latents_to_bytes
+from ..wire import (
+    LATENT_KEY,
+    NonFiniteResultError,
+    check_latent_values,
+    image_to_png,
+    latent_value_problem,
+    latents_from_bytes,
+    latents_to_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +225,14 @@ class BatchingRefiner:
             return
         with self._cond:
             self._active.append(work)
-        if work.job.done:  # strength 0: nothing to denoise
+        if work.job.done and self._output_ok(work):  # strength 0: nothing to denoise
             self._finish(work)
 
     def _start(self, work: _Work) -> DenoiseJob:
         request, engine, timing = work.request, self.engine, work.timing
         if request.latents is not None:
             # The model's own size only: every job in a batch must have the same latent shape.
-            latents = engine.check_latents(latents_from_bytes(request.latents))
+            latents = engine.check_latents(check_latent_values(latents_from_bytes(request.latents), "the latents"))
             work.wire_dtype = _wire_dtype(request.latents)
         else:
             start = time.perf_counter()
@@ -271,7 +279,7 @@ class BatchingRefiner:
                 self.unet_calls += 1
                 self.batch_sizes[len(active)] += 1
                 self._step_time = elapsed if not self._step_time else 0.8 * self._step_time + 0.2 * elapsed
-        done = [work for work in active if work.job.done]
+        done = [work for work in active if work.job.done and self._output_ok(work)]
         images = self._decode([work for work in done if work.request.return_format == "png"])
         for work in done:
             self._finish(work, images.get(id(work)))
@@ -324,6 +332,15 @@ class BatchingRefiner:
             result.seq = self.completed
             self._cond.notify_all()
         work.future.set_result(result)
+
+    def _output_ok(self, work: _Work) -> bool:
+        """Non-finite or absurd latents are never a result (nor decoded into one): the request fails."""
+        problem = latent_value_problem(work.job.latents)
+        if problem is None:
+            return True
+        log.warning("refinement seq %d produced unusable latents: %s", work.seq, problem)
+        self._fail(work, NonFiniteResultError(f"the refinement produced unusable latents: {problem}"))
+        return False
 
     def _fail(self, work: _Work, err: Exception) -> None:
         with self._cond:
