@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
 
@@ -141,3 +142,123 @@ def test_retries_5xx_and_429_honouring_retry_after():
         client.refine(request)
     assert len(calls) == 3 and calls[1][0] - calls[0][0] >= 1.0  # waited for Retry-After
     assert len({key for _, key in calls}) == 1  # one key for every attempt
+
+
+# ----- issue 18: Retry-After, deadlines, unusable answers -------------------------------------
+def _answer(payload: bytes, return_format: str = "latent") -> dict:
+    """A well-formed 200 body around `payload`."""
+    return {
+        "request_id": "r-1",
+        "return_format": return_format,
+        "media_type": "application/vnd.diffusionx.latents+safetensors",
+        "payload": base64.b64encode(payload).decode(),
+        "strength": 0.5,
+        "steps": 6,
+        "unet_steps": 3,
+        "timings": {"queue_s": 0, "text_encode_s": 0, "vae_encode_s": 0, "unet_s": 0, "decode_s": 0, "total_s": 0},
+        "cost": {"unet_steps": 3, "unet_calls": 3, "unet_compute_s": 0.0},
+        "largest_batch": 1,
+        "replica": "mock",
+        "seq": 1,
+    }
+
+
+class _VirtualTime:
+    """Stands in for the client module's `time`: sleep() records and advances a virtual clock."""
+
+    def __init__(self):
+        self.now, self.sleeps = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def virtual_time(monkeypatch):
+    import diffusionx.client as client_module
+
+    clock = _VirtualTime()
+    monkeypatch.setattr(client_module, "time", clock)
+    return clock
+
+
+def _mock_client(responses, **kw) -> tuple[CloudClient, list]:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return responses[min(len(calls), len(responses)) - 1]
+
+    return CloudClient("http://127.0.0.1:9", transport=httpx.MockTransport(handler), **kw), calls
+
+
+def _zeros_request() -> RefineRequest:
+    return RefineRequest(prompt="x", strength=0.5, latents=latents_to_bytes(torch.zeros(1, 4, 16, 16)))
+
+
+def test_a_long_retry_after_is_honoured_in_full(virtual_time):
+    """It used to be cut to max_backoff (20 s), so the retry came back before the server was ready."""
+    good = httpx.Response(200, json=_answer(latents_to_bytes(torch.zeros(1, 4, 16, 16))))
+    busy = httpx.Response(503, json={"error": {"message": "busy"}}, headers={"Retry-After": "45"})
+    client, calls = _mock_client([busy, good], retries=2, backoff=0.01, max_backoff=20)
+    result = client.refine(_zeros_request())
+    assert len(calls) == 2 and result.unet_steps == 3
+    assert virtual_time.sleeps and virtual_time.sleeps[0] >= 45
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once(virtual_time):
+    busy = httpx.Response(429, json={"error": {"message": "slow down"}}, headers={"Retry-After": "600"})
+    client, calls = _mock_client([busy], retries=5, backoff=0.01, deadline=30)
+    with pytest.raises(CloudError, match=r"Retry-After: 600 s.*deadline of 30 s.*slow down"):
+        client.refine(_zeros_request())
+    assert len(calls) == 1 and virtual_time.sleeps == []  # no sleeping towards a certain failure
+
+
+def test_the_deadline_bounds_every_attempt(virtual_time):
+    client, calls = _mock_client([httpx.Response(503, json={"error": {"message": "busy"}})], retries=100, deadline=5)
+    with pytest.raises(CloudError, match="deadline"):
+        client.refine(_zeros_request())
+    assert sum(virtual_time.sleeps) <= 5 and len(calls) < 101
+
+
+def test_a_non_json_200_is_a_cloud_error():
+    page = httpx.Response(200, content=b"<html>a captive portal</html>", headers={"Content-Type": "text/html"})
+    client, _ = _mock_client([page], retries=0)
+    with pytest.raises(CloudError, match=r"not JSON.*captive portal"):
+        client.refine(_zeros_request())
+    with pytest.raises(CloudError, match="not JSON"):
+        client.load()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+def test_unusable_latents_in_a_200_are_a_cloud_error(value):
+    bad = latents_to_bytes(torch.full((1, 4, 16, 16), value), "fp32")
+    client, calls = _mock_client([httpx.Response(200, json=_answer(bad))], retries=2)
+    with pytest.raises(CloudError, match="unusable latents"):
+        client.refine(_zeros_request())
+    assert len(calls) == 1  # a 200 is not retried, however bad
+
+
+def test_a_non_finite_answer_falls_back_to_the_preview(untrained_pair):
+    shape = untrained_pair.cloud.latent_shape()
+    nan = httpx.Response(200, json=_answer(latents_to_bytes(torch.full(shape, float("nan")))))
+    client, _ = _mock_client([nan], retries=0)
+    session = EdgeSession(untrained_pair, cloud=client, steps=4, guidance_scale=1.0)
+    preview = session.generate(PROMPT)
+    final = session.finalize(strength=0.5)
+    assert not final.refined and final.image is preview.image and "unusable latents" in final.reason
+
+
+def test_a_diverged_refinement_is_not_retried():
+    diverged = httpx.Response(500, json={"error": {"code": "non_finite_result", "message": "NaN latents"}})
+    client, calls = _mock_client([diverged], retries=3, backoff=0.01)
+    with pytest.raises(CloudError, match="NaN latents"):
+        client.refine(_zeros_request())
+    assert len(calls) == 1

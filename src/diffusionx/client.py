@@ -4,20 +4,25 @@
 finalizes over HTTP. It
 
 - streams the request body (chunked) and reads the response as a stream with a size cap,
-- times out (connect / read separately),
-- retries connection errors, timeouts, 5xx and 429 with exponential backoff and jitter, honouring
-  the server's Retry-After,
+- times out (connect / read separately), and gives up on a request after `deadline` seconds in
+  all (attempts and waits together; None: no overall limit),
+- retries connection errors, timeouts, 5xx and 429 with exponential backoff and jitter, waiting
+  at least the server's Retry-After (`max_backoff` caps the backoff, never Retry-After); when the
+  wait would pass the deadline it raises CloudError at once instead of sleeping,
 - sends one Idempotency-Key for all attempts of a request, so a retry after a lost response gets
   the first computation's result instead of computing it again,
 - raises InvalidInputError with the server's message on 400/413/422 (the request itself is wrong),
-  CloudError on anything else (auth, server down); EdgeSession turns the latter into the preview
-  marked refined=False.
+  CloudError on anything else (auth, server down, a 200 that is not a readable result, latents
+  that are NaN, infinite or out of range); EdgeSession turns the latter into the preview marked
+  refined=False.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
+import math
 import random
 import time
 import uuid
@@ -26,11 +31,13 @@ from typing import Any, Self
 
 import httpx
 
-from .cloud import RefineRequest, RefineResult
+from .cloud import RefineRequest, RefineResult, _read_png
 from .engine import Timing
 from .errors import DiffusionXError, InvalidInputError
+from .wire import latent_value_problem, latents_from_bytes
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+FINAL_CODES = frozenset({"non_finite_result"})  # 5xx codes the server marks as not worth retrying
 CHUNK = 64 * 1024
 
 
@@ -53,16 +60,21 @@ class CloudClient:
         retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 20.0,
+        deadline: float | None = 300.0,
         max_response_bytes: int = 64 * 1024 * 1024,
         transport: httpx.BaseTransport | None = None,
     ):
         if retries < 0:
             raise InvalidInputError(f"retries must be >= 0, got {retries}")
+        if deadline is not None and not deadline > 0:
+            raise InvalidInputError(f"deadline must be > 0 seconds (or None), got {deadline}")
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.retries = retries
         self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.max_backoff = max_backoff  # caps the exponential backoff; Retry-After is honoured in full
+        self.deadline = deadline  # seconds for one refine(), all attempts and waits included
+        self.timeout, self.connect_timeout = timeout, connect_timeout
         self.max_response_bytes = max_response_bytes
         self.attempts = 0  # HTTP attempts made by this client (for tests and logs)
         headers = {"User-Agent": "diffusionx-edge/1"}
@@ -90,7 +102,7 @@ class CloudClient:
         body = json.dumps(_body(request)).encode()
         key = idempotency_key or uuid.uuid4().hex
         data = self._post("/v1/refine", body, key)
-        return _result(data)
+        return _checked(_result(data))
 
     # ----- other endpoints --------------------------------------------------------------------
     def load(self) -> dict[str, Any]:
@@ -107,13 +119,23 @@ class CloudClient:
             raise CloudError(f"cloud at {self.base_url} unreachable ({type(err).__name__}: {err})") from None
         if response.status_code != 200:
             raise CloudError(f"GET {path}: {response.status_code} {_message(response.content)}", response.status_code)
-        return response.json()
+        return _json(response.content, f"GET {path}")
 
     # ----- the retry loop ---------------------------------------------------------------------
     def _post(self, path: str, body: bytes, key: str) -> dict[str, Any]:
         last = "no attempt made"
+        end = None if self.deadline is None else time.monotonic() + self.deadline
         for attempt in range(self.retries + 1):
             wait = None
+            timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout)
+            if end is not None:  # no attempt may outlast the deadline
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise CloudError(
+                        f"cloud at {self.base_url}: the request's deadline of {self.deadline:g} s passed after "
+                        f"{attempt} attempts; last: {last}"
+                    )
+                timeout = httpx.Timeout(min(self.timeout, left), connect=min(self.connect_timeout, left))
             self.attempts += 1
             try:
                 with self._http.stream(
@@ -121,23 +143,32 @@ class CloudClient:
                     path,
                     content=_chunks(body),
                     headers={"Content-Type": "application/json", "Idempotency-Key": key},
+                    timeout=timeout,
                 ) as response:
                     content = self._read(response)
                     status = response.status_code
                     if status == 200:
-                        return json.loads(content)
+                        return _json(content, "the cloud's 200 response")
                     message = _message(content)
                     last = f"HTTP {status}: {message}"
-                    if status in (400, 413, 422):
+                    if status in (400, 413, 415, 422):
                         raise InvalidInputError(f"the cloud rejected the request: {message}")
-                    if status not in RETRY_STATUSES:
+                    if status not in RETRY_STATUSES or _code(content) in FINAL_CODES:
                         raise CloudError(f"the cloud refused the request (HTTP {status}): {message}", status)
                     wait = _retry_after(response.headers.get("retry-after"))
             except httpx.TransportError as err:  # connect errors, timeouts, dropped connections
                 last = f"{type(err).__name__}: {err}"
             if attempt < self.retries:
-                delay = self.backoff * 2**attempt * (0.5 + random.random() / 2)
-                time.sleep(min(self.max_backoff, max(delay, wait or 0.0)))
+                delay = min(self.max_backoff, self.backoff * 2**attempt * (0.5 + random.random() / 2))
+                pause = max(delay, wait or 0.0)  # at least Retry-After, however long it is
+                if end is not None and time.monotonic() + pause > end:
+                    why = f"Retry-After: {wait:g} s" if wait is not None and wait >= delay else f"backoff {pause:.2f} s"
+                    raise CloudError(
+                        f"cloud at {self.base_url}: the next attempt ({why}) would start past the request's deadline "
+                        f"of {self.deadline:g} s ({max(0.0, end - time.monotonic()):.1f} s left), so not waiting; "
+                        f"last: {last}"
+                    )
+                time.sleep(pause)
         raise CloudError(f"cloud at {self.base_url} failed after {self.retries + 1} attempts; last: {last}")
 
     def _read(self, response: httpx.Response) -> bytes:
@@ -191,6 +222,27 @@ def _result(data: dict[str, Any]) -> RefineResult:
         raise CloudError(f"the cloud's response is not a refinement result ({type(err).__name__}: {err})") from None
 
 
+def _checked(result: RefineResult) -> RefineResult:
+    """A 200 whose payload cannot be shown (unreadable, NaN, infinite, absurd) is a failed refinement."""
+    try:
+        if result.return_format == "png":
+            _read_png(result.payload)
+            return result
+        problem = latent_value_problem(latents_from_bytes(result.payload))
+    except InvalidInputError as err:
+        raise CloudError(f"the cloud's result payload is unreadable: {err}") from None
+    if problem is not None:
+        raise CloudError(f"the cloud returned unusable latents ({problem}); not showing them")
+    return result
+
+
+def _json(content: bytes, what: str) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        raise CloudError(f"{what} is not JSON: {content[:200].decode(errors='replace')!r}") from None
+
+
 def _chunks(body: bytes) -> Iterator[bytes]:
     for start in range(0, len(body), CHUNK):
         yield body[start : start + CHUNK]
@@ -203,10 +255,25 @@ def _message(content: bytes) -> str:
         return content[:300].decode(errors="replace") or "(empty body)"
 
 
+def _code(content: bytes) -> str | None:
+    try:
+        return str(json.loads(content)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date (RFC 9110); None if absent or unreadable."""
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
