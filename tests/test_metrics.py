@@ -150,3 +150,71 @@ def test_training_smoke(tmp_path):
         torch.set_num_threads(threads)
     assert path.is_file() and (tmp_path / "train_log.jsonl").is_file()
     assert Evaluator.load(path).clip_score(np.zeros((64, 64, 3), np.uint8), ["a red circle"]).shape == (1,)
+
+
+def _detected(**cells):
+    """A hand-made prediction: cells as position=("shape", "color", "size")."""
+    objects = {pos.replace("_", " "): {"shape": s, "color": c, "size": z, "p": 0.9} for pos, (s, c, z) in cells.items()}
+    return {"background": "blue", "objects": objects}
+
+
+def _score(pred, prompt):
+    from diffusionx.metrics.evaluator import score_scene
+    from diffusionx.world import parse_prompt
+
+    result = score_scene(pred, parse_prompt(prompt))
+    checks = {k: (result["passed"][k], n) for k, n in result["total"].items() if n}
+    return result["score"], checks
+
+
+def test_score_scene_reads_unplaced_objects_on_one_detected_object():
+    pred = _detected(left=("circle", "green", "small"), right=("square", "red", "large"))
+    # no position named: shape, color and size are read together on one detected object, not
+    # each on any object ("a red circle" is not a green circle beside a red square)
+    assert _score(pred, "a red circle") == (0.5, {"shape": (1, 1), "color": (0, 1)})
+    assert _score(pred, "a large red square") == (1.0, {"shape": (1, 1), "color": (1, 1), "size": (1, 1)})
+    assert _score(pred, "a small green circle, blue background")[0] == 1.0
+    assert _score(pred, "a large red circle")[0] == pytest.approx(2 / 3)  # the square matches two of three
+    # each unplaced object has its own detected object: one circle is not two
+    assert _score(pred, "two circles") == (0.5, {"shape": (1, 2)})
+    assert _score(pred, "a circle and a square")[0] == 1.0
+    assert _score(pred, "a red square and a green circle")[0] == 1.0
+    # a named position is read at its cell, and its cell is not another object's
+    on_right = {"position": (1, 1), "shape": (0, 1), "color": (1, 1)}
+    assert _score(pred, "a red circle on the right") == (pytest.approx(2 / 3), on_right)
+    assert _score(pred, "a square on the left and a circle") == (
+        1 / 3, {"position": (1, 1), "shape": (0, 2)})
+    assert _score(pred, "a circle at the top")[0] == 0.0  # nothing there
+    # only what the prompt names is checked
+    assert _score(pred, "a blue background") == (1.0, {"background": (1, 1)})
+    assert _score(pred, "a green background")[0] == 0.0
+    assert _score(_detected(), "a circle") == (0.0, {"shape": (0, 1)})
+    assert _score(_detected(), "a red circle on a blue background") == (1 / 3, {
+        "shape": (0, 1), "color": (0, 1), "background": (1, 1)})
+
+
+def test_attribute_accuracy_on_renders_of_partial_prompts(ev):
+    """Renders of completions of partial prompts, scored on what the prompts name: >= 95%
+    (measured 99.7% with jitter, 300 test-split scenes, when written)."""
+    from diffusionx.world import caption_with_style, sample_style
+    from diffusionx.world.captions import named_part
+    from diffusionx.world.scene import complete
+
+    rng = np.random.default_rng(14)
+    scenes = split_scenes(rng, 300, "test")
+    named = [named_part(s, rng, complete_share=0.0) for s in scenes]
+    assert sum(not n.is_complete for n in named) > 250
+    images = np.stack([render(complete(n, rng), rng=rng) for n in named])
+    prompts = [caption_with_style(n, sample_style(rng)) for n in named]
+    result = ev.attribute_accuracy(images, prompts)
+    assert result["n_scored"] == 300 and result["mean"] >= 0.95
+    assert all(v is None or v >= 0.95 for v in result["per_attribute"].values()), result["per_attribute"]
+    # and every round of the hand-written sessions, rendered from a completion of what it names
+    from pathlib import Path
+
+    from diffusionx.world import read_jsonl
+
+    rounds = [r for s in read_jsonl(Path(__file__).parent / "data" / "handwritten_sessions.jsonl") for r in s["rounds"]]
+    completed = [complete(Scene.from_dict(r["scene"]), np.random.default_rng([14, i])) for i, r in enumerate(rounds)]
+    hand = ev.attribute_accuracy(np.stack([render(s) for s in completed]), [r["prompt"] for r in rounds])
+    assert hand["n_unparseable"] == 0 and hand["mean"] >= 0.95

@@ -229,12 +229,14 @@ class Evaluator:
     def attribute_accuracy(self, images: Any, prompts: Sequence[str]) -> dict[str, Any]:
         """Does each image show what its prompt names?
 
-        Each prompt is parsed with `world.parse_prompt`. For every object it names, four
-        checks: *position* (the image has an object at that grid position), and *shape*,
-        *color*, *size* (the object detected there has that value; these fail when no
-        object is detected there); plus one *background* check. Attributes the parsed scene
-        leaves as None are not checked. Objects in the image that the prompt does not name are
-        not penalised. An image's score is passed checks / checks; `mean` is the mean of
+        Each prompt is parsed with `world.parse_prompt` into the (possibly partial) scene it
+        names, and only what it names is checked (see `score_scene`). For every object: if
+        its position is named, *position* (the image has an object at that grid position) and
+        its named *shape*, *color*, *size* on the object detected there (these fail when no
+        object is detected there); if not, its named shape, color and size together on one
+        detected object elsewhere, the one matching the most of them. Plus one *background*
+        check when the prompt names the background. Objects in the image that the prompt does
+        not name are not penalised. An image's score is passed checks / checks; `mean` is the mean of
         image scores over parseable prompts. Prompts that do not parse are not scored: they
         are counted in `n_unparseable`, listed (index, prompt) in `unparseable`, and their
         per-image score is None.
@@ -268,33 +270,67 @@ class Evaluator:
 
 
 CHECKS = ("position", "shape", "color", "size", "background")
+OBJECT_CHECKS = ("shape", "color", "size")
 
 
 def score_scene(pred: dict[str, Any], scene: Any) -> dict[str, Any]:
-    """Checks of one predicted image against one (parsed) scene graph."""
+    """Checks of one predicted image against one (parsed, possibly partial) scene graph.
+
+    Only what the scene names is checked. An object with a named position is read at that grid
+    cell (its position check: something is detected there). Objects without a named position
+    are matched to detected objects elsewhere, each to its own one, so that together they match
+    the most named attributes; each such object's shape, color and size are all checked on the
+    one detected object it is matched to (all fail when there is none left for it).
+    """
     passed = dict.fromkeys(CHECKS, 0)
     total = dict.fromkeys(CHECKS, 0)
+    found_at = pred["objects"]
+    pairs: list[tuple[Any, dict[str, Any] | None]] = []  # (named object, the detected one it is read on)
+    unplaced = []
     for obj in scene.objects:
         position = getattr(obj, "position", None)
-        found = pred["objects"].get(position) if position is not None else None
-        if position is not None:
-            total["position"] += 1
-            passed["position"] += found is not None
-        for attr in ("shape", "color", "size"):
+        if position is None:
+            unplaced.append(obj)
+            continue
+        found = found_at.get(position)
+        total["position"] += 1
+        passed["position"] += found is not None
+        pairs.append((obj, found))
+    if unplaced:
+        named_cells = {getattr(o, "position", None) for o in scene.objects}
+        free = [found for cell, found in found_at.items() if cell not in named_cells]
+        pairs.extend(zip(unplaced, _match_unplaced(unplaced, free)))
+    for obj, found in pairs:
+        for attr in OBJECT_CHECKS:
             want = getattr(obj, attr, None)
-            if want is None:
-                continue
-            total[attr] += 1
-            if found is not None:
-                passed[attr] += found[attr] == want
-            elif position is None:  # no position named: any detected object with that value
-                passed[attr] += any(o[attr] == want for o in pred["objects"].values())
+            if want is not None:
+                total[attr] += 1
+                passed[attr] += found is not None and found[attr] == want
     background = getattr(scene, "background", None)
     if background is not None:
         total["background"] += 1
         passed["background"] += pred["background"] == background
     n = sum(total.values())
     return {"score": sum(passed.values()) / n if n else 1.0, "passed": passed, "total": total}
+
+
+def _match_unplaced(objects: list, detected: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """For each object, its own detected object (or None when none is left), chosen so that the
+    objects match the most named shape / color / size values in all; ties go to detection order."""
+    from itertools import permutations
+
+    slots: list[dict[str, Any] | None] = [*detected, *([None] * len(objects))]
+    gain = [
+        [0 if found is None else sum(getattr(obj, a, None) == found[a] for a in OBJECT_CHECKS) for found in slots]
+        for obj in objects
+    ]
+    best, best_score = None, -1
+    for choice in permutations(range(len(slots)), len(objects)):
+        score = sum(gain[i][k] for i, k in enumerate(choice))
+        if score > best_score:
+            best, best_score = choice, score
+    assert best is not None
+    return [slots[k] for k in best]
 
 
 def _aggregate(results: Sequence[dict[str, Any] | None], unparseable: list) -> dict[str, Any]:
