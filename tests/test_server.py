@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -267,19 +268,20 @@ def test_int_latents_are_refused(untrained_pair, http):
 
 
 def test_malformed_and_oversized_bodies(http):
-    response = http.post("/v1/refine", content=b"{not json", headers={"Content-Type": "application/json"})
+    json_type = {"Content-Type": "application/json"}
+    response = http.post("/v1/refine", content=b"{not json", headers=json_type)
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
-    response = http.post("/v1/refine", content=b"[1, 2]")
+    response = http.post("/v1/refine", content=b"[1, 2]", headers=json_type)
     assert response.status_code == 400
     big = b"x" * (LIMITS.max_body_bytes + 1)
-    response = http.post("/v1/refine", content=big)
+    response = http.post("/v1/refine", content=big, headers=json_type)
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
 
     def chunked():  # no Content-Length: the limit is enforced while reading
         for _ in range(LIMITS.max_body_bytes // 1024 + 2):
             yield b"x" * 1024
 
-    response = http.post("/v1/refine", content=chunked())
+    response = http.post("/v1/refine", content=chunked(), headers=json_type)
     assert response.status_code == 413
 
 
@@ -365,6 +367,36 @@ def test_concurrency_and_rate_quotas(untrained_pair, quota_server):
     assert 1 <= int(statuses[-1].headers["retry-after"]) <= 10
 
 
+def test_too_many_concurrent_retry_after_is_the_estimated_wait(untrained_pair, quota_server):
+    """Retry-After for a token at its concurrency limit used to say 1 s however long its request
+    had left; it is now when that request should finish (remaining steps x the step time)."""
+    url = quota_server.url + "/v1/refine"
+    engine = untrained_pair.cloud
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    service = quota_server.server.config.app.state.service
+    slow = engine.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.2))  # >= 0.2 s a step
+    long_result = {}
+    thread = threading.Thread(
+        target=lambda: long_result.update(
+            r=httpx.post(url, json=body(engine, strength=1.0, steps=20), headers=auth, timeout=120)
+        )
+    )
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60
+        while service.refiner.load().unet_calls < 2:  # the step time is known; >= 8 steps remain
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = httpx.post(url, json=body(engine), headers=auth, timeout=60)
+        thread.join(120)
+    finally:
+        slow.remove()
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "too_many_concurrent"
+    assert "finish in about" in busy.json()["error"]["message"]
+    assert 2 <= int(busy.headers["retry-after"]) <= 120
+    assert long_result["r"].status_code == 200
+
+
 def test_drain_finishes_in_flight_and_refuses_new(untrained_pair, quota_server):
     url = quota_server.url
     engine = untrained_pair.cloud
@@ -444,7 +476,7 @@ def test_health_load_metrics_openapi(server, http):
     spec = http.get("/openapi.json").json()
     refine = spec["paths"]["/v1/refine"]["post"]
     assert "prompt" in refine["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    assert {"200", "401", "413", "422", "429", "503"} <= set(refine["responses"])
+    assert {"200", "401", "413", "415", "422", "429", "503"} <= set(refine["responses"])
     missing = http.get("/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
@@ -603,3 +635,87 @@ def test_any_refiners_non_finite_result_is_a_500(untrained_pair):
     finally:
         running.stop()
     assert response.status_code == 500 and response.json()["error"]["code"] == "non_finite_result"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonp"])
+def test_a_body_that_is_not_declared_json_is_415(untrained_pair, http, content_type):
+    """Content-Type used to be ignored: any body that parsed as JSON was taken."""
+    raw = json.dumps(body(untrained_pair.cloud, strength=0.0)).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = http.post("/v1/refine", content=raw, headers=headers)
+    assert response.status_code == 415, response.text
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_json_with_a_charset_is_json(untrained_pair, http):
+    raw = json.dumps(body(untrained_pair.cloud, strength=0.0)).encode()
+    response = http.post("/v1/refine", content=raw, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"strength": "0.5"}, {"strength": True}, {"steps": "4"}, {"steps": 4.0}, {"seed": True}, {"guidance": "7.5"}],
+)
+def test_numbers_are_not_coerced(untrained_pair, http, change):
+    """ "0.5" and true used to be taken as numbers."""
+    response = http.post("/v1/refine", json=body(untrained_pair.cloud, **change))
+    assert response.status_code == 422, response.text
+    assert next(iter(change)) in response.json()["error"]["message"]
+
+
+def test_an_integer_strength_is_still_a_number(untrained_pair, http):
+    response = http.post("/v1/refine", json=body(untrained_pair.cloud, strength=0, guidance=1))
+    assert response.status_code == 200, response.text
+
+
+def test_openapi_declares_the_bearer_scheme_and_the_limits(http):
+    spec = http.get("/openapi.json").json()
+    refine = spec["paths"]["/v1/refine"]["post"]
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    assert refine["security"] == [{"bearer": []}]
+    schema = refine["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert schema["prompt"]["maxLength"] == LIMITS.max_prompt_chars and schema["steps"]["maximum"] == LIMITS.max_steps
+    for field in ("latent", "image"):
+        assert {"type": "string", "maxLength": LIMITS.max_body_bytes} in schema[field]["anyOf"]
+    assert str(LIMITS.max_body_bytes) in refine["requestBody"]["description"]
+    key = next(p for p in refine["parameters"] if p["name"] == "Idempotency-Key")
+    assert key["schema"] == {"type": "string", "minLength": 1, "maxLength": 200}
+
+
+def test_openapi_of_an_insecure_server_declares_no_security(untrained_pair):
+    spec = create_app(CloudRefiner(untrained_pair.cloud), insecure=True).openapi()
+    assert "security" not in spec["paths"]["/v1/refine"]["post"]
+    assert "securitySchemes" not in spec.get("components", {})
+
+
+def test_a_serial_refiner_estimates_when_a_request_finishes():
+    from diffusionx.cloud import RefineResult
+    from diffusionx.server.app import _SerialRefiner
+
+    gate = threading.Event()
+
+    class Gated:
+        def refine(self, req):
+            assert gate.wait(30)
+            return RefineResult(payload=b"", return_format="latent", strength=0.5, steps=4, unet_steps=2)
+
+    serial = _SerialRefiner(Gated())
+    req = RefineRequest(prompt="x", strength=0.5, latents=b"-")
+    assert serial.finish_estimate_s([]) is None
+    gate.set()
+    serial.submit(req).result(30)  # one timed refinement
+    gate.clear()
+    first, second = serial.submit(req), serial.submit(req)
+    try:
+        one, two = serial.finish_estimate_s([first]), serial.finish_estimate_s([second])
+        assert one is not None and two is not None and two > one >= 0
+        assert serial.finish_estimate_s([first, second]) == pytest.approx(one, abs=0.05)
+    finally:
+        gate.set()
+        serial.close()
+    assert serial.finish_estimate_s([first]) is None  # done: not in line any more

@@ -8,9 +8,10 @@ Endpoints (docs/serving.md has the schemas and examples):
 - `GET  /metrics`     Prometheus text format
 - `GET  /openapi.json`
 
-Order of checks on /v1/refine: draining (503) -> auth (401/403) -> body size (413, before any
-parsing, also for chunked bodies) -> JSON and base64 (400) -> fields (422) -> idempotent replay ->
-quotas (429) -> queue (503). Client data is parsed only as JSON, safetensors and PNG: never pickle.
+Order of checks on /v1/refine: draining (503) -> auth (401/403) -> Content-Type (415) -> body size
+(413, before any parsing, also for chunked bodies) -> JSON and base64 (400) -> fields (422, strict:
+no "0.5" or true for numbers) -> idempotent replay -> quotas (429) -> queue (503). Client data is
+parsed only as JSON, safetensors and PNG: never pickle.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -81,7 +84,9 @@ def load_tokens(path: str | os.PathLike | None = None, env: dict[str, str] | Non
 class RefineBody(BaseModel):
     """POST /v1/refine. Send exactly one of `latent` or `image`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: numbers are JSON numbers ("0.5" and true are refused, not coerced); integers for
+    # steps and seed (an int is fine where a float is expected)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="the final prompt")
     strength: float = Field(ge=0.0, le=1.0, description="SDEdit strength: 0 keeps the input, 1 starts fresh")
@@ -159,31 +164,39 @@ class _Quota:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._inflight: defaultdict[str, int] = defaultdict(int)
 
-    def acquire(self, who: str, wait_hint: float) -> None:
+    def acquire(self, who: str, until_one_finishes: Callable[[], float | None]) -> None:
+        """Count a request in, or 429. `until_one_finishes()` estimates when one of this token's
+        requests in flight is done: the honest Retry-After for a token at its concurrency limit."""
         limits = self.limits
         with self._lock:
-            if self._inflight[who] >= limits.max_concurrent_per_token:
-                raise ApiError(
-                    429,
-                    "too_many_concurrent",
-                    f"this token already has {self._inflight[who]} refinements in flight (limit "
-                    f"{limits.max_concurrent_per_token}); wait for one to finish",
-                    _retry_after(max(wait_hint, 1.0)),
-                )
-            rate = limits.rate_per_minute / 60.0
-            now = time.monotonic()
-            level, last = self._buckets.get(who, (float(limits.burst), now))
-            level = min(float(limits.burst), level + (now - last) * rate)
-            if level < 1.0:
-                self._buckets[who] = (level, now)
-                raise ApiError(
-                    429,
-                    "rate_limited",
-                    f"rate limit of {limits.rate_per_minute:g} refinements per minute per token reached",
-                    _retry_after((1.0 - level) / rate if rate > 0 else 60.0),
-                )
-            self._buckets[who] = (level - 1.0, now)
-            self._inflight[who] += 1
+            inflight = self._inflight[who]
+            if inflight < limits.max_concurrent_per_token:
+                rate = limits.rate_per_minute / 60.0
+                now = time.monotonic()
+                level, last = self._buckets.get(who, (float(limits.burst), now))
+                level = min(float(limits.burst), level + (now - last) * rate)
+                if level < 1.0:
+                    self._buckets[who] = (level, now)
+                    raise ApiError(
+                        429,
+                        "rate_limited",
+                        f"rate limit of {limits.rate_per_minute:g} refinements per minute per token reached",
+                        _retry_after((1.0 - level) / rate if rate > 0 else 60.0),
+                    )
+                self._buckets[who] = (level - 1.0, now)
+                self._inflight[who] += 1
+                return
+        # At the concurrency limit. Estimated outside the lock: it asks the refiner, whose lock may
+        # be held while a future's callbacks (release) run.
+        wait = until_one_finishes()
+        when = f"one should finish in about {wait:.1f} s" if wait is not None else "no step timed yet"
+        raise ApiError(
+            429,
+            "too_many_concurrent",
+            f"this token already has {inflight} refinements in flight (limit {limits.max_concurrent_per_token}); "
+            f"wait for one to finish ({when})",
+            _retry_after(1.0 if wait is None else wait),
+        )
 
     def release(self, who: str) -> None:
         with self._lock:
@@ -242,6 +255,9 @@ class _SerialRefiner:
         self._lock = threading.Lock()
         self.completed = self.failed = self.unet_calls = 0
         self._closing = False
+        self._order: list[Future] = []  # submitted and not yet done, first come first served
+        self._running_since = 0.0
+        self._mean_s = 0.0  # moving average of one refinement's wall time
 
     def submit(self, request: RefineRequest) -> Future:
         request.validate()
@@ -252,21 +268,46 @@ class _SerialRefiner:
         submitted = time.perf_counter()
 
         def run() -> RefineResult:
+            started = time.perf_counter()
             with self._lock:
                 self._waiting -= 1
-            queue_s = time.perf_counter() - submitted
+                self._running_since = started
+            queue_s = started - submitted
             try:
                 result = self.refiner.refine(request)
             except Exception:
                 self.failed += 1
                 raise
+            finally:
+                elapsed = time.perf_counter() - started
+                with self._lock:
+                    self._mean_s = elapsed if not self._mean_s else 0.8 * self._mean_s + 0.2 * elapsed
             result.queue_s = queue_s
             self.completed += 1
             self.unet_calls += result.unet_steps
             result.seq = self.completed  # type: ignore[attr-defined]
             return result
 
-        return self._pool.submit(run)
+        future = self._pool.submit(run)
+        with self._lock:
+            self._order.append(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            if future in self._order:
+                self._order.remove(future)
+
+    def finish_estimate_s(self, futures: Iterable[Future]) -> float | None:
+        """Seconds until the first of these is done: its place in line times the mean refinement."""
+        wanted = set(futures)
+        with self._lock:
+            places = [i for i, f in enumerate(self._order) if f in wanted]
+            if not places or not self._mean_s:
+                return None
+            elapsed = time.perf_counter() - self._running_since if self._order and self._order[0].running() else 0.0
+            return max(0.0, (places[0] + 1) * self._mean_s - elapsed)
 
     def load(self) -> LoadReport:
         return LoadReport(self._waiting, 0, 1, 0.0, 0.0, self.completed, self.failed, self.unet_calls, self._closing)
@@ -291,6 +332,7 @@ class Service:
         self.limits = limits
         self.replica = replica
         self.quota = _Quota(limits)
+        self._inflight_futures: defaultdict[str, set[Future]] = defaultdict(set)  # per identity
         self.idempotency = _IdempotencyCache(limits.idempotency_cache, limits.idempotency_ttl_s)
         self.draining = False
         self.started = time.time()
@@ -359,6 +401,23 @@ class Service:
 
     def load(self) -> LoadReport:
         return self.refiner.load()
+
+    def track(self, who: str, future: Future) -> None:
+        with self._lock:
+            self._inflight_futures[who].add(future)
+
+        def forget(_: Future) -> None:
+            with self._lock:
+                self._inflight_futures[who].discard(future)
+
+        future.add_done_callback(forget)
+
+    def until_one_finishes(self, who: str) -> float | None:
+        """When one of `who`'s refinements in flight should be done, from the queue and step times."""
+        with self._lock:
+            futures = list(self._inflight_futures.get(who, ()))
+        estimate = getattr(self.refiner, "finish_estimate_s", None)
+        return estimate(futures) if estimate is not None and futures else None
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting (503 + Retry-After) and finish every accepted request."""
@@ -518,6 +577,35 @@ def _response(result: RefineResult, request_id: str, replica: str) -> dict[str, 
     }
 
 
+IDEMPOTENCY_KEY_MAX = 200
+
+
+def _check_content_type(request: Request) -> None:
+    value = request.headers.get("content-type")
+    if value is None or value.split(";", 1)[0].strip().lower() != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"the body must be JSON sent with 'Content-Type: application/json' (got {value or 'no Content-Type'})",
+        )
+
+
+def _request_schema(limits: Limits) -> dict[str, Any]:
+    """RefineBody's JSON schema with this server's limits, so clients and fuzzers see them."""
+    schema = RefineBody.model_json_schema()
+    props = schema["properties"]
+    props["prompt"].update(minLength=1, maxLength=limits.max_prompt_chars)
+    props["steps"]["maximum"] = limits.max_steps
+    for field in ("latent", "image"):  # base64 inside a body of at most max_body_bytes
+        for option in props[field].get("anyOf", [props[field]]):
+            if option.get("type") == "string":
+                option["maxLength"] = limits.max_body_bytes
+    schema["description"] = (
+        f"{schema.get('description', '')} The whole body may be at most {limits.max_body_bytes} bytes."
+    ).strip()
+    return schema
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
@@ -637,6 +725,7 @@ def create_app(
             (401, "no or malformed bearer token"),
             (403, "token not accepted"),
             (413, "body larger than the limit"),
+            (415, "Content-Type is not application/json"),
             (422, "a field is out of range, or the latent/image does not fit the cloud model"),
             (429, "per-token concurrency or rate quota; see Retry-After"),
             (503, "draining or queue full; see Retry-After"),
@@ -650,22 +739,26 @@ def create_app(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": RefineBody.model_json_schema()}},
+                "description": f"at most {limits.max_body_bytes} bytes",
+                "content": {"application/json": {"schema": _request_schema(limits)}},
             },
             "parameters": [
                 {
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string"},
-                    "description": "retries with the same key (per token) return the first result, computed once",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
+                    "description": "1-200 printable characters; retries with the same key (per token) return "
+                    "the first result, computed once",
                 },
             ],
+            **({"security": [{"bearer": []}]} if service.tokens else {}),
         },
     )
     async def refine(request: Request):
         service.check_draining()
         who = service.authenticate(request.headers.get("authorization"))
+        _check_content_type(request)
         raw = await _read_body(request, limits.max_body_bytes)
         try:
             body = RefineBody.model_validate_json(raw)
@@ -676,8 +769,10 @@ def create_app(
         body_hash = hashlib.sha256(raw).hexdigest()
         entry = None
         if key is not None:
-            if not 1 <= len(key) <= 200 or not key.isprintable():
-                raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1-200 printable characters")
+            if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
+                raise ApiError(
+                    400, "bad_idempotency_key", f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters"
+                )
             entry = service.idempotency.get((who, key))
             if entry is not None and entry.body_hash != body_hash:
                 raise ApiError(
@@ -692,7 +787,7 @@ def create_app(
             headers["Idempotent-Replay"] = "true"
         else:
             refine_request = service.to_request(body)
-            service.quota.acquire(who, service.load().estimated_wait_s)
+            service.quota.acquire(who, lambda: service.until_one_finishes(who))
             try:
                 future = service.refiner.submit(refine_request)
             except ServiceUnavailableError as err:
@@ -702,6 +797,7 @@ def create_app(
                 service.quota.release(who)
                 raise ApiError(422, "invalid_input", str(err)) from None
             future.add_done_callback(lambda _: service.quota.release(who))
+            service.track(who, future)
             entry = _Entry(body_hash, future, uuid.uuid4().hex, time.monotonic())
             if key is not None:
                 service.idempotency.put((who, key), entry)
@@ -733,6 +829,23 @@ def create_app(
             if problem is not None:
                 raise _non_finite(entry.request_id, f"the refinement produced unusable latents: {problem}")
         return JSONResponse(_response(result, entry.request_id, service.replica), headers=headers)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's spec plus the bearer scheme (auth is checked in the endpoint, not a dependency)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            if service.tokens:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": f"a token from the server's --tokens file or {TOKENS_ENV}",
+                    }
+                }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/v1/health")
     async def health():

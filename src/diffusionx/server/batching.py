@@ -23,6 +23,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,25 @@ class BatchingRefiner:
             self._cond.notify_all()
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def finish_estimate_s(self, futures: Iterable[Future]) -> float | None:
+        """Seconds until the first of these accepted requests is done (the admission simulation of
+        `estimated_wait_s`, followed to each job's last step); None when none of them is here or
+        no step has been timed yet."""
+        wanted = set(futures)
+        with self._cond:
+            step = self._step_time
+            finishes = [job_remaining(w) for w in self._active if w.future in wanted]
+            slots = [job_remaining(w) for w in self._active] + [0] * (self.max_batch - len(self._active))
+            heapq.heapify(slots)
+            for work in self._pending:
+                done_at = heapq.heappop(slots) + _planned_steps(work.request)
+                heapq.heappush(slots, done_at)
+                if work.future in wanted:
+                    finishes.append(done_at)
+        if not finishes or not step:
+            return None
+        return float(min(finishes) * step)
 
     # ----- estimates --------------------------------------------------------------------------
     def _estimate_wait_locked(self) -> float:
