@@ -215,3 +215,78 @@ def test_plot_labels_that_would_collide_are_stacked():
     assert label_offsets([(0, 50), (200, 50), (0, 10)], [100, 100, 100]) == [0, 0, 0]
     # a label whose nearest free places are taken moves on past them
     assert label_offsets([(0, 50), (0, 40), (0, 60), (10, 50)], [100] * 4) == [0, 0, 0, 20]
+
+
+PLAIN_SESSIONS = [
+    {"rounds": ["a circle", "a red circle", "a large red circle on a blue background"]},
+    {"id": "mine", "rounds": ["heart", {"prompt": "pink heart, black background"}, "Tiny pink heart, upper left."]},
+]
+
+
+def test_plain_string_sessions_load(tmp_path):
+    from diffusionx.world import Scene, SceneObject
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in PLAIN_SESSIONS))
+    sessions, workload = load_sessions(str(path), 10)
+    assert workload == str(path) and [s["id"] for s in sessions] == ["session-00000", "mine"]
+    assert all(set(r) >= {"prompt", "scene", "edit"} for s in sessions for r in s["rounds"])
+    tiny_pink = Scene((SceneObject("heart", "pink", "small", "top left"),))
+    assert Scene.from_dict(sessions[1]["rounds"][2]["scene"]) == tiny_pink
+    assert load_sessions(str(path), 1)[0] == sessions[:1]
+    path.write_text('{"rounds": ["a circle", ""]}\n')
+    with pytest.raises(InvalidInputError, match="session 0: round 2"):
+        load_sessions(str(path), 5)
+
+
+def test_fid_references_complete_partial_finals_from_a_fixed_seed():
+    from diffusionx.bench.run import _references
+    from diffusionx.world.sessions import normalize_session
+
+    sessions = [normalize_session(s) for s in PLAIN_SESSIONS]
+    refs = _references(sessions)
+    assert len(refs) == 2 and all(r.shape == (64, 64, 3) for r in refs)
+    assert all(np.array_equal(a, b) for a, b in zip(refs, _references(sessions)))  # the same on every run
+    blue = np.array([35, 70, 225])
+    assert (np.abs(refs[0].astype(int) - blue).sum(-1) < 10).mean() > 0.5  # the named background is kept
+    assert not np.array_equal(refs[0], _references([normalize_session({"rounds": ["a circle"]})])[0])
+    out_of_vocabulary = normalize_session({"rounds": ["a circle", "a photo of a cat"]})
+    assert _references([sessions[0], out_of_vocabulary]) is None  # no scene: no FID
+
+
+def test_bench_scores_every_round_of_plain_string_sessions(tmp_path, untrained_pair):
+    """`diffusionx bench --sessions FILE` on rounds that are plain strings: every preview and
+    every final is scored (the prompts parse), and FID has its references."""
+    from diffusionx.bench import run_bench
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in PLAIN_SESSIONS))
+    sessions, workload = load_sessions(str(path), 10)
+    dx = Method("diffusionx-fixed-0.5", "diffusionx", FixedStrength(edge=0.5, cloud=0.5))
+    report = run_bench(untrained_pair, sessions, [dx], get_profile("measured"), tmp_path / "out", workload=workload,
+                       steps=2, batch=8, calibration=CALIB)
+    m = report["methods"][dx.name]
+    assert m["n_unparseable"] == 0 and m["attribute_accuracy"] is not None and m["fid"] is not None
+    assert report["workload"]["fid_finals"] == 2
+    assert set(m["preview_attribute_accuracy_by_round"]) == {1, 2, 3}
+    assert all(v is not None for v in m["preview_attribute_accuracy_by_round"].values())
+    per_image = m["edited_preview_per_image"]
+    assert len(per_image["attribute_accuracy"]) == 4 and None not in per_image["attribute_accuracy"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["workload"]["n_sessions"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:the embedded models know only")  # the out-of-vocabulary prompt
+def test_evaluate_on_plain_string_sessions(tmp_path, untrained_pair):
+    """`diffusionx evaluate --sessions FILE`: plain-string rounds; an out-of-vocabulary final is
+    not scored and leaves FID without references, the rest are scored."""
+    from diffusionx.bench.quality import evaluate_pair
+
+    path = tmp_path / "plain.jsonl"
+    rows = [*PLAIN_SESSIONS, {"rounds": ["a circle", "a photo of a cat"]}]
+    path.write_text("".join(json.dumps(s) + "\n" for s in rows))
+    sessions, _ = load_sessions(str(path), 10)
+    report = evaluate_pair(untrained_pair, sessions, tmp_path / "eval", steps=2, batch=8)
+    for role in ("edge", "cloud"):
+        assert report[role]["n_unparseable"] == 1 and report[role]["attribute_accuracy"] is not None
+        assert report[role]["fid"] is None
+    assert report["settings"]["n_prompts"] == 3

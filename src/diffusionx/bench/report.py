@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 
-def _rel(value: float, base: float) -> str:
-    return f"{(value / base - 1) * 100:+.1f}%" if base else "n/a"
+def _rel(value: float | None, base: float | None) -> str:
+    return f"{(value / base - 1) * 100:+.1f}%" if base and value is not None else "n/a"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -143,7 +143,7 @@ def _edge_preview_table(methods: dict[str, Any]) -> list[str]:
             m["edited_preview_clip_score"]
         saved = _rel(steps, ref["edge_unet_steps_per_session"]) if ref else "n/a"
         lines.append(
-            f"| {name} | {steps:.1f} | {saved} | {attr:.3f} | "
+            f"| {name} | {steps:.1f} | {saved} | {_fmt(attr)} | "
             f"{_vs(m, ref, 'edited_preview_attribute_accuracy', 'attribute_accuracy')} | {score:.2f} | "
             f"{_vs(m, ref, 'edited_preview_clip_score', 'clip_score')} |"
         )

@@ -72,20 +72,27 @@ def parse_policy(spec: str, edge_strength: float, oracle_sweeps: list[str] | Non
 
 
 def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:
+    """The first `n` sessions of the JSONL file at `path` (default: the embedded world's test
+    split). Rounds may be objects with a "prompt" or plain strings (``{"rounds": ["a circle",
+    "a red circle"]}``); every round comes back as {"prompt", "scene", "edit"}, a missing scene
+    read from the prompt by `world.parse_prompt` (None outside the world's vocabulary)."""
     from ..world import generate_sessions, read_jsonl
+    from ..world.sessions import normalize_session
 
     if n < 1:
         raise InvalidInputError(f"--n must be at least 1, got {n}")
     if path is None:
         return generate_sessions(n, "test"), "embedded world, test split"
     try:
-        sessions = read_jsonl(path)[:n]
+        raw = read_jsonl(path)[:n]
     except (OSError, json.JSONDecodeError) as err:
         raise InvalidInputError(f"cannot read sessions from {path}: {err}") from None
-    for i, s in enumerate(sessions):
-        rounds = s.get("rounds") if isinstance(s, dict) else None
-        if not rounds or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rounds):
-            raise InvalidInputError(f"{path}: session {i} needs a non-empty 'rounds' list of objects with a 'prompt'")
+    sessions = []
+    for i, s in enumerate(raw):
+        try:
+            sessions.append(normalize_session(s, i))
+        except ValueError as err:
+            raise InvalidInputError(f"{path}: session {i}: {err}") from None
     if not sessions:
         raise InvalidInputError(f"{path} holds no sessions")
     return sessions, str(path)
@@ -179,13 +186,24 @@ def _preview_quality(evaluator, sessions: list[dict], records: list, edited: boo
     }
 
 
+REFERENCE_SEED = 14  # the unnamed attributes of partial final prompts' FID references
+
+
 def _references(sessions: list[dict]) -> list | None:
+    """FID reference images: a render of each session's final scene. A partial scene (a prompt
+    that leaves attributes unsaid) is completed with the unnamed attributes drawn at random,
+    from a fixed seed per session, so every method is compared with the same references. None
+    (no FID) when a final round has no scene (a prompt outside the world's vocabulary)."""
     from ..world import Scene, render
+    from ..world.scene import complete
 
     finals = [s["rounds"][-1].get("scene") for s in sessions]
     if any(scene is None for scene in finals):
         return None  # FID needs reference renders: only sessions with scene graphs have them
-    return [render(Scene.from_dict(scene)) for scene in finals]
+    return [
+        render(complete(Scene.from_dict(scene), np.random.default_rng([REFERENCE_SEED, i])))
+        for i, scene in enumerate(finals)
+    ]
 
 
 def run_bench(
