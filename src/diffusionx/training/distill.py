@@ -68,6 +68,9 @@ class DistillConfig:
     data_weight: float = 1.0
     eval_prompts: int = 64  # validation finals for the keep-or-discard check
     eval_steps: int = 20
+    curve_every: int = 300  # steps between learning-curve points (0: none)
+    curve_prompts: int = 32  # validation finals per point, at curve_steps sampler steps
+    curve_steps: int = 10
     ckpt_every: int = 100
     log_every: int = 10
     budget_measure_steps: int = 8
@@ -77,9 +80,9 @@ class DistillConfig:
 
 GPU_DISTILL_CONFIG = replace(DistillConfig(), images=60000, batch=256, lr_cloud=3e-4, lr_edge=1e-3, warmup=200,
                              ckpt_every=1000, log_every=25, budget_measure_steps=60, autocast_bf16=True,
-                             eval_prompts=128)
+                             eval_prompts=128, curve_every=400, curve_prompts=64)
 SMOKE_DISTILL_CONFIG = replace(DistillConfig(), images=24, batch=4, steps=4, ckpt_every=2, log_every=1,
-                               eval_prompts=4, eval_steps=2, warmup=1)
+                               eval_prompts=4, eval_steps=2, warmup=1, curve_every=2, curve_prompts=2, curve_steps=2)
 
 
 # ---------------------------------------------------------------- the pair being trained
@@ -204,6 +207,29 @@ def validation_scores(folder: Path, n: int, steps: int, device: str, seed: int =
     return out
 
 
+@torch.no_grad()
+def curve_point(parts: dict[str, Any], emas: dict[str, EMA], prompts: list[str], steps: int) -> dict[str, float]:
+    """Attribute accuracy of the averaged (EMA) edge and cloud on `prompts`: one learning-curve point."""
+    import copy
+
+    from ..bench.harness import Item, decode_batched, generate_batched
+    from ..engine import Engine
+    from ..metrics import get_evaluator
+
+    text = copy.deepcopy(parts["text_encoder"])
+    emas["text_encoder"].copy_to(text)
+    items = [Item(p, i) for i, p in enumerate(prompts)]
+    point = {}
+    for role in ("edge", "cloud"):
+        unet = copy.deepcopy(parts[role])
+        emas[role].copy_to(unet)
+        engine = Engine(unet=unet, vae=copy.deepcopy(parts["vae"]), text_encoder=text, tokenizer=parts["tokenizer"],
+                        scheduler_config=parts["scheduler"].config, name=f"{role}:training")
+        latents = generate_batched(engine, items, steps=steps, guidance_scale=7.5, batch=64, desc=f"curve {role}")
+        point[role] = get_evaluator().attribute_accuracy(decode_batched(engine, latents), prompts)["mean"]
+    return point
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -283,8 +309,15 @@ def distill_pair(
     cloud, edge = parts["cloud"], parts["edge"]
     rng = np.random.default_rng([cfg.seed, 1])
     scenes = training_scenes(rng, cfg.images, cfg.backdrop_share)
-    images = render_all(scenes, rng, workers=cfg.render_workers)
-    mean, std = encode_images(vae, images, device)
+    latent_file = out / "distill" / "latents.safetensors"  # the frozen VAE's encodings, kept for resumes
+    if latent_file.exists() and load_file(str(latent_file))["mean"].shape[0] == len(scenes):
+        cached = load_file(str(latent_file), device=str(device))
+        mean, std = cached["mean"], cached["std"]
+    else:
+        images = render_all(scenes, rng, workers=cfg.render_workers)
+        mean, std = encode_images(vae, images, device)
+        latent_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, str(latent_file))
     scaling = vae.config.scaling_factor
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -327,6 +360,11 @@ def distill_pair(
     loop = StageLoop(budget, state, bar, LossLog(out / "logs" / "distill.jsonl"), ck, log_every=cfg.log_every,
                      ckpt_every=cfg.ckpt_every)
     taps = FeatureTap(edge), FeatureTap(cloud)
+    emas = {"cloud": ema_cloud, "edge": ema_edge, "text_encoder": ema_text}
+    curve = LossLog(out / "logs" / "curve.jsonl")
+    from ..world import generate_sessions
+
+    curve_prompts = [s["rounds"][-1]["prompt"] for s in generate_sessions(cfg.curve_prompts, "validation")]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.autocast_bf16 and device.startswith("cuda"))
     running: dict[str, float] = {}
     phase_switch = None
@@ -403,6 +441,12 @@ def distill_pair(
         if loop.advance():
             loop.write_log({k: f"{v:.4f}" for k, v in running.items()}, phase=1 if teacher_trains else 2,
                            **record, **{f"{k}_ema": v for k, v in running.items()})
+        if cfg.curve_every and (loop.step % cfg.curve_every == 0 or loop.step == 1):
+            point = curve_point(parts, emas, curve_prompts, cfg.curve_steps)
+            curve.write(step=loop.step, samples=loop.step * cfg.batch, phase=1 if teacher_trains else 2,
+                        edge=point["edge"], cloud=point["cloud"], wall_s=loop.wall_s)
+            tqdm.write(f"step {loop.step}: validation attribute accuracy edge {point['edge']:.3f}, "
+                       f"cloud {point['cloud']:.3f}")
         if loop.step % cfg.ckpt_every == 0 and loop.running:
             save_checkpoint({"step": loop.step, "total": budget.total, "locked": budget.locked,
                              "wall_s": loop.wall_s, "phase_switch": phase_switch})
