@@ -415,3 +415,36 @@ def test_oracle_policy_reads_labels_from_a_sweep(tmp_path):
     assert method.name == "diffusionx-oracle-eps0.15" and method.policy.edge[("a red circle", "a red square")] == 0.9
     with pytest.raises(InvalidInputError, match="predictors collect"):
         parse_policy("oracle", 0.6, [str(tmp_path / "missing.jsonl")])
+
+
+def test_collect_reads_plain_string_sessions(tmp_path, capsys, monkeypatch, untrained_pair):
+    """`predictors collect --sessions FILE` takes rounds that are plain strings (as objects, a
+    missing scene read from the prompt) and refuses a file with an empty round, naming it."""
+    import json
+
+    import diffusionx.models
+    import diffusionx.predictors.collect
+    from diffusionx.cli import main
+
+    seen = {}
+
+    def fake_collect(pair, work, out, **kwargs):
+        seen["work"] = work
+        return {"sessions_this_run": len(work), "remaining": 0}
+
+    monkeypatch.setattr(diffusionx.models, "load_pair", lambda *a, **k: untrained_pair)
+    monkeypatch.setattr(diffusionx.predictors.collect, "collect", fake_collect)
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"rounds": ["a circle", "a red circle on the left"]}) + "\n")
+    args = ["predictors", "collect", "--train", "0", "--validation", "0", "--sessions", str(path),
+            "--out", str(tmp_path / "sweep.jsonl")]
+    assert main(args) == 0
+    [(split, _, session)] = seen["work"]
+    assert split == "train"  # --sessions-split's default
+    assert [r["prompt"] for r in session["rounds"]] == ["a circle", "a red circle on the left"]
+    assert session["rounds"][1]["scene"]["objects"][0]["position"] == "left"
+    assert session["rounds"][0]["edit"] == "start"
+    path.write_text(json.dumps({"rounds": ["a circle", " "]}) + "\n")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "round 2 needs a non-empty prompt" in capsys.readouterr().err

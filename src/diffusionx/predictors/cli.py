@@ -30,6 +30,7 @@ def cmd_collect(args) -> int:
     from ..errors import InvalidInputError
     from ..models import load_pair
     from ..world import generate_sessions, read_jsonl
+    from ..world.sessions import normalize_session
     from .collect import collect, interleave, previews_from
 
     groups: list[tuple[str, list[dict[str, Any]]]] = []
@@ -44,6 +45,12 @@ def cmd_collect(args) -> int:
             custom = read_jsonl(args.sessions)
         except (OSError, json.JSONDecodeError) as err:
             raise InvalidInputError(f"cannot read sessions from {args.sessions}: {err}") from None
+        try:  # rounds may be plain strings: {"rounds": ["a circle", "a red circle"]}
+            custom = [normalize_session(s, i) for i, s in enumerate(custom)]
+        except ValueError as err:
+            raise InvalidInputError(f"{args.sessions}: {err}") from None
+        if not custom:
+            raise InvalidInputError(f"{args.sessions} holds no sessions")
         groups.append((args.sessions_split, custom))
     previews = None
     if args.directions == "cloud":
@@ -246,7 +253,8 @@ def add_predictors_parser(sub) -> None:
     c.add_argument("--train", type=int, default=150, help="train-split sessions of the embedded world")
     c.add_argument("--validation", type=int, default=50, help="validation-split sessions")
     c.add_argument("--test", type=int, default=0, help="test-split sessions (held out: evaluation only)")
-    c.add_argument("--sessions", help="also a JSONL of sessions (any prompts), under --sessions-split")
+    c.add_argument("--sessions", help="also a JSONL of sessions (any prompts; rounds may be plain strings), "
+                                      "under --sessions-split")
     c.add_argument("--sessions-split", default="train", help="split name for --sessions rows (default train)")
     c.add_argument("--strengths", type=_strengths, default=list(GRID), help="comma-separated, ending at 1.0")
     c.add_argument("--steps", type=int, default=20, help="scheduler steps (default 20, as the benchmark)")
