@@ -280,11 +280,19 @@ def cmd_evaluate(args) -> int:
     sessions, _ = load_sessions(args.sessions, args.n)
     pair = _load(args)
     report = evaluate_pair(pair, sessions, args.out, steps=args.steps, batch=args.batch, seed=args.seed)
-    print(f"{'model':<6} {'CLIP score':>10} {'FID':>8} {'attribute acc.':>15}")
+    checks = ("shape", "color", "size", "position", "background")
+    print(f"{'model':<6} {'CLIP score':>10} {'FID':>8} {'attribute acc.':>15} {'swaps':>6}  "
+          + " ".join(f"{c:>10}" for c in checks))
     for role in ("edge", "cloud"):
         q = report[role]
         fid = "n/a" if q["fid"] is None else f"{q['fid']:.2f}"
-        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {q['attribute_accuracy']:>15.3f}")
+        swap = "n/a" if q["color_swap_rate"] is None else f"{q['color_swap_rate']:.3f}"
+        cells = " ".join("n/a".rjust(10) if q["per_attribute"][c] is None else f"{q['per_attribute'][c]:>10.3f}"
+                         for c in checks)
+        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {q['attribute_accuracy']:>15.3f} {swap:>6}  {cells}")
+        for count, row in q["by_object_count"].items():
+            cells = " ".join("n/a".rjust(10) if row[c] is None else f"{row[c]:>10.3f}" for c in checks)
+            print(f"  {count} object(s), n={row['n']:<4} {'':>13} {row['attribute_accuracy']:>15.3f} {'':>6}  {cells}")
     print(
         f"wrote {args.out}/quality.json and samples.png ({report['settings']['n_prompts']} prompts, "
         f"{report['wall_seconds']:.0f} s)"

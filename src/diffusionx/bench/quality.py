@@ -13,6 +13,49 @@ from .report import finals_grid
 from .run import _quality, _references
 
 
+def attribute_details(evaluator, images: list, prompts: list[str]) -> dict[str, Any]:
+    """Per-check accuracy overall and by the number of objects a prompt names, and the share of
+    images whose object and background colors are swapped ("a red circle on a blue background"
+    rendered as a blue circle on red): the named background color appears on a detected object
+    while the named color of an object is read as the background."""
+    from ..metrics.evaluator import CHECKS, score_scene
+    from ..world import parse_prompt
+
+    predictions = evaluator.predict_attributes(images)
+    by_count: dict[int, list[dict]] = {}
+    swaps = swap_candidates = 0
+    for prediction, prompt in zip(predictions, prompts):
+        scene = parse_prompt(prompt)
+        if scene is None:
+            continue
+        by_count.setdefault(len(scene.objects), []).append(score_scene(prediction, scene))
+        named_colors = {o.color for o in scene.objects if o.color is not None}
+        if scene.background is None or not named_colors:
+            continue
+        swap_candidates += 1
+        detected = {o["color"] for o in prediction["objects"].values()}
+        swaps += prediction["background"] in named_colors and scene.background in detected
+
+    def per_check(results: list[dict]) -> dict[str, float | None]:
+        out = {}
+        for check in CHECKS:
+            total = sum(r["total"][check] for r in results)
+            out[check] = sum(r["passed"][check] for r in results) / total if total else None
+        return out
+
+    everything = [r for results in by_count.values() for r in results]
+    return {
+        "per_attribute": per_check(everything),
+        "by_object_count": {
+            str(n): {"n": len(results), "attribute_accuracy": sum(r["score"] for r in results) / len(results),
+                     **per_check(results)}
+            for n, results in sorted(by_count.items())
+        },
+        "color_swap_rate": swaps / swap_candidates if swap_candidates else None,
+        "color_swap_images": swap_candidates,
+    }
+
+
 def evaluate_pair(
     pair: ModelPair,
     sessions: list[dict],
@@ -37,7 +80,8 @@ def evaluate_pair(
     for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
         latents = generate_batched(engine, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=role)
         images[role] = decode_batched(engine, latents)
-        report[role] = _quality(evaluator, images[role], prompts, references)
+        report[role] = {**_quality(evaluator, images[role], prompts, references),
+                        **attribute_details(evaluator, images[role], prompts)}
     report["settings"] = {
         "n_prompts": len(prompts),
         "steps": steps,
