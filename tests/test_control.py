@@ -281,3 +281,40 @@ def test_bench_edits_writes_json_and_grid(tmp_path, untrained_pair):
     assert args.side == "cloud"
     with pytest.raises(ValueError, match="side"):
         bench_edits(untrained_pair, n=1, steps=2, out_dir=tmp_path, side="phone")
+
+
+PLAIN_EDIT_SESSION = {"rounds": [
+    "a red circle on the left", "a blue circle on the left",  # a color edit: checked
+    "a blue circle", "a blue square",  # no position named: not checkable at a grid cell
+    "a blue square on the left, white background", "a blue square on the left, black background",  # background
+    "a photo of a cat", "a photo of a dog",  # outside the vocabulary: no scenes
+]}
+
+
+def test_bench_edits_on_plain_string_sessions(tmp_path, untrained_pair, capsys):
+    import json
+
+    from diffusionx.cli import build_parser, main
+    from diffusionx.control.bench import bench_edits, one_word_edits
+    from diffusionx.metrics import default_weights_path
+    from diffusionx.world.sessions import normalize_session
+
+    session = normalize_session(PLAIN_EDIT_SESSION)
+    edits = one_word_edits(10, sessions=[session])
+    assert [(e.round, e.attribute, e.words) for e in edits] == [(2, "color", ("red", "blue")),
+                                                                 (6, "background", ("white", "black"))]
+    assert one_word_edits(1, sessions=[session]) == edits[:1]
+    empty = tmp_path / "none.jsonl"
+    empty.write_text(json.dumps({"rounds": ["a circle", "a square", "a red square"]}) + "\n")
+    assert main(["bench-edits", "--sessions", str(empty), "--out", str(tmp_path / "x")]) == 2
+    assert "no one-word attribute edits" in capsys.readouterr().err
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps(PLAIN_EDIT_SESSION) + "\n")
+    assert build_parser().parse_args(["bench-edits", "--sessions", str(path)]).sessions == str(path)
+    if not default_weights_path().exists():
+        pytest.skip("the evaluator's weights are not in this checkout")
+    result = bench_edits(untrained_pair, n=5, steps=2, out_dir=tmp_path / "out", progress=False, sessions=[session])
+    rows = result["per_edit"]
+    assert [r["round"] for r in rows] == [2, 6]
+    # what the prompts leave unsaid (the object's size; round 2's background) is not checked
+    assert [r["unchanged_checks"] for r in rows] == [2, 3]

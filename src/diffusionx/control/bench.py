@@ -18,11 +18,17 @@ color, size). Scores:
 
 The bars are computed on the edits the session's `auto` rule sends to control (all but position
 edits, which move the layout and go to SDEdit); position edits are reported apart.
+
+`--sessions FILE` reads the edits from your own sessions instead (rounds may be plain strings;
+their scenes are read from the prompts). The checks read objects at their grid positions, so
+only edits between prompts that name every object's position count; attributes a prompt leaves
+unsaid are not checked.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +62,11 @@ def _scene(d: dict) -> Scene:
 
 
 def _edited(prev: Scene, new: Scene) -> tuple[str, Any, Any] | None:
-    """(attribute, previous object or None, new object or None) of a single-attribute edit."""
+    """(attribute, previous object or None, new object or None) of a single-attribute edit: one
+    named value replaced by another (not an attribute named or dropped)."""
     if prev.background != new.background:
+        if None in (prev.background, new.background):
+            return None
         return ("background", None, None) if list(prev.objects) == list(new.objects) else None
     if len(prev.objects) != len(new.objects):
         return None
@@ -67,35 +76,50 @@ def _edited(prev: Scene, new: Scene) -> tuple[str, Any, Any] | None:
         return None
     a, b = gone[0], came[0]
     diffs = [f for f in ("shape", "color", "size", "position") if getattr(a, f) != getattr(b, f)]
-    return (diffs[0], a, b) if len(diffs) == 1 else None
+    if len(diffs) != 1 or None in (getattr(a, diffs[0]), getattr(b, diffs[0])):
+        return None
+    return diffs[0], a, b
 
 
-def one_word_edits(n: int, split: str = "test", max_sessions: int = 4000) -> list[Edit]:
-    """The first `n` one-word attribute edits of the split's sessions."""
+def _session_edits(session: dict) -> list[Edit]:
+    """The one-word attribute edits between consecutive rounds of one session whose scenes place
+    every object (the checks read objects at their grid positions)."""
+    edits = []
+    rounds = session["rounds"]
+    for k in range(1, len(rounds)):
+        prev, cur = rounds[k - 1], rounds[k]
+        if cur.get("edit") not in ("change_attribute", "change_background", None):
+            continue  # an edit label that says it is no attribute swap (None: not labelled)
+        if prev.get("scene") is None or cur.get("scene") is None:
+            continue  # a prompt outside the world's vocabulary
+        a, b = split_words(prev["prompt"]), split_words(cur["prompt"])
+        diff = [(x, y) for x, y in zip(a, b) if x != y]
+        if len(a) != len(b) or len(diff) != 1:
+            continue
+        ps, cs = _scene(prev["scene"]), _scene(cur["scene"])
+        if any(o.position is None for o in (*ps.objects, *cs.objects)):
+            continue
+        what = _edited(ps, cs)
+        if what is None:
+            continue
+        edits.append(Edit(session["id"], k + 1, prev["prompt"], cur["prompt"], ps, cs, what[0], diff[0]))
+    return edits
+
+
+def one_word_edits(
+    n: int, split: str = "test", max_sessions: int = 4000, sessions: list[dict] | None = None
+) -> list[Edit]:
+    """The first `n` one-word attribute edits of the split's sessions, or of `sessions` (rounds as
+    `world.sessions.normalize_session` gives them)."""
+    if sessions is not None:
+        return [e for s in sessions for e in _session_edits(s)][:n]
     edits: list[Edit] = []
     batch = 200
     total = 0
     while len(edits) < n and total < max_sessions:
         total += batch
-        edits = []
-        for session in generate_sessions(total, split):
-            rounds = session["rounds"]
-            for k in range(1, len(rounds)):
-                prev, cur = rounds[k - 1], rounds[k]
-                if cur["edit"] not in ("change_attribute", "change_background"):
-                    continue
-                a, b = split_words(prev["prompt"]), split_words(cur["prompt"])
-                diff = [(x, y) for x, y in zip(a, b) if x != y]
-                if len(a) != len(b) or len(diff) != 1:
-                    continue
-                ps, cs = _scene(prev["scene"]), _scene(cur["scene"])
-                what = _edited(ps, cs)
-                if what is None:
-                    continue
-                edits.append(Edit(session["id"], k + 1, prev["prompt"], cur["prompt"], ps, cs, what[0], diff[0]))
-                if len(edits) >= n:
-                    return edits
-    return edits
+        edits = [e for s in generate_sessions(total, split) for e in _session_edits(s)]
+    return edits[:n]
 
 
 def _checks(edit: Edit) -> tuple[list[tuple[str, str, Any]], tuple[str, str, Any]]:
@@ -115,15 +139,14 @@ def _checks(edit: Edit) -> tuple[list[tuple[str, str, Any]], tuple[str, str, Any
         unchanged.append((obj.position, "present", True))
         for f in ("shape", "color", "size"):
             unchanged.append((obj.position, f, getattr(obj, f)))
+    unchanged = [c for c in unchanged if c[2] is not None]  # what the prompts leave unsaid is not checked
     if attribute == "background":
-        edited = ("", "background", edit.scene.background)
-    else:
+        return unchanged, ("", "background", edit.scene.background)
+    if edit.scene.background is not None:
         unchanged.append(("", "background", edit.scene.background))
-        if attribute == "position":
-            edited = (new.position, "present", True)
-        else:
-            edited = (new.position, attribute, getattr(new, attribute))
-    return unchanged, edited
+    if attribute == "position":
+        return unchanged, (new.position, "present", True)
+    return unchanged, (new.position, attribute, getattr(new, attribute))
 
 
 def _read(pred: dict, check: tuple[str, str, Any]) -> Any:
@@ -170,9 +193,11 @@ def bench_edits(
     evaluator=None,
     progress: bool = True,
     side: str = "edge",
+    sessions: list[dict] | None = None,
 ) -> dict[str, Any]:
     """`side`: the model that runs the rounds: the edge one (where edits happen), or the cloud one
-    to see how the same control does with a stronger model."""
+    to see how the same control does with a stronger model. `sessions`: take the edits from these
+    (normalized) sessions instead of the embedded world's test split."""
     from tqdm.auto import tqdm
 
     from ..metrics import get_evaluator
@@ -184,7 +209,7 @@ def bench_edits(
     engine = pair.edge if side == "edge" else pair.cloud
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    edits = one_word_edits(n)
+    edits = one_word_edits(n, sessions=sessions)
     start = time.perf_counter()
     prev_imgs, plain_imgs, ctl_imgs = [], [], []
     mask_fractions: list[float | None] = []
@@ -306,6 +331,9 @@ def add_bench_edits_parser(sub) -> None:
     p.add_argument("--blend-threshold", type=float, default=ControlConfig.blend_threshold)
     p.add_argument("--side", choices=("edge", "cloud"), default="edge",
                    help="the model that runs the rounds (default edge, where edits happen)")
+    p.add_argument("--sessions", metavar="FILE",
+                   help="JSONL of sessions to take the edits from (rounds may be plain strings; "
+                        "default: the embedded world's test split)")
     p.set_defaults(func=cmd_bench_edits)
 
 
@@ -325,9 +353,19 @@ def cmd_bench_edits(args) -> int:
         )
     except ValueError as err:
         raise InvalidInputError(str(err)) from err
+    sessions = None
+    if args.sessions:
+        from ..bench.run import load_sessions
+
+        sessions, _ = load_sessions(args.sessions, sys.maxsize)
+        if not one_word_edits(1, sessions=sessions):
+            raise InvalidInputError(
+                f"{args.sessions} has no one-word attribute edits between rounds that place every object "
+                "(e.g. 'a red circle on the left' -> 'a blue circle on the left')"
+            )
     pair = load_pair(args.model)
     result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config,
-                         side=args.side)
+                         side=args.side, sessions=sessions)
     print(f"model: {args.side} {getattr(pair, f'{args.side}_info').label}")
     for key in ("edits", "controlled_kept", "plain_kept", "edited_right", "plain_edited_right"):
         value = result[key]
