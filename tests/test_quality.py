@@ -40,3 +40,19 @@ def test_swaps_and_object_counts():
     # colors: wrong in the swapped image, right in the other; the bare circle names none
     assert one["color"] == 0.5 and one["shape"] == 2 / 3 and one["background"] == 0.5
     assert details["per_attribute"]["position"] == 1.0
+
+
+def test_evaluate_measures_refinement_of_the_edge_images(untrained_pair, tmp_path):
+    import numpy as np
+
+    from diffusionx.bench.quality import evaluate_pair, mean_psnr
+    from diffusionx.world import generate_sessions
+
+    a = np.zeros((8, 8, 3), np.uint8)
+    assert mean_psnr([a], [a]) == 100.0 and abs(mean_psnr([a], [a + 1]) - 48.13) < 0.01
+    report = evaluate_pair(untrained_pair, generate_sessions(2, "test"), tmp_path, steps=2, batch=2,
+                           refine_strengths=(0.0, 0.5))
+    keep, half = report["refinement"]
+    assert keep["strength"] == 0.0 and keep["psnr_preview_final_db"] == 100.0  # strength 0 changes nothing
+    assert half["psnr_preview_final_db"] < 100.0 and half["attribute_accuracy_vs_cloud"] is not None
+    assert (tmp_path / "samples.png").exists() and "by_object_count" in report["cloud"]

@@ -279,7 +279,8 @@ def cmd_evaluate(args) -> int:
     check_steps(args.steps)
     sessions, _ = load_sessions(args.sessions, args.n)
     pair = _load(args)
-    report = evaluate_pair(pair, sessions, args.out, steps=args.steps, batch=args.batch, seed=args.seed)
+    report = evaluate_pair(pair, sessions, args.out, steps=args.steps, batch=args.batch, seed=args.seed,
+                           refine_strengths=tuple(args.refine_strengths))
     checks = ("shape", "color", "size", "position", "background")
     print(f"{'model':<6} {'CLIP score':>10} {'FID':>8} {'attribute acc.':>15} {'swaps':>6}  "
           + " ".join(f"{c:>10}" for c in checks))
@@ -287,17 +288,27 @@ def cmd_evaluate(args) -> int:
         q = report[role]
         fid = "n/a" if q["fid"] is None else f"{q['fid']:.2f}"
         swap = "n/a" if q["color_swap_rate"] is None else f"{q['color_swap_rate']:.3f}"
+        accuracy = "n/a" if q["attribute_accuracy"] is None else f"{q['attribute_accuracy']:.3f}"  # none parse
         cells = " ".join("n/a".rjust(10) if q["per_attribute"][c] is None else f"{q['per_attribute'][c]:>10.3f}"
                          for c in checks)
-        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {q['attribute_accuracy']:>15.3f} {swap:>6}  {cells}")
+        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {accuracy:>15} {swap:>6}  {cells}")
         for count, row in q["by_object_count"].items():
             cells = " ".join("n/a".rjust(10) if row[c] is None else f"{row[c]:>10.3f}" for c in checks)
             print(f"  {count} object(s), n={row['n']:<4} {'':>13} {row['attribute_accuracy']:>15.3f} {'':>6}  {cells}")
+    for row in report.get("refinement", []):
+        fid = "n/a" if row["fid_vs_cloud"] is None else f"{row['fid_vs_cloud']:.2f}x"
+        print(f"cloud refining the edge image at {row['strength']:g}: attribute acc. {row['attribute_accuracy']:.3f} "
+              f"({row['attribute_accuracy_vs_cloud']:.1%} of the cloud's), FID {fid} the cloud's, "
+              f"PSNR preview -> final {row['psnr_preview_final_db']:.1f} dB")
     print(
         f"wrote {args.out}/quality.json and samples.png ({report['settings']['n_prompts']} prompts, "
         f"{report['wall_seconds']:.0f} s)"
     )
     return 0
+
+
+def _strength_list(text: str) -> list[float]:
+    return [_strength(part) for part in text.split(",") if part.strip()]
 
 
 def _strength(text: str) -> float:
@@ -391,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="number of final prompts (default 256)")
     p.add_argument("--out", default="outputs/evaluate", help="output folder")
     p.add_argument("--batch", type=int, default=32, help="prompts per U-Net call")
+    p.add_argument("--refine-strengths", type=_strength_list, default=[], metavar="S,S,...",
+                   help="also let the cloud refine each edge image at these strengths, e.g. 0.3,0.5,0.7 "
+                        "(preview fidelity and quality vs the cloud from noise)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train the embedded model pair or the evaluator from scratch, "

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..models import ModelPair
 from .harness import Item, decode_batched, generate_batched
 from .report import finals_grid
@@ -65,8 +67,13 @@ def evaluate_pair(
     guidance_scale: float = 7.5,
     batch: int = 32,
     seed: int = 0,
+    refine_strengths: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Generate every session's final prompt with both models (same seeds) and score them."""
+    """Generate every session's final prompt with both models (same seeds) and score them.
+
+    With `refine_strengths`, the cloud also refines each edge image (same prompt and seed) at
+    each strength: does refinement keep the preview (PSNR preview -> final) and reach the cloud's
+    own quality (attribute accuracy and FID relative to the cloud from noise)?"""
     from ..metrics import get_evaluator
 
     out = Path(out)
@@ -76,12 +83,29 @@ def evaluate_pair(
     prompts = [s["rounds"][-1]["prompt"] for s in sessions]
     references = _references(sessions)
     items = [Item(prompt, seed + i) for i, prompt in enumerate(prompts)]
-    images, report = {}, {}
+    images, report, latents = {}, {}, {}
     for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
-        latents = generate_batched(engine, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=role)
-        images[role] = decode_batched(engine, latents)
+        latents[role] = generate_batched(engine, items, steps=steps, guidance_scale=guidance_scale, batch=batch,
+                                         desc=role)
+        images[role] = decode_batched(engine, latents[role])
         report[role] = {**_quality(evaluator, images[role], prompts, references),
                         **attribute_details(evaluator, images[role], prompts)}
+    refined = {}
+    for strength in refine_strengths:
+        refine_items = [Item(it.prompt, it.seed, strength, z) for it, z in zip(items, latents["edge"])]
+        out_latents = generate_batched(pair.cloud, refine_items, steps=steps, guidance_scale=guidance_scale,
+                                       batch=batch, desc=f"refine {strength:g}")
+        finals = decode_batched(pair.cloud, out_latents)
+        refined[f"refined {strength:g}"] = finals
+        quality = _quality(evaluator, finals, prompts, references)
+        cloud = report["cloud"]
+        quality.update(
+            strength=strength,
+            psnr_preview_final_db=mean_psnr(images["edge"], finals),
+            attribute_accuracy_vs_cloud=_ratio(quality["attribute_accuracy"], cloud["attribute_accuracy"]),
+            fid_vs_cloud=_ratio(quality["fid"], cloud["fid"]),
+        )
+        report.setdefault("refinement", []).append(quality)
     report["settings"] = {
         "n_prompts": len(prompts),
         "steps": steps,
@@ -93,5 +117,20 @@ def evaluate_pair(
     report["models"] = pair.describe()
     report["wall_seconds"] = time.perf_counter() - started
     (out / "quality.json").write_text(json.dumps(report, indent=2))
-    finals_grid(images, prompts, out / "samples.png", columns=10)
+    finals_grid({**images, **refined}, prompts, out / "samples.png", columns=10)
     return report
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def mean_psnr(images_a: list, images_b: list) -> float:
+    """Mean over pairs of the PSNR (dB, uint8 scale) between two images; identical pairs count 100 dB."""
+    values = []
+    for a, b in zip(images_a, images_b):
+        x = np.asarray(a, dtype=np.float64)
+        y = np.asarray(b, dtype=np.float64)
+        mse = float(np.mean((x - y) ** 2))
+        values.append(100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    return float(np.mean(values))
