@@ -290,3 +290,17 @@ def test_evaluate_on_plain_string_sessions(tmp_path, untrained_pair):
         assert report[role]["n_unparseable"] == 1 and report[role]["attribute_accuracy"] is not None
         assert report[role]["fid"] is None
     assert report["settings"]["n_prompts"] == 3
+
+
+@pytest.mark.filterwarnings("ignore:the embedded models know only")
+def test_evaluate_cli_on_out_of_vocabulary_sessions(tmp_path, capsys):
+    """`diffusionx evaluate --sessions FILE` whose finals are all out of vocabulary: nothing to
+    score, said as n/a rather than a crash."""
+    from diffusionx.cli import main
+
+    path = tmp_path / "cats.jsonl"
+    path.write_text(json.dumps({"rounds": ["a cat", "a photo of a cat"]}) + "\n")
+    args = ["evaluate", "--model", "untrained", "--sessions", str(path), "--steps", "2", "--out", str(tmp_path / "e")]
+    assert main(args) == 0
+    edge_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("edge"))
+    assert edge_line.split()[2:4] == ["n/a", "n/a"]  # FID, attribute accuracy

@@ -297,9 +297,12 @@ def cmd_evaluate(args) -> int:
             print(f"  {count} object(s), n={row['n']:<4} {'':>13} {row['attribute_accuracy']:>15.3f} {'':>6}  {cells}")
     for row in report.get("refinement", []):
         fid = "n/a" if row["fid_vs_cloud"] is None else f"{row['fid_vs_cloud']:.2f}x"
-        print(f"cloud refining the edge image at {row['strength']:g}: attribute acc. {row['attribute_accuracy']:.3f} "
-              f"({row['attribute_accuracy_vs_cloud']:.1%} of the cloud's), FID {fid} the cloud's, "
-              f"PSNR preview -> final {row['psnr_preview_final_db']:.1f} dB")
+        if row["attribute_accuracy"] is None:
+            accuracy = "n/a"
+        else:
+            accuracy = f"{row['attribute_accuracy']:.3f} ({row['attribute_accuracy_vs_cloud']:.1%} of the cloud's)"
+        print(f"cloud refining the edge image at {row['strength']:g}: attribute acc. {accuracy}, "
+              f"FID {fid} the cloud's, PSNR preview -> final {row['psnr_preview_final_db']:.1f} dB")
     print(
         f"wrote {args.out}/quality.json and samples.png ({report['settings']['n_prompts']} prompts, "
         f"{report['wall_seconds']:.0f} s)"
