@@ -109,3 +109,34 @@ def test_smoke_run_refuses_to_replace_the_shipped_pair(tmp_path):
     with pytest.raises(InvalidInputError, match="--export-to"):
         train_embedded(tmp_path / "run", config=TINY, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_distillation_taps_and_projects_the_teachers_features(untrained_pair):
+    """The edge's mid/up block features map onto the cloud's through 1x1 projections, and the
+    feature loss is 0 exactly when they match (and the gradient reaches the projections)."""
+    import copy
+
+    import torch
+
+    from diffusionx.training.distill import FeatureTap, feature_loss, feature_projections
+
+    edge, cloud = copy.deepcopy(untrained_pair.edge.unet).float(), copy.deepcopy(untrained_pair.cloud.unet).float()
+    x = torch.randn(2, *untrained_pair.edge.latent_shape()[1:])
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, 77, edge.config.cross_attention_dim)
+    projections = feature_projections(edge, cloud, x, t, cond)
+    taps = FeatureTap(edge), FeatureTap(cloud)
+    edge(x, t, encoder_hidden_states=cond)
+    with torch.no_grad():
+        cloud(x, t, encoder_hidden_states=cond)
+    student, teacher = (tap.take() for tap in taps)
+    assert len(student) == len(teacher) == len(projections) == 1 + len(edge.up_blocks)
+    loss = feature_loss(student, teacher, projections)
+    loss.backward()
+    assert loss.item() > 0 and projections[0].weight.grad is not None
+    matched = [proj(s).detach() for s, proj in zip(student, projections)]
+    assert feature_loss(student, matched, projections).item() < 1e-10
+    for tap in taps:
+        tap.close()
+    edge(x, t, encoder_hidden_states=cond)
+    assert taps[0].features == []  # closed taps keep nothing
