@@ -140,3 +140,26 @@ def test_distillation_taps_and_projects_the_teachers_features(untrained_pair):
         tap.close()
     edge(x, t, encoder_hidden_states=cond)
     assert taps[0].features == []  # closed taps keep nothing
+
+
+def test_checkpoint_keeps_several_optimizers_and_averages(tmp_path):
+    import torch
+
+    from diffusionx.training.common import EMA, Checkpoint
+
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    opt_a, opt_b = torch.optim.AdamW(a.parameters()), torch.optim.AdamW(b.parameters())
+    b(a(torch.ones(4, 3))).sum().backward()
+    opt_a.step()
+    opt_b.step()
+    ema_a, ema_b = EMA(a, 0.9), EMA(b, 0.9)
+    ck = Checkpoint(tmp_path / "ck")
+    ck.save({"step": 1}, {"a": a, "b": b}, opt_a, optimizers={"opt_b": opt_b}, emas={"ema_a": ema_a, "ema_b": ema_b})
+    a2, b2 = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    opt_a2, opt_b2 = torch.optim.AdamW(a2.parameters()), torch.optim.AdamW(b2.parameters())
+    ema_a2, ema_b2 = EMA(a2, 0.9), EMA(b2, 0.9)
+    state = ck.load({"a": a2, "b": b2}, opt_a2, optimizers={"opt_b": opt_b2}, emas={"ema_a": ema_a2, "ema_b": ema_b2})
+    assert state["step"] == 1 and {"optimizer", "opt_b"} <= set(state)
+    torch.testing.assert_close(b2.weight, b.weight)
+    torch.testing.assert_close(opt_b2.state_dict()["state"][0]["exp_avg"], opt_b.state_dict()["state"][0]["exp_avg"])
+    torch.testing.assert_close(ema_b2.shadow["weight"], ema_b.shadow["weight"])

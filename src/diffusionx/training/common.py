@@ -95,34 +95,45 @@ class Checkpoint:
     def state(self) -> dict:
         return json.loads(self.state_path.read_text()) if self.exists() else {}
 
-    def save(self, state: dict, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None) -> None:
+    def save(self, state: dict, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None, *,
+             optimizers: dict[str, torch.optim.Optimizer] | None = None, emas: dict[str, EMA] | None = None) -> None:
+        """Save modules, optimizers and EMAs; `opt` / `ema` are the ones named "optimizer" / "ema"
+        (a stage that trains one model), `optimizers` / `emas` any further ones by name."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        optimizers = {**({"optimizer": opt} if opt is not None else {}), **(optimizers or {})}
+        emas = {**({"ema": ema} if ema is not None else {}), **(emas or {})}
         for name, m in modules.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
-                      str(self.folder / f"{name}.safetensors.tmp"))
-            os.replace(self.folder / f"{name}.safetensors.tmp", self.folder / f"{name}.safetensors")
-        if opt is not None:
-            tensors, meta = _optimizer_tensors(opt)
-            save_file(tensors, str(self.folder / "optimizer.safetensors.tmp"))
-            os.replace(self.folder / "optimizer.safetensors.tmp", self.folder / "optimizer.safetensors")
-            state = {**state, "optimizer": meta}
-        if ema is not None:
-            shadow = {k: v.cpu().contiguous() for k, v in ema.shadow.items()}
-            save_file(shadow, str(self.folder / "ema.safetensors.tmp"))
-            os.replace(self.folder / "ema.safetensors.tmp", self.folder / "ema.safetensors")
+            self._write(name, {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()})
+        for name, optimizer in optimizers.items():
+            tensors, meta = _optimizer_tensors(optimizer)
+            self._write(name, tensors)
+            state = {**state, name: meta}
+        for name, average in emas.items():
+            self._write(name, {k: v.cpu().contiguous() for k, v in average.shadow.items()})
         tmp = self.folder / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_path)
 
-    def load(self, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None) -> dict:
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.folder / f"{name}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.folder / f"{name}.safetensors")
+
+    def load(self, modules: dict[str, torch.nn.Module], opt=None, ema: EMA | None = None, *,
+             optimizers: dict[str, torch.optim.Optimizer] | None = None, emas: dict[str, EMA] | None = None) -> dict:
+        """Load what `save` wrote (optimizers and EMAs whose files are there)."""
         state = self.state()
+        optimizers = {**({"optimizer": opt} if opt is not None else {}), **(optimizers or {})}
+        emas = {**({"ema": ema} if ema is not None else {}), **(emas or {})}
         for name, m in modules.items():
             m.load_state_dict(load_file(str(self.folder / f"{name}.safetensors")))
-        if opt is not None and (self.folder / "optimizer.safetensors").exists():
-            _load_optimizer(opt, load_file(str(self.folder / "optimizer.safetensors")), state["optimizer"])
-        if ema is not None and (self.folder / "ema.safetensors").exists():
-            saved = load_file(str(self.folder / "ema.safetensors"))
-            ema.shadow = {k: v.to(ema.shadow[k].device) for k, v in saved.items()}
+        for name, optimizer in optimizers.items():
+            if (self.folder / f"{name}.safetensors").exists():
+                _load_optimizer(optimizer, load_file(str(self.folder / f"{name}.safetensors")), state[name])
+        for name, average in emas.items():
+            if (self.folder / f"{name}.safetensors").exists():
+                saved = load_file(str(self.folder / f"{name}.safetensors"))
+                average.shadow = {k: v.to(average.shadow[k].device) for k, v in saved.items()}
         return state
 
 

@@ -310,8 +310,8 @@ def distill_pair(
     rng = np.random.default_rng([cfg.seed, 1])
     scenes = training_scenes(rng, cfg.images, cfg.backdrop_share)
     latent_file = out / "distill" / "latents.safetensors"  # the frozen VAE's encodings, kept for resumes
-    if latent_file.exists() and load_file(str(latent_file))["mean"].shape[0] == len(scenes):
-        cached = load_file(str(latent_file), device=str(device))
+    cached = load_file(str(latent_file), device=str(device)) if latent_file.exists() else {}
+    if cached and cached["mean"].shape[0] == len(scenes):
         mean, std = cached["mean"], cached["std"]
     else:
         images = render_all(scenes, rng, workers=cfg.render_workers)
@@ -339,15 +339,9 @@ def distill_pair(
     modules = {"cloud": cloud, "edge": edge, "text_encoder": text, "projections": projections}
     ck = Checkpoint(out / "distill" / "ckpt")
     state: dict[str, Any] = {"step": 0, "total": cfg.steps}
+    saved_emas = {"ema_cloud": ema_cloud, "ema_edge": ema_edge, "ema_text": ema_text}
     if ck.exists():
-        state = ck.load(modules, opt_edge)
-        if (ck.folder / "opt_cloud.safetensors").exists():
-            from .common import _load_optimizer
-
-            _load_optimizer(opt_cloud, load_file(str(ck.folder / "opt_cloud.safetensors")), state["opt_cloud"])
-        for name, ema in (("ema_cloud", ema_cloud), ("ema_edge", ema_edge), ("ema_text", ema_text)):
-            if (ck.folder / f"{name}.safetensors").exists():
-                ema.shadow = load_file(str(ck.folder / f"{name}.safetensors"), device=str(device))
+        state = ck.load(modules, opt_edge, optimizers={"opt_cloud": opt_cloud}, emas=saved_emas)
     if state.get("done"):
         summary = state["summary"]
         return summary
@@ -370,14 +364,7 @@ def distill_pair(
     phase_switch = None
 
     def save_checkpoint(extra: dict) -> None:
-        from .common import _optimizer_tensors
-
-        ck.save(extra, modules, opt_edge)
-        tensors, meta = _optimizer_tensors(opt_cloud)
-        save_file(tensors, str(ck.folder / "opt_cloud.safetensors"))
-        for name, ema in (("ema_cloud", ema_cloud), ("ema_edge", ema_edge), ("ema_text", ema_text)):
-            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(ck.folder / f"{name}.safetensors"))
-        ck.state_path.write_text(json.dumps({**ck.state(), "opt_cloud": meta}, indent=1))
+        ck.save(extra, modules, opt_edge, optimizers={"opt_cloud": opt_cloud}, emas=saved_emas)
 
     while loop.running:
         step = loop.step
