@@ -282,6 +282,10 @@ def cmd_evaluate(args) -> int:
     report = evaluate_pair(pair, sessions, args.out, steps=args.steps, batch=args.batch, seed=args.seed,
                            refine_strengths=tuple(args.refine_strengths))
     checks = ("shape", "color", "size", "position", "background")
+
+    def cells(accuracies: dict) -> str:
+        return " ".join("n/a".rjust(10) if accuracies[c] is None else f"{accuracies[c]:>10.3f}" for c in checks)
+
     print(f"{'model':<6} {'CLIP score':>10} {'FID':>8} {'attribute acc.':>15} {'swaps':>6}  "
           + " ".join(f"{c:>10}" for c in checks))
     for role in ("edge", "cloud"):
@@ -289,12 +293,10 @@ def cmd_evaluate(args) -> int:
         fid = "n/a" if q["fid"] is None else f"{q['fid']:.2f}"
         swap = "n/a" if q["color_swap_rate"] is None else f"{q['color_swap_rate']:.3f}"
         accuracy = "n/a" if q["attribute_accuracy"] is None else f"{q['attribute_accuracy']:.3f}"  # none parse
-        cells = " ".join("n/a".rjust(10) if q["per_attribute"][c] is None else f"{q['per_attribute'][c]:>10.3f}"
-                         for c in checks)
-        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {accuracy:>15} {swap:>6}  {cells}")
+        print(f"{role:<6} {q['clip_score']:>10.2f} {fid:>8} {accuracy:>15} {swap:>6}  {cells(q['per_attribute'])}")
         for count, row in q["by_object_count"].items():
-            cells = " ".join("n/a".rjust(10) if row[c] is None else f"{row[c]:>10.3f}" for c in checks)
-            print(f"  {count} object(s), n={row['n']:<4} {'':>13} {row['attribute_accuracy']:>15.3f} {'':>6}  {cells}")
+            print(f"  {count} object(s), n={row['n']:<4} {'':>13} {row['attribute_accuracy']:>15.3f} {'':>6}  "
+                  f"{cells(row)}")
     for row in report.get("refinement", []):
         fid = "n/a" if row["fid_vs_cloud"] is None else f"{row['fid_vs_cloud']:.2f}x"
         if row["attribute_accuracy"] is None:

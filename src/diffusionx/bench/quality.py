@@ -20,7 +20,7 @@ def attribute_details(evaluator, images: list, prompts: list[str]) -> dict[str, 
     images whose object and background colors are swapped ("a red circle on a blue background"
     rendered as a blue circle on red): the named background color appears on a detected object
     while the named color of an object is read as the background."""
-    from ..metrics.evaluator import CHECKS, score_scene
+    from ..metrics.evaluator import aggregate_checks, score_scene
     from ..world import parse_prompt
 
     predictions = evaluator.predict_attributes(images)
@@ -38,20 +38,13 @@ def attribute_details(evaluator, images: list, prompts: list[str]) -> dict[str, 
         detected = {o["color"] for o in prediction["objects"].values()}
         swaps += prediction["background"] in named_colors and scene.background in detected
 
-    def per_check(results: list[dict]) -> dict[str, float | None]:
-        out = {}
-        for check in CHECKS:
-            total = sum(r["total"][check] for r in results)
-            out[check] = sum(r["passed"][check] for r in results) / total if total else None
-        return out
-
     everything = [r for results in by_count.values() for r in results]
+    counts = {n: aggregate_checks(results) for n, results in sorted(by_count.items())}
     return {
-        "per_attribute": per_check(everything),
+        "per_attribute": aggregate_checks(everything)["per_attribute"],
         "by_object_count": {
-            str(n): {"n": len(results), "attribute_accuracy": sum(r["score"] for r in results) / len(results),
-                     **per_check(results)}
-            for n, results in sorted(by_count.items())
+            str(n): {"n": agg["n_scored"], "attribute_accuracy": agg["mean"], **agg["per_attribute"]}
+            for n, agg in counts.items()
         },
         "color_swap_rate": swaps / swap_candidates if swap_candidates else None,
         "color_swap_images": swap_candidates,

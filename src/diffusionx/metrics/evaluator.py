@@ -224,7 +224,7 @@ class Evaluator:
         preds = self.predict_attributes(images)
         if len(preds) != len(scenes):
             raise ValueError(f"{len(preds)} images but {len(scenes)} scenes")
-        return _aggregate([score_scene(p, s) for p, s in zip(preds, scenes)], unparseable=[])
+        return aggregate_checks([score_scene(p, s) for p, s in zip(preds, scenes)])
 
     def attribute_accuracy(self, images: Any, prompts: Sequence[str]) -> dict[str, Any]:
         """Does each image show what its prompt names?
@@ -266,7 +266,7 @@ class Evaluator:
         results: list[dict[str, Any] | None] = [None] * len(prompts)
         for i, pred in zip(keep, preds):
             results[i] = score_scene(pred, scenes[i])
-        return _aggregate(results, unparseable)
+        return aggregate_checks(results, unparseable)
 
 
 CHECKS = ("position", "shape", "color", "size", "background")
@@ -333,7 +333,8 @@ def _match_unplaced(objects: list, detected: list[dict[str, Any]]) -> list[dict[
     return [slots[k] for k in best]
 
 
-def _aggregate(results: Sequence[dict[str, Any] | None], unparseable: list) -> dict[str, Any]:
+def aggregate_checks(results: Sequence[dict[str, Any] | None], unparseable: Sequence = ()) -> dict[str, Any]:
+    """Mean score, per-check accuracy and counts over `score_scene` results (None: unscored)."""
     scored = [r for r in results if r is not None]
     per_attr = {}
     for check in CHECKS:
