@@ -29,12 +29,13 @@ ever trained on.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .captions import caption_with_style, named_part, parse_prompt, sample_style
-from .scene import OBJECT_ATTRIBUTES, Scene, SceneObject, random_object, random_scene, scene_split
+from .scene import OBJECT_ATTRIBUTES, Scene, random_object, random_scene, scene_split
 from .vocab import COLORS, POSITIONS, SHAPES, SIZES
 
 SPLIT_SEEDS = {"train": 1_000_003, "validation": 2_000_003, "test": 3_000_017}
@@ -65,7 +66,7 @@ def _free_positions(scene: Scene) -> list[str]:
     return [p for p in POSITIONS if p not in used]
 
 
-def _change_object(full: Scene, named: Scene, rng: np.random.Generator) -> tuple[Scene, Scene] | None:
+def _change_object(full: Scene, named: Scene, rng: np.random.Generator) -> tuple[Scene, Scene]:
     """Replace one named attribute of one object (in the complete scene and in the named part)."""
     k = int(rng.integers(len(named.objects)))
     attrs = [a for a in OBJECT_ATTRIBUTES if getattr(named.objects[k], a) is not None]
@@ -80,13 +81,9 @@ def _change_object(full: Scene, named: Scene, rng: np.random.Generator) -> tuple
     else:
         value = str(rng.choice(_free_positions(full)))
     full_objs, named_objs = list(full.objects), list(named.objects)
-    full_objs[k] = _with(o, attr, value)
-    named_objs[k] = _with(named.objects[k], attr, value)
+    full_objs[k] = replace(o, **{attr: value})
+    named_objs[k] = replace(named.objects[k], **{attr: value})
     return Scene(tuple(full_objs), full.background), Scene(tuple(named_objs), named.background)
-
-
-def _with(obj: SceneObject, attr: str, value: str | None) -> SceneObject:
-    return SceneObject(**{**obj.to_dict(), attr: value})
 
 
 def _unnamed(named: Scene) -> list[tuple[int, str]]:
@@ -107,7 +104,7 @@ def _set_detail(named: Scene, where: tuple[int, str], full: Scene | None) -> Sce
     if k < 0:
         return Scene(named.objects, None if full is None else full.background)
     objs = list(named.objects)
-    objs[k] = _with(objs[k], attr, None if full is None else getattr(full.objects[k], attr))
+    objs[k] = replace(objs[k], **{attr: None if full is None else getattr(full.objects[k], attr)})
     return Scene(tuple(objs), named.background)
 
 
