@@ -24,6 +24,7 @@ Run after run, `diffusionx train pair --resume-from shipped` climbs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -34,15 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
 from ..world.captions import caption_with_style, named_part, sample_style
-from ..world.scene import Scene
+from ..world.scene import Scene, random_scene, scene_key, scene_split
 from ..world.vocab import COLORS
 from .common import EMA, Checkpoint, LossLog, StageLoop, StepBudget, adamw, cosine_lr
-from .data import render_all, split_scenes, to_tensor_images
+from .data import render_all, to_tensor_images
 from .embedded import SEED, default_assets_dir
 
 KEEP_POLICIES = ("improved", "always")
@@ -53,11 +55,18 @@ class DistillConfig:
     seed: int = SEED + 100
     images: int = 12000  # rendered training scenes (train split), encoded once by the frozen VAE
     backdrop_share: float = 0.03  # scenes with no object: "a blue background" is a prompt too
+    one_object_share: float = 0.45  # of the scenes with objects (uniform 1-3 objects would be 1/3)
+    # Share of scenes followed by their color-swapped twin (the object's color and the background's
+    # exchanged): the pair the cloud confuses most, side by side in the data.
+    swap_twin_share: float = 0.2
+    # Share of noise levels drawn from the upper half of the schedule, where color, shape and layout
+    # are decided (the rest uniform); the low-noise half only sharpens edges.
+    high_noise_share: float = 0.4
     batch: int = 32
     steps: int = 200000  # upper bound; a time budget cuts it
-    cloud_share: float = 0.6  # share of the steps in which the cloud and text encoder train
+    cloud_share: float = 0.7  # share of the steps in which the cloud and text encoder train
     lr_cloud: float = 2e-4
-    lr_text: float = 5e-5  # 0 keeps the text encoder frozen
+    lr_text: float = 1e-4  # 0 keeps the text encoder frozen
     lr_edge: float = 6e-4
     warmup: int = 50
     cfg_dropout: float = 0.1
@@ -160,10 +169,42 @@ def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], proje
 # ---------------------------------------------------------------- data
 
 
-def training_scenes(rng: np.random.Generator, n: int, backdrop_share: float) -> list[Scene]:
-    n_backdrop = round(n * backdrop_share)
-    backdrops = [Scene((), COLORS[i % len(COLORS)]) for i in range(n_backdrop)]
-    return split_scenes(rng, n - n_backdrop) + backdrops
+def color_swapped(scene: Scene) -> Scene | None:
+    """`scene` with its first object's color and the background's exchanged; None when another
+    object already has the background's color (the twin would break the world's rule)."""
+    first, rest = scene.objects[0], scene.objects[1:]
+    if any(obj.color == scene.background for obj in rest):
+        return None
+    return replace(scene, objects=(replace(first, color=scene.background), *rest), background=first.color)
+
+
+def training_scenes(rng: np.random.Generator, n: int, cfg: DistillConfig) -> list[Scene]:
+    """`n` training scenes: backdrops, then train-split scenes with `one_object_share` of them
+    single-object, some followed by their color-swapped twin."""
+    n_backdrop = round(n * cfg.backdrop_share)
+    scenes = [Scene((), COLORS[i % len(COLORS)]) for i in range(n_backdrop)]
+    rest = (1 - cfg.one_object_share) / 2
+    while len(scenes) < n:
+        count = int(rng.choice(3, p=[cfg.one_object_share, rest, rest])) + 1
+        scene = random_scene(rng, count)
+        if scene_split(scene) != "train":
+            continue
+        scenes.append(scene)
+        twin = color_swapped(scene) if rng.random() < cfg.swap_twin_share else None
+        if twin is not None and scene_split(twin) == "train" and len(scenes) < n:
+            scenes.append(twin)
+    return scenes
+
+
+def scenes_digest(scenes: list[Scene]) -> str:
+    return hashlib.sha256("\n".join(scene_key(s) for s in scenes).encode()).hexdigest()[:16]
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, high_noise_share: float, g: torch.Generator) -> torch.Tensor:
+    """Uniform noise levels, except that a `high_noise_share` of them come from the upper half."""
+    t = torch.randint(0, num_train_timesteps, (n,), generator=g)
+    high = torch.randint(num_train_timesteps // 2, num_train_timesteps, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < high_noise_share, high, t)
 
 
 def training_caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -308,16 +349,22 @@ def distill_pair(
     tok, text, vae, sched = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["scheduler"]
     cloud, edge = parts["cloud"], parts["edge"]
     rng = np.random.default_rng([cfg.seed, 1])
-    scenes = training_scenes(rng, cfg.images, cfg.backdrop_share)
+    scenes = training_scenes(rng, cfg.images, cfg)
+    digest = scenes_digest(scenes)
     latent_file = out / "distill" / "latents.safetensors"  # the frozen VAE's encodings, kept for resumes
-    cached = load_file(str(latent_file), device=str(device)) if latent_file.exists() else {}
-    if cached and cached["mean"].shape[0] == len(scenes):
+    cached_digest = None
+    if latent_file.exists():
+        with safe_open(str(latent_file), "pt") as f:
+            cached_digest = (f.metadata() or {}).get("scenes")
+    if cached_digest == digest:
+        cached = load_file(str(latent_file), device=str(device))
         mean, std = cached["mean"], cached["std"]
     else:
         images = render_all(scenes, rng, workers=cfg.render_workers)
         mean, std = encode_images(vae, images, device)
         latent_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, str(latent_file))
+        save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, str(latent_file),
+                  metadata={"scenes": digest})
     scaling = vae.config.scaling_factor
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -382,7 +429,7 @@ def distill_pair(
         captions = ["" if srng.random() < cfg.cfg_dropout else training_caption(scenes[i], srng) for i in idx]
         index = torch.from_numpy(idx).to(device)
         z0 = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=g).to(device)) * scaling
-        t_cpu = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+        t_cpu = sample_timesteps(len(idx), sched.config.num_train_timesteps, cfg.high_noise_share, g)
         t = t_cpu.to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
         zt = sched.add_noise(z0, noise, t)
