@@ -46,14 +46,13 @@ def test_generate_and_exit_codes(tmp_path, capsys):
     out = tmp_path / "x.png"
     assert main(["generate", "a red star", "--model", "untrained", "--steps", "2", "--out", str(out)]) == 0
     assert out.exists()
-    assert main(["generate", "  ", "--model", "untrained", "--out", str(out)]) == 2
-    assert "prompt is empty" in capsys.readouterr().err
-    assert main(["generate", "a", "--model", "untrained", "--steps", "0", "--out", str(out)]) == 2
-    assert "steps" in capsys.readouterr().err
-    for bad in (["--seed", "abc"], ["--model", "nope"], ["--steps", "x"]):
+    for bad in (["--seed", "abc"], ["--model", "nope"], ["--steps", "x"], ["--steps", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit) as exc:
             main(["generate", "a", *bad])
         assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "  "])
+    assert exc.value.code == 2 and "prompt is empty" in capsys.readouterr().err
     assert main(["demo", "--model", "untrained", "--out", str(tmp_path), "--edge-strength", "0"]) == 0
 
 
@@ -93,8 +92,121 @@ def test_interactive_session_branches_and_survives_errors(tmp_path):
 
 def test_demo_with_an_unreachable_cloud_keeps_the_preview(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--model", "untrained", "--steps", "3", "--out", str(out), "--cloud", "http://127.0.0.1:9"]
+    args = ["demo", "--model", "untrained", "--steps", "3", "--out", str(out), "--cloud-url", "http://127.0.0.1:9"]
     assert main(args) == 0
     final = json.loads((out / "report.json").read_text())["final"]
     assert final["refined"] is False and "127.0.0.1:9" in final["reason"]
     assert (out / "final.png").exists()
+
+
+# ----- the front door: fast help, exit codes, metadata, the session's commands ------------------
+COMMANDS = ("demo", "session", "generate", "vocab", "ui", "serve", "bench", "evaluate", "bench-edits",
+            "predictors", "train")
+
+
+def test_help_builds_without_torch_and_every_command_has_examples():
+    code = (
+        "import sys, contextlib, io\n"
+        "from diffusionx.cli import build_parser, main\n"
+        f"for command in {COMMANDS!r}:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            main([command, '--help'])\n"
+        "        except SystemExit as done:\n"
+        "            assert done.code == 0, command\n"
+        "    assert 'examples:' in out.getvalue(), command\n"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("diffusionx ")
+
+
+def test_input_is_checked_before_any_model_loads():
+    code = (
+        "import sys\n"
+        "from diffusionx.cli import main\n"
+        "codes = []\n"
+        "for argv in (['generate', '  '], ['generate', 'a', '--steps', '0'], ['demo', '--edge-strength', '2']):\n"
+        "    try:\n"
+        "        codes.append(main(argv))\n"
+        "    except SystemExit as done:\n"
+        "        codes.append(done.code)\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[2, 2, 2] False", result.stderr
+    assert "prompt is empty" in result.stderr and "must be at least 1" in result.stderr
+
+
+def test_bad_model_path_is_bad_input(tmp_path, capsys):
+    assert main(["generate", "a circle", "--edge-model", str(tmp_path / "no" / "such" / "model")]) == 2
+    assert "neither a local folder" in capsys.readouterr().err
+
+
+def test_require_cloud_turns_an_unrefined_final_into_exit_1(tmp_path, capsys):
+    args = ["demo", "--model", "untrained", "--steps", "2", "--out", str(tmp_path), "--cloud-url", "http://127.0.0.1:9"]
+    assert main([*args, "--require-cloud"]) == 1
+    assert "--require-cloud" in capsys.readouterr().err
+    assert (tmp_path / "final.png").exists()  # the preview is kept all the same
+
+
+def test_png_metadata_is_the_a1111_parameters_chunk(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "x.png"
+    args = ["generate", "a red star", "--model", "untrained", "--steps", "2", "--seed", "5", "--out", str(out)]
+    assert main(args) == 0
+    info = Image.open(out).info
+    prompt, fields = info["parameters"].split("\n")
+    assert prompt == "a red star"
+    assert {"Steps: 2", "Seed: 5", "Sampler: DDIM", "CFG scale: 7.5"} <= set(fields.split(", "))
+    assert json.loads(info["diffusionx"])["seed"] == 5
+
+
+def test_ctrl_c_exits_130_without_a_traceback():
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "diffusionx.cli", "demo", "--model", "untrained", "--steps",
+                                "200", "--out", os.devnull + "_demo"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(1.5)  # past the light imports: now loading models or rendering
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+
+
+def test_session_commands_tree_seed_policy_outputs_and_a_cancelled_round(tmp_path, monkeypatch, capsys):
+    import io
+
+    from diffusionx.session import EdgeSession
+
+    real_generate = EdgeSession.generate
+
+    def generate(self, prompt, **kwargs):
+        if prompt == "boom":
+            raise KeyboardInterrupt  # Ctrl-C while this round renders
+        return real_generate(self, prompt, **kwargs)
+
+    monkeypatch.setattr(EdgeSession, "generate", generate)
+    script = ["a red circle", "a red circle on a blue background", "/back 1", "/seed 7", "/policy fixed-0.4-0.5",
+              "boom", "a blue circle", "/history", "/policy", "/final", "/quit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    assert main(["session", "--model", "untrained", "--steps", "5", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "round cancelled" in out
+    tree = [line for line in out.splitlines() if "s=" in line]
+    assert tree[0].lstrip().startswith("1 fresh") and "└─" in tree[1] and "└─" in tree[2]
+    assert tree[2].startswith("*") and "a blue circle" in tree[2]  # the current round, a branch of round 1
+    assert "policy fixed-0.4-0.5" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["prompt"] for r in report["rounds"]] == ["a red circle", "a red circle on a blue background",
+                                                       "a blue circle"]
+    third = report["rounds"][2]
+    assert third["parent"] == 1 and third["seed"] == 7 and third["strength"] == 0.4
+    assert report["final"]["source_round"] == 3 and (tmp_path / "strip.png").exists()

@@ -16,14 +16,17 @@ class Limits:
     rate_per_minute: float = 120.0  # sustained requests per minute per token
     burst: int = 20  # requests a token may send at once before the rate applies
     max_queue: int = 256  # accepted requests waiting for a batch slot
-    idempotency_cache: int = 1024  # recent (token, Idempotency-Key) -> result entries kept
-    idempotency_ttl_s: float = 600.0
+    # the idempotency store (server/store.py): (token, Idempotency-Key) -> the request and its result
+    idempotency_keys_per_token: int = 1024  # each token's own capacity; its oldest results go first
+    idempotency_window_s: float = 24 * 3600.0  # a result is replayed for this long after it finished
+    idempotency_lease_s: float = 15.0  # a claim lapses this long after its replica stops renewing it
+    idempotency_wait_s: float = 30.0  # how long a retry waits for another replica computing its key
     drain_timeout_s: float = 120.0
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The `diffusionx serve` options; cli.py calls this and sets `cmd_serve` as the handler."""
-    from ..models import PRESETS
+    """The `diffusionx serve` options (diffusionx.cli.serve registers them)."""
+    from ..presets import PRESETS
 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -53,12 +56,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-replicas", type=int, default=0, help="with --ray: autoscale between --replicas and this many replicas"
     )
     p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
-
-
-def cmd_serve(args) -> int:
-    from .run import cmd_serve as run
-
-    return run(args)
 
 
 def resolve_device(device: str | None) -> str:

@@ -1,0 +1,32 @@
+"""`diffusionx bench-edits`: round-to-round edits, attention-controlled vs plain (docs/control.md)."""
+
+from __future__ import annotations
+
+from . import options
+
+EXAMPLES = """
+diffusionx bench-edits --n 48
+diffusionx bench-edits --side cloud --no-blend --out outputs/bench-edits-cloud
+"""
+
+
+def fraction(text: str) -> float:
+    return options.strength(text)  # the same range check: a share of the round's steps
+
+
+def register(sub) -> None:
+    p = options.command(sub, "bench-edits", "attention-controlled one-word edits vs plain re-generation", EXAMPLES)
+    options.model_options(p, overrides=False)
+    p.add_argument("--n", type=options.positive_int, default=48, help="number of one-word edits")
+    options.out_option(p, "outputs/bench-edits", "output folder: edits.json, edits_grid.png")
+    group = p.add_argument_group("Prompt-to-Prompt (defaults: the controller's, docs/control.md)")
+    group.add_argument("--cross-steps", type=fraction, help="share of the steps with cross-attention injected")
+    group.add_argument("--self-steps", type=fraction, help="share of the steps with self-attention injected")
+    group.add_argument("--no-blend", action="store_true", help="switch the local blend off")
+    group.add_argument("--blend-threshold", type=fraction, help="attention share above which a pixel is edited")
+    p.add_argument("--side", choices=("edge", "cloud"), default="edge",
+                   help="the model that runs the rounds (the edge is where edits happen)")
+    p.add_argument("--sessions", metavar="FILE",
+                   help="JSONL of sessions to take the edits from (rounds may be plain strings; "
+                        "default: the embedded world's test split)")
+    p.set_defaults(func=options.lazy("diffusionx.control.bench", "cmd_bench_edits"))

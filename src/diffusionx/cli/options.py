@@ -1,0 +1,125 @@
+"""Option groups and value types the subcommands share. Torch-free: help and input errors come
+before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..presets import PRESETS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after an option's help (not for flags or options without one); descriptions
+    and examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def command(sub, name: str, help: str, examples: str = "", description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared formatter and an "examples:" epilog."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()) if examples else None
+    return sub.add_parser(name, help=help, description=description or help, epilog=epilog,
+                          formatter_class=HelpFormatter)
+
+
+# ----- value types: argparse turns their ArgumentTypeError into "error: ..." and exit 2
+
+def strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"strength must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"strength must be in [0, 1], got {text}")
+    return value
+
+
+def strength_list(text: str) -> list[float]:
+    return [strength(part) for part in text.split(",") if part.strip()]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def steps(text: str) -> int:
+    value = positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"steps must be 1-1000, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2^63), got {value}")
+    return value
+
+
+def prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("prompt is empty: type what the image should show")
+    return text
+
+
+# ----- groups
+
+def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, sampling: bool = True,
+                  side: str = "pair") -> None:
+    """--model (and --edge-model / --cloud-model overrides); --steps and --seed when it samples."""
+    group = p.add_argument_group("models")
+    group.add_argument("--model", default="embedded", choices=sorted(PRESETS),
+                       help=f"model {side} preset (`embedded` ships with the package; sd15 needs the hub cache)")
+    if overrides:
+        if side == "pair":
+            group.add_argument("--edge-model", dest="edge", metavar="ID_OR_DIR",
+                               help="edge model: a Hugging Face id or a diffusers folder (overrides the preset)")
+        group.add_argument("--cloud-model", dest="cloud", metavar="ID_OR_DIR",
+                           help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
+    if sampling:
+        group.add_argument("--steps", type=steps, default=20, help="scheduler steps")
+        group.add_argument("--seed", type=seed, default=0, help="random seed of the first round")
+
+
+def session_options(p: argparse.ArgumentParser) -> None:
+    """Round-to-round and refinement strengths, and where the cloud is."""
+    group = p.add_argument_group("session")
+    group.add_argument("--edge-strength", type=strength, default=0.6, help="round-to-round SDEdit strength")
+    group.add_argument("--cloud-strength", type=strength, default=0.5, help="cloud refinement strength")
+    cloud_url_options(group)
+    group.add_argument("--require-cloud", action="store_true",
+                       help="exit 1 when the cloud could not refine the final (default: keep the preview, exit 0)")
+
+
+def cloud_url_options(group) -> None:
+    group.add_argument("--cloud-url", metavar="URL",
+                       help="the cloud service (`diffusionx serve`); default: refine in this process")
+    group.add_argument("--token", help="bearer token for --cloud-url (default: $DIFFUSIONX_TOKEN)")
+
+
+def out_option(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument("--out", default=default, metavar="PATH", help=what)
+
+
+def lazy(module: str, name: str):
+    """A command handler imported when it runs, so building the parser stays torch-free."""
+
+    def handler(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    handler.__qualname__ = f"{module}.{name}"
+    return handler
