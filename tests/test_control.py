@@ -259,11 +259,12 @@ def test_bench_edits_writes_json_and_grid(tmp_path, untrained_pair):
     import json
 
     from diffusionx.cli import build_parser
-    from diffusionx.control.bench import bench_edits, cmd_bench_edits, one_word_edits
+    from diffusionx.control.bench import bench_edits, one_word_edits
     from diffusionx.metrics import default_weights_path
 
     args = build_parser().parse_args(["bench-edits", "--n", "3", "--out", str(tmp_path)])
-    assert args.func is cmd_bench_edits and args.n == 3 and args.model == "embedded"
+    assert args.func.__qualname__ == "diffusionx.control.bench.cmd_bench_edits"
+    assert args.n == 3 and args.model == "embedded" and args.cross_steps is None
     edits = one_word_edits(6)
     assert len(edits) == 6
     assert all(len(e.previous_prompt.split()) == len(e.prompt.split()) for e in edits)

@@ -1,6 +1,7 @@
 """Model loading: presets, local folders, missing and corrupt weights, real-architecture configs."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -53,6 +54,45 @@ def test_local_folder_loads_and_matches(untrained_pair, saved_folder):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_two_folders_with_the_same_vae_share_the_latent_space(saved_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(saved_folder, copy)
+    # Same weights loaded from two places: `_name_or_path` differs, the latent space does not.
+    assert load_pair(edge=str(saved_folder), cloud=str(copy)).shared_latent_space
+    weights = next((copy / "vae").glob("*.safetensors"))
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first] = state[first] + 0.01
+    save_file(state, str(weights))
+    assert not load_pair(edge=str(saved_folder), cloud=str(copy)).shared_latent_space
+
+
+def test_sd15_preset_from_a_hub_layout_cache_hands_latents_over(saved_folder, tmp_path):
+    """The `sd15` preset offline, from a cache laid out as the hub writes it (stand-in weights):
+    both sides hold the same VAE, so the preview's latent goes up, not a PNG."""
+    import shutil
+    import subprocess
+    import sys
+
+    from diffusionx.presets import PRESETS
+
+    hub = tmp_path / "hf" / "hub"
+    for repo in PRESETS["sd15"]:
+        root = hub / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(saved_folder, root / "snapshots" / "0123abcd")
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text("0123abcd")
+    code = "from diffusionx.models import load_pair; print(load_pair('sd15').shared_latent_space)"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True"
+
+
 def test_corrupt_weights_name_the_file(saved_folder, tmp_path):
     import shutil
 
@@ -68,7 +108,7 @@ def test_corrupt_weights_name_the_file(saved_folder, tmp_path):
 
 
 def test_not_a_folder_nor_an_id():
-    with pytest.raises(ModelNotAvailableError, match="neither a local folder"):
+    with pytest.raises(InvalidInputError, match="neither a local folder"):
         load_pair(edge="./no/such/folder")
 
 

@@ -266,8 +266,11 @@ def test_round_modes_from_the_page_and_controlled_rounds_replay(untrained_pair, 
 def test_cli_has_the_ui_command():
     from diffusionx.cli import build_parser
 
-    args = build_parser().parse_args(["ui", "--port", "7999", "--cloud", "http://127.0.0.1:1", "--model", "untrained"])
-    assert (args.port, args.cloud, args.model, args.host) == (7999, "http://127.0.0.1:1", "untrained", "127.0.0.1")
+    args = build_parser().parse_args(
+        ["ui", "--port", "7999", "--cloud-url", "http://127.0.0.1:1", "--model", "untrained"]
+    )
+    assert (args.port, args.cloud_url, args.model, args.host) == (7999, "http://127.0.0.1:1", "untrained", "127.0.0.1")
+    assert args.func.__qualname__ == "diffusionx.ui.app.run_ui"
 
 
 def test_progress_counts_steps_and_serves_intermediate_previews(untrained_pair):

@@ -19,21 +19,12 @@ import torch
 
 from .engine import Engine
 from .errors import InvalidInputError, ModelNotAvailableError
+from .presets import PRESETS, SD15
 
 ASSETS = Path(str(resources.files("diffusionx") / "assets"))
 CONFIGS = Path(str(resources.files("diffusionx") / "configs"))
 EMBEDDED_DIR = ASSETS / "embedded"
 TOKENIZER_DIR = ASSETS / "tokenizer"
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-# preset -> (edge source, cloud source). Sources are HF ids, folders or "builtin:<name>".
-PRESETS: dict[str, tuple[str, str]] = {
-    "embedded": ("builtin:embedded-edge", "builtin:embedded-cloud"),
-    "untrained": ("builtin:untrained-edge", "builtin:untrained-cloud"),
-    "random-sd15": ("builtin:random-tiny-sd", "builtin:random-sd15"),
-    "sd15": ("segmind/tiny-sd", SD15),
-    "bk-sdm-tiny": ("nota-ai/bk-sdm-tiny", SD15),
-}
 REBUILD_HINT = (
     "Restore it with `git checkout -- src/diffusionx/assets/embedded` or rebuild it with "
     "`diffusionx train embedded` (about 2-3 hours on 2 CPU cores)."
@@ -115,11 +106,17 @@ def _shares_components(edge_source: str, cloud_source: str) -> bool:
     return edge_source.startswith("builtin:") and cloud_source.startswith("builtin:")
 
 
+def latent_space_config(vae) -> dict[str, Any]:
+    """The VAE config fields that define its latents: everything but bookkeeping such as
+    `_name_or_path` (where it was loaded from) or `_diffusers_version`."""
+    return {key: value for key, value in dict(vae.config).items() if not key.startswith("_")}
+
+
 def _same_latent_space(edge: Engine, cloud: Engine) -> bool:
-    """Latents can be handed over directly when both sides use the same VAE (same weights)."""
+    """Latents can be handed over directly when both sides use the same VAE (same config, same weights)."""
     if edge.vae is cloud.vae:
         return True
-    if edge.vae.config != cloud.vae.config:
+    if type(edge.vae) is not type(cloud.vae) or latent_space_config(edge.vae) != latent_space_config(cloud.vae):
         return False
     a, b = edge.vae.state_dict(), cloud.vae.state_dict()
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -167,8 +164,10 @@ def load_pipeline(source: str | Path, *, dtype: torch.dtype = torch.float32, sha
     ModelNotAvailableError that names the model and says how to get it."""
     from diffusers import StableDiffusionPipeline
 
+    if os.environ.get("DIFFUSIONX_LOADING_BARS") == "0":  # the CLI without -v
+        _hide_loading_bars()
     kwargs: dict[str, Any] = {
-        "torch_dtype": dtype,
+        "dtype": dtype,
         "safety_checker": None,
         "feature_extractor": None,
         "requires_safety_checker": False,
@@ -183,7 +182,7 @@ def load_pipeline(source: str | Path, *, dtype: torch.dtype = torch.float32, sha
         except Exception as err:
             raise ModelNotAvailableError(f"could not load the model in {folder}: {err}. {_hint(folder)}") from None
     if str(source).startswith((".", "/")) or str(source).count("/") != 1:
-        raise ModelNotAvailableError(
+        raise InvalidInputError(
             f"model {source!r} is neither a local folder nor a Hugging Face id (owner/name). "
             "Pass a diffusers folder (with model_index.json) or an id such as " + SD15
         )
@@ -201,6 +200,14 @@ def load_pipeline(source: str | Path, *, dtype: torch.dtype = torch.float32, sha
         f"Fix: run once with network access (e.g. `huggingface-cli download {source}`), or pass a local "
         "diffusers folder, or use the offline default `--model embedded`."
     ) from None
+
+
+def _hide_loading_bars() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _hint(folder: Path) -> str:

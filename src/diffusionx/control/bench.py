@@ -315,28 +315,6 @@ def bench_edits(
     return result
 
 
-def add_bench_edits_parser(sub) -> None:
-    """`diffusionx bench-edits [--n N] [--out DIR]`."""
-    from ..models import PRESETS
-
-    p = sub.add_parser("bench-edits", help="attention-controlled one-word edits vs plain re-generation")
-    p.add_argument("--model", default="embedded", choices=sorted(PRESETS), help="model pair preset")
-    p.add_argument("--n", type=int, default=48, help="number of one-word edits (default 48)")
-    p.add_argument("--out", default="outputs/bench-edits", help="output folder: edits.json, edits_grid.png")
-    p.add_argument("--steps", type=int, default=20, help="scheduler steps (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every round")
-    p.add_argument("--cross-steps", type=float, default=ControlConfig.cross_steps)
-    p.add_argument("--self-steps", type=float, default=ControlConfig.self_steps)
-    p.add_argument("--no-blend", action="store_true", help="switch the local blend off")
-    p.add_argument("--blend-threshold", type=float, default=ControlConfig.blend_threshold)
-    p.add_argument("--side", choices=("edge", "cloud"), default="edge",
-                   help="the model that runs the rounds (default edge, where edits happen)")
-    p.add_argument("--sessions", metavar="FILE",
-                   help="JSONL of sessions to take the edits from (rounds may be plain strings; "
-                        "default: the embedded world's test split)")
-    p.set_defaults(func=cmd_bench_edits)
-
-
 def cmd_bench_edits(args) -> int:
     from ..engine import check_seed, check_steps
     from ..errors import InvalidInputError
@@ -347,10 +325,9 @@ def cmd_bench_edits(args) -> int:
     if args.n < 1:
         raise InvalidInputError(f"--n must be at least 1, got {args.n}")
     try:
-        config = ControlConfig(
-            cross_steps=args.cross_steps, self_steps=args.self_steps, local_blend=not args.no_blend,
-            blend_threshold=args.blend_threshold,
-        )
+        given = {"cross_steps": args.cross_steps, "self_steps": args.self_steps,
+                 "blend_threshold": args.blend_threshold}  # None: the controller's default
+        config = ControlConfig(local_blend=not args.no_blend, **{k: v for k, v in given.items() if v is not None})
     except ValueError as err:
         raise InvalidInputError(str(err)) from err
     sessions = None

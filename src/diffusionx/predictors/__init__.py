@@ -8,18 +8,15 @@ See docs/predictors.md: the sweep table (`collect`), the models (`train`), the c
 (`curves.choose_strength`) and the load-aware rule.
 """
 
-from .curves import DEFAULT_EPS, GRID, choose_strength, gap_curve, label, quality
-from .features import FeatureExtractor, SentenceEncoder
-from .policies import (
-    ASSET_DIR,
-    LearnedPolicy,
-    LoadAwarePolicy,
-    OraclePolicy,
-    Predictors,
-    SimilarityRule,
-    time_prediction,
-)
-from .regressors import MLPRegressor, TreesRegressor, load_regressor
+from .._lazy import lazy_attributes
+
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    ".curves": ("DEFAULT_EPS", "GRID", "choose_strength", "gap_curve", "label", "quality"),
+    ".features": ("FeatureExtractor", "SentenceEncoder"),
+    ".policies": ("ASSET_DIR", "LearnedPolicy", "LoadAwarePolicy", "OraclePolicy", "Predictors", "SimilarityRule",
+                  "time_prediction"),
+    ".regressors": ("MLPRegressor", "TreesRegressor", "load_regressor"),
+})
 
 __all__ = [
     "ASSET_DIR",

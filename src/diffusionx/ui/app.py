@@ -602,15 +602,15 @@ def build_state(args) -> UIState:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair(args.model, edge=getattr(args, "edge_model", None), cloud=getattr(args, "cloud_model", None))
+    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     cloud, label = None, "in-process"
-    if args.cloud:
+    if args.cloud_url:
         from ..client import CloudClient
 
         token = args.token or os.environ.get("DIFFUSIONX_TOKEN")
-        cloud = CloudClient(args.cloud, token, retries=2, backoff=0.25, connect_timeout=3.0)
-        label = args.cloud
+        cloud = CloudClient(args.cloud_url, token, retries=2, backoff=0.25, connect_timeout=3.0)
+        label = args.cloud_url
     policy = FixedStrength(edge=check_strength(args.edge_strength), cloud=check_strength(args.cloud_strength))
     return UIState(pair, cloud=cloud, cloud_label=label, policy=policy, steps=args.steps, seed=args.seed)
 
