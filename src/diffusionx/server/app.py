@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +53,7 @@ from ..errors import InvalidInputError
 from ..wire import MAX_LATENT_ABS, NonFiniteResultError, latent_value_problem, latents_from_bytes
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
+from .store import Entry, IdempotencyStore, MemoryStore, open_store, request_fingerprint
 
 log = logging.getLogger(__name__)
 TOKENS_ENV = "DIFFUSIONX_TOKENS"
@@ -204,43 +205,14 @@ class _Quota:
 
 
 @dataclass
-class _Entry:
-    body_hash: str
-    future: Future
-    request_id: str
-    created: float
+class _Local:
+    """A keyed request this process is settling: the first handler for (token, key) settles it
+    (from the store, or by computing), concurrent ones with the same key wait on `outcome`: a
+    Future of (response body, replayed from the store)."""
 
-
-class _IdempotencyCache:
-    def __init__(self, size: int, ttl: float):
-        self.size, self.ttl = size, ttl
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> _Entry | None:
-        with self._lock:
-            self._expire()
-            return self._entries.get(key)
-
-    def put(self, key: tuple[str, str], entry: _Entry) -> None:
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def drop(self, key: tuple[str, str], entry: _Entry) -> None:
-        with self._lock:
-            if self._entries.get(key) is entry:
-                del self._entries[key]
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if now - entry.created < self.ttl:
-                break
-            del self._entries[key]
+    fingerprint: str
+    outcome: Future
+    owned: bool = False  # holds the store's pending claim: its lease is renewed until it is settled
 
 
 class _SerialRefiner:
@@ -322,7 +294,17 @@ class _SerialRefiner:
 class Service:
     """State behind one app: the refiner, auth, quotas, idempotency, counters, draining."""
 
-    def __init__(self, refiner: Any, *, tokens: set[str], insecure: bool, limits: Limits, replica: str):
+    def __init__(
+        self,
+        refiner: Any,
+        *,
+        tokens: set[str],
+        insecure: bool,
+        limits: Limits,
+        replica: str,
+        store: IdempotencyStore,
+        owns_store: bool = True,
+    ):
         self.refiner = refiner
         self.engine: Engine | None = getattr(refiner, "engine", None)
         self.tokens = set(tokens)
@@ -333,7 +315,16 @@ class Service:
         self.replica = replica
         self.quota = _Quota(limits)
         self._inflight_futures: defaultdict[str, set[Future]] = defaultdict(set)  # per identity
-        self.idempotency = _IdempotencyCache(limits.idempotency_cache, limits.idempotency_ttl_s)
+        self.store = store
+        self._owns_store = owns_store
+        self.owner = f"{replica}/{uuid.uuid4().hex[:12]}"  # this process's claims in the store
+        self._local: dict[tuple[str, str], _Local] = {}  # keyed requests this process is settling
+        # Result handling (base64, NaN check, the store's write) off the refiner's worker thread;
+        # claims and waits for another replica's result in their own threads, off the event loop.
+        self._results = ThreadPoolExecutor(2, thread_name_prefix="diffusionx-results")
+        self._claims = ThreadPoolExecutor(16, thread_name_prefix="diffusionx-claims")
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
         self.draining = False
         self.started = time.time()
         self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
@@ -420,9 +411,197 @@ class Service:
         return estimate(futures) if estimate is not None and futures else None
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Stop accepting (503 + Retry-After) and finish every accepted request."""
+        """Stop accepting (503 + Retry-After) and finish every accepted request (and store it)."""
         self.draining = True
-        return self.refiner.close(drain=True, timeout=self.limits.drain_timeout_s if timeout is None else timeout)
+        finished = self.refiner.close(drain=True, timeout=self.limits.drain_timeout_s if timeout is None else timeout)
+        self._results.shutdown(wait=finished)
+        self._claims.shutdown(wait=False)
+        self._stop_renewing.set()
+        if self._owns_store and finished:
+            with contextlib.suppress(Exception):
+                self.store.close()
+        return finished
+
+    # ----- computing, and idempotency through the store -----------------------------------------
+    def compute(self, who: str, request: RefineRequest, request_id: str) -> Future:
+        """Quota, then the refiner: a Future of the response body (an ApiError if it failed)."""
+        self.quota.acquire(who, lambda: self.until_one_finishes(who))
+        try:
+            future = self.refiner.submit(request)
+        except ServiceUnavailableError as err:
+            self.quota.release(who)
+            raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
+        except InvalidInputError as err:
+            self.quota.release(who)
+            raise ApiError(422, "invalid_input", str(err)) from None
+        future.add_done_callback(lambda _: self.quota.release(who))
+        self.track(who, future)
+        outcome: Future = Future()
+
+        def done(f: Future) -> None:
+            try:
+                self._results.submit(self._finish, f, request_id, outcome)
+            except RuntimeError:  # shut down (a drain that timed out): finish here
+                self._finish(f, request_id, outcome)
+
+        future.add_done_callback(done)
+        return outcome
+
+    def _finish(self, future: Future, request_id: str, outcome: Future) -> None:
+        try:
+            result = future.result()
+            if result.return_format == "latent":  # whatever the refiner: never answer NaN as a success
+                try:
+                    problem = latent_value_problem(latents_from_bytes(result.payload))
+                except InvalidInputError as err:
+                    problem = f"the refiner's payload is unreadable ({err})"
+                if problem is not None:
+                    raise _non_finite(request_id, f"the refinement produced unusable latents: {problem}")
+            outcome.set_result(_response(result, request_id, self.replica))
+        except ApiError as err:
+            outcome.set_exception(err)
+        except InvalidInputError as err:
+            outcome.set_exception(ApiError(422, "invalid_input", str(err)))
+        except ServiceUnavailableError as err:
+            outcome.set_exception(ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)))
+        except NonFiniteResultError as err:
+            outcome.set_exception(_non_finite(request_id, str(err)))
+        except Exception as err:
+            log.exception("refinement %s failed", request_id)
+            outcome.set_exception(
+                ApiError(
+                    500,
+                    "refinement_failed",
+                    f"the refinement failed on the server ({type(err).__name__}); "
+                    "retrying may help, the server log has the details",
+                )
+            )
+
+    def begin(self, who: str, key: str, request: RefineRequest) -> tuple[Future, bool]:
+        """A keyed request: (a Future of (body, replayed), joined an earlier one). Blocking (the
+        store); call it off the event loop. Raises ApiError for a key reused for another request."""
+        fingerprint = request_fingerprint(request)
+        k = (who, key)
+        with self._lock:
+            local = self._local.get(k)
+            if local is None:
+                local = self._local[k] = _Local(fingerprint, Future())
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            if local.fingerprint != fingerprint:
+                raise _key_reused()
+            return local.outcome, True
+        try:
+            self._settle(who, key, local, request)
+        except BaseException as err:
+            self._forget(k, local)
+            if not local.outcome.done():
+                local.outcome.set_exception(err)
+        return local.outcome, False
+
+    def _settle(self, who: str, key: str, local: _Local, request: RefineRequest) -> None:
+        """Claim (who, key) in the store; replay what it holds, wait for another replica that is
+        computing it (until its lease lapses), or compute it and store the result."""
+        k = (who, key)
+        deadline = time.monotonic() + self.limits.idempotency_wait_s
+        pause = 0.05
+        while True:
+            request_id = uuid.uuid4().hex
+            try:
+                claim = self.store.claim(who, key, local.fingerprint, request_id, self.owner)
+            except Exception as err:
+                log.exception("the idempotency store failed on a claim")
+                raise ApiError(
+                    503,
+                    "store_unavailable",
+                    f"the idempotency store is unavailable ({type(err).__name__})",
+                    _retry_after(5),
+                ) from None
+            if claim.outcome != "new" and claim.entry.fingerprint != local.fingerprint:
+                raise _key_reused()
+            if claim.outcome == "done":
+                entry = claim.entry
+                body = {**entry.meta, "payload": base64.b64encode(entry.payload or b"").decode()}
+                local.outcome.set_result((body, True))
+                self._forget(k, local)
+                return
+            if claim.outcome == "new":
+                break
+            if time.monotonic() > deadline:  # another replica is still on it
+                raise ApiError(
+                    503,
+                    "in_progress",
+                    "another replica is computing the request with this Idempotency-Key; retry with the same key",
+                    _retry_after(min(5.0, max(1.0, claim.entry.expires - time.time()))),
+                )
+            time.sleep(pause)
+            pause = min(0.5, pause * 2)
+        local.owned = True
+        self._start_renewing()
+        try:
+            computed = self.compute(who, request, request_id)
+        except BaseException:
+            self._release(who, key)
+            raise
+
+        def stored(f: Future) -> None:  # in a results thread: store, then answer, then forget
+            err = f.exception()
+            if err is None:
+                body = f.result()
+                meta = {name: value for name, value in body.items() if name != "payload"}
+                entry = Entry(
+                    local.fingerprint,
+                    request_id,
+                    self.owner,
+                    "done",
+                    time.time(),
+                    0.0,
+                    meta,
+                    base64.b64decode(body["payload"]),
+                )
+                try:
+                    if not self.store.complete(who, key, self.owner, entry):
+                        log.warning("idempotency key of %s was taken by another request; result not stored", who)
+                except Exception:
+                    log.exception("the idempotency store failed to keep result %s", request_id)
+                local.outcome.set_result((body, False))
+            else:
+                self._release(who, key)
+                local.outcome.set_exception(err)
+            self._forget(k, local)
+
+        computed.add_done_callback(stored)
+
+    def _release(self, who: str, key: str) -> None:
+        try:
+            self.store.release(who, key, self.owner)
+        except Exception:
+            log.exception("the idempotency store failed to release a claim")
+
+    def _forget(self, k: tuple[str, str], local: _Local) -> None:
+        with self._lock:
+            if self._local.get(k) is local:
+                del self._local[k]
+
+    def _start_renewing(self) -> None:
+        with self._lock:
+            if self._renewer is not None:
+                return
+            self._renewer = threading.Thread(target=self._renew, daemon=True, name="diffusionx-lease")
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        """Keep this process's claims alive while it computes them (a killed process's lapse)."""
+        while not self._stop_renewing.wait(self.store.lease_s / 3):
+            with self._lock:
+                owned = [k for k, local in self._local.items() if local.owned]
+            for who, key in owned:
+                try:
+                    self.store.renew(who, key, self.owner)
+                except Exception:
+                    log.exception("the idempotency store failed to renew a lease")
 
     # request -> RefineRequest, validating everything that needs no model call
     def to_request(self, body: RefineBody) -> RefineRequest:
@@ -543,6 +722,14 @@ def _b64(text: str, field: str) -> bytes:
         raise ApiError(400, "bad_base64", f"'{field}' is not valid base64 (standard alphabet, padded)") from None
 
 
+def _key_reused() -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used for a different request; use a fresh key per distinct request",
+    )
+
+
 def _non_finite(request_id: str, message: str) -> ApiError:
     log.error("refinement %s: %s", request_id, message)
     return ApiError(
@@ -644,9 +831,13 @@ def create_app(
     max_batch: int = 8,
     limits: Limits | None = None,
     replica: str | None = None,
+    store: IdempotencyStore | str | os.PathLike | None = None,
 ) -> FastAPI:
     """The service around an Engine (gets a continuous batcher of `max_batch`), a BatchingRefiner,
-    or any blocking Refiner (run one at a time). Needs tokens unless `insecure` is explicit."""
+    or any blocking Refiner (run one at a time). Needs tokens unless `insecure` is explicit.
+
+    `store`: the idempotency store: an `IdempotencyStore` (the caller's: not closed here), or what
+    `open_store` takes ("memory", a SQLite file, "redis://host:port/db"); default: in memory."""
     limits = limits or Limits()
     tokens = set(tokens or ())
     if not tokens and not insecure:
@@ -662,12 +853,19 @@ def create_app(
         refiner = _SerialRefiner(refiner_or_engine)
     else:
         raise InvalidInputError(f"create_app needs an Engine or a Refiner, got {type(refiner_or_engine).__name__}")
+    owns_store = not hasattr(store, "claim")
+    if store is None:
+        store = MemoryStore(**_store_settings(limits))
+    elif owns_store:
+        store = open_store(store, **_store_settings(limits))
     service = Service(
         refiner,
         tokens=tokens,
         insecure=insecure,
         limits=limits,
         replica=replica or f"{socket.gethostname()}:{os.getpid()}",
+        store=store,
+        owns_store=owns_store,
     )
 
     @contextlib.asynccontextmanager
@@ -766,69 +964,29 @@ def create_app(
             status, message = _validation_message(err)
             raise ApiError(status, "bad_request" if status == 400 else "invalid_input", message) from None
         key = request.headers.get("idempotency-key")
-        body_hash = hashlib.sha256(raw).hexdigest()
-        entry = None
+        if key is not None and (not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable()):
+            raise ApiError(
+                400, "bad_idempotency_key", f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters"
+            )
+        refine_request = service.to_request(body)
+        if key is None:
+            outcome, replay = service.compute(who, refine_request, uuid.uuid4().hex), False
+        else:
+            loop = asyncio.get_running_loop()
+            # off the loop (the store is blocking I/O); it settles even if this client hangs up
+            joined = loop.run_in_executor(service._claims, service.begin, who, key, refine_request)
+            outcome, replay = await asyncio.shield(joined)
+        # shield: a client that disconnects does not cancel the work; its retry picks it up
+        answer = await asyncio.shield(asyncio.wrap_future(outcome))
         if key is not None:
-            if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
-                raise ApiError(
-                    400, "bad_idempotency_key", f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters"
-                )
-            entry = service.idempotency.get((who, key))
-            if entry is not None and entry.body_hash != body_hash:
-                raise ApiError(
-                    422,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used for a different request; use a fresh key per distinct request",
-                )
+            answer, from_store = answer
+            replay = replay or from_store
         headers = {}
-        if entry is not None:
+        if replay:
             with service._lock:
                 service.replays += 1
             headers["Idempotent-Replay"] = "true"
-        else:
-            refine_request = service.to_request(body)
-            service.quota.acquire(who, lambda: service.until_one_finishes(who))
-            try:
-                future = service.refiner.submit(refine_request)
-            except ServiceUnavailableError as err:
-                service.quota.release(who)
-                raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
-            except InvalidInputError as err:
-                service.quota.release(who)
-                raise ApiError(422, "invalid_input", str(err)) from None
-            future.add_done_callback(lambda _: service.quota.release(who))
-            service.track(who, future)
-            entry = _Entry(body_hash, future, uuid.uuid4().hex, time.monotonic())
-            if key is not None:
-                service.idempotency.put((who, key), entry)
-                future.add_done_callback(
-                    lambda f, k=(who, key), e=entry: f.exception() is not None and service.idempotency.drop(k, e)
-                )
-        try:
-            # shield: a client that disconnects does not cancel the work; its retry picks it up
-            result = await asyncio.shield(asyncio.wrap_future(entry.future))
-        except InvalidInputError as err:
-            raise ApiError(422, "invalid_input", str(err)) from None
-        except ServiceUnavailableError as err:
-            raise ApiError(503, "unavailable", str(err), _retry_after(err.retry_after)) from None
-        except NonFiniteResultError as err:
-            raise _non_finite(entry.request_id, str(err)) from None
-        except Exception as err:
-            log.exception("refinement %s failed", entry.request_id)
-            raise ApiError(
-                500,
-                "refinement_failed",
-                f"the refinement failed on the server ({type(err).__name__}); "
-                "retrying may help, the server log has the details",
-            ) from None
-        if result.return_format == "latent":  # whatever the refiner: never answer NaN as a success
-            try:
-                problem = latent_value_problem(latents_from_bytes(result.payload))
-            except InvalidInputError as err:
-                problem = f"the refiner's payload is unreadable ({err})"
-            if problem is not None:
-                raise _non_finite(entry.request_id, f"the refinement produced unusable latents: {problem}")
-        return JSONResponse(_response(result, entry.request_id, service.replica), headers=headers)
+        return JSONResponse(answer, headers=headers)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's spec plus the bearer scheme (auth is checked in the endpoint, not a dependency)."""
@@ -878,6 +1036,14 @@ def create_app(
     return app
 
 
+def _store_settings(limits: Limits) -> dict[str, Any]:
+    return {
+        "capacity_per_token": limits.idempotency_keys_per_token,
+        "window_s": limits.idempotency_window_s,
+        "lease_s": limits.idempotency_lease_s,
+    }
+
+
 def _prometheus(service: Service) -> str:
     load = service.load()
     out = io.StringIO()
@@ -919,7 +1085,7 @@ def _prometheus(service: Service) -> str:
     metric("diffusionx_refinements_completed_total", "counter", "refinements finished", [("", load.completed)])
     metric("diffusionx_refinements_failed_total", "counter", "refinements that failed", [("", load.failed)])
     metric(
-        "diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency cache", [("", replays)]
+        "diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency store", [("", replays)]
     )
     metric("diffusionx_unet_calls_total", "counter", "batched U-Net calls", [("", load.unet_calls)])
     metric("diffusionx_queue_depth", "gauge", "requests waiting for a batch slot", [("", load.queue_depth)])
