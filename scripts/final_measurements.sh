@@ -54,4 +54,4 @@ if [[ $step == all || $step == bench_predictors ]]; then
 if [[ $step == all || $step == edits ]]; then diffusionx bench-edits --n 48 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"
   diffusionx bench-edits --n 48 --side cloud --out "$OUT/edits_cloud" 2>&1 | quiet > "$OUT/edits_cloud.log"; fi
 # issue 4: the service under load (needs the machine to itself)
-if [[ $step == all || $step == loadtest ]]; then python -m diffusionx.server.loadtest 2>&1 | quiet > "$OUT/loadtest.log"; fi
+if [[ $step == all || $step == loadtest ]]; then python benchmarks/loadtest.py 2>&1 | quiet > "$OUT/loadtest.log"; fi

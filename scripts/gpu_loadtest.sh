@@ -8,5 +8,5 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
-timeout ${T1:-120} python3 -m diffusionx.server.loadtest --clients 1 4 8 16 --per-client 8 --steps 10 2>&1 | tee $OUT/loadtest_embedded_gpu.txt
-timeout ${T2:-120} python3 -m diffusionx.server.loadtest --model random-sd15 --clients 1 4 8 --per-client 3 --steps 10 2>&1 | tee $OUT/loadtest_sd15_gpu.txt
+timeout ${T1:-120} python3 benchmarks/loadtest.py --clients 1 4 8 16 --per-client 8 --steps 10 2>&1 | tee $OUT/loadtest_embedded_gpu.txt
+timeout ${T2:-120} python3 benchmarks/loadtest.py --model random-sd15 --clients 1 4 8 --per-client 3 --steps 10 2>&1 | tee $OUT/loadtest_sd15_gpu.txt

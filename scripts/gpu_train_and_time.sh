@@ -12,13 +12,13 @@ nvidia-smi -L; python3 -c "import torch, diffusers, transformers; print(torch.__
 quiet() { grep -v "Loading weights\|Writing model\|it/s\]\|s/it\]\|Casting directly"; }
 
 # 1. smoke: every stage for a few steps on the GPU; stop at once if the setup is broken
-timeout 150 python3 -m diffusionx.training.embedded --smoke --device cuda --out /tmp/smoke --export-to /tmp/smoke_x \
-  --no-progress > $OUT/smoke.log 2>&1 || { quiet < $OUT/smoke.log | tail -40; exit 3; }
+timeout 150 python3 -m diffusionx.cli train embedded --smoke --device cuda --out /tmp/smoke --export-to /tmp/smoke_x \
+  > $OUT/smoke.log 2>&1 || { quiet < $OUT/smoke.log | tail -40; exit 3; }
 echo "smoke ok $(date +%T)"
 
 # 2. the real run
-timeout $(( BUDGET * 60 + 150 )) python3 -m diffusionx.training.embedded --device cuda --budget-minutes $BUDGET \
-  --out /tmp/run --export-to /tmp/export --no-progress 2>&1 | quiet > $OUT/train.log
+timeout $(( BUDGET * 60 + 150 )) python3 -m diffusionx.cli train embedded --device cuda --budget-minutes $BUDGET \
+  --out /tmp/run --export-to /tmp/export 2>&1 | quiet > $OUT/train.log
 echo "train rc ${PIPESTATUS[0]} $(date +%T)"; tail -25 $OUT/train.log
 tar czf - -C /tmp export | split -b 15m - $OUT/export.tgz.part
 tar czf $OUT/logs.tgz -C /tmp/run logs run.json

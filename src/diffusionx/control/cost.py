@@ -1,7 +1,7 @@
 """Cost of a controlled round vs a plain one: seconds per step and peak memory.
 
-    python -m diffusionx.control.cost --model untrained --steps 20 --out outputs/control_cost
-    python -m diffusionx.control.cost --model sd15 --size 512 --steps 2 --out outputs/control_cost
+    python benchmarks/control_cost.py --model untrained --steps 20 --out outputs/control_cost
+    python benchmarks/control_cost.py --model sd15 --size 512 --steps 2 --out outputs/control_cost
 
 Each mode runs in its own subprocess (so one mode's peak cannot hide another's); the peak is
 the process's resident memory sampled every 5 ms during the round, minus the resident memory
@@ -16,14 +16,10 @@ The trace's size is reported as ``trace_bytes``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 MODES = ("plain", "recompute", "record", "cached")
 SOURCE = "a large red circle on the left and a small blue star at the top right on a white background"
@@ -146,49 +142,3 @@ def interleaved(model: str, modes: list[str], size: int | None, steps: int, repe
          "vs_plain": (min(t) / base) if base else None, "trace_bytes": trace.nbytes() if trace else 0}
         for m, t in times.items()
     ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="untrained", help="embedded | untrained | sd15 | tiny-sd")
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--out", default="outputs/control_cost")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--interleave", type=int, default=0,
-        help="timing only: run the modes in one process, interleaved, this many times; report the min",
-    )
-    args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_mode(args.model, args.one, args.size, args.steps)))
-        return 0
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.interleave:
-        rows = interleaved(args.model, args.modes.split(","), args.size, args.steps, args.interleave)
-        path = out_dir / f"timing_{args.model}_{rows[0]['size']}.json"
-        path.write_text(json.dumps(rows, indent=2))
-        print(path)
-        return 0
-    rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, "-m", "diffusionx.control.cost", "--model", args.model, "--steps", str(args.steps),
-               "--one", mode]
-        if args.size:
-            cmd += ["--size", str(args.size)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        print(f"[cost] {args.model} {mode} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[cost] {row}", file=sys.stderr, flush=True)
-        rows.append(row)
-    path = out_dir / f"cost_{args.model}_{rows[0]['size']}.json"
-    path.write_text(json.dumps(rows, indent=2))
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,19 +15,17 @@ losses in ``out_dir/logs/<stage>.jsonl``):
    Both see the same batches; they train as two parallel one-thread processes.
 5. export: two `StableDiffusionPipeline` folders (``edge/``, ``cloud/``) and ``pair.json``.
 
-Run: ``python -m diffusionx.training.embedded --out runs/embedded [--budget-minutes 120] [--device cuda]``
+Run: ``diffusionx train embedded --out runs/embedded [--budget-minutes 120] [--device cuda]``
 (``diffusionx train embedded`` takes the same options). On CUDA the larger `GPU_CONFIG` applies.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -774,30 +772,3 @@ def train_embedded(
     }
     export_pair(out, Path(export_to) if export_to else default_assets_dir(), cfg, summary)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/embedded", help="working folder (checkpoints, logs)")
-    ap.add_argument("--steps-scale", type=float, default=1.0)
-    ap.add_argument("--budget-minutes", type=float, default=None)
-    ap.add_argument("--export-to", default=None)
-    ap.add_argument("--no-resume", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--sequential", action="store_true", help="do not run stages in parallel processes")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; CUDA uses the larger GPU_CONFIG")
-    ap.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny data (checks a setup)")
-    args = ap.parse_args(argv)
-    try:
-        summary = train_embedded(args.out, steps_scale=args.steps_scale, resume=not args.no_resume,
-                                 progress=not args.no_progress, export_to=args.export_to,
-                                 budget_minutes=args.budget_minutes, parallel=not args.sequential,
-                                 config=SMOKE_CONFIG if args.smoke else None, device=args.device)
-    except InvalidInputError as err:
-        ap.error(str(err))
-    print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

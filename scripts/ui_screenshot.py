@@ -1,6 +1,6 @@
 """Remake docs/ui-screenshot.png: a scripted session on the page, in headless Chromium.
 
-    python -m diffusionx.ui.screenshot [--model embedded] [--out docs/ui-screenshot.png]
+    python scripts/ui_screenshot.py [--model embedded] [--out docs/ui-screenshot.png]
 
 Needs the `ui` extras (Playwright) and a Chromium (Debian's `chromium`; --chromium PATH).
 Three rounds, a branch from round 1, a fourth round, Finalize with the in-process cloud.
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from ..models import load_pair
-    from ..server.run import start_in_thread
-    from .app import UIState, create_app
+    from diffusionx.models import load_pair
+    from diffusionx.server.run import start_in_thread
+    from diffusionx.ui.app import UIState, create_app
 
     ui = start_in_thread(create_app(UIState(load_pair(args.model), steps=args.steps)), graceful_timeout=5)
     try:
