@@ -130,6 +130,7 @@ def test_three_rounds_branch_finalize_download_and_load(untrained_pair, browser,
         page.click("#history .round[data-round='1']")
         page.wait_for_selector("#history .round.head[data-round='1']")
         assert "branches from round 1" in page.inner_text("#branch-note")
+        assert page.locator("#message").is_hidden()  # said once, beside the Generate button
         submit(page, BRANCH_PROMPT, 4)
         assert "from round 1 at strength 0.60" in page.inner_text("#current-info .info-made")
         assert page.get_attribute("#history .round.head", "data-round") == "4"
@@ -139,6 +140,7 @@ def test_three_rounds_branch_finalize_download_and_load(untrained_pair, browser,
         page.click("#finalize")
         assert "already running" in message(page)
         page.wait_for_selector("#final", state="visible")
+        page.wait_for_selector("#message", state="hidden")  # the second press's error ended with the Finalize
         image_loaded(page, "#final-refined")
         image_loaded(page, "#final-preview")
         assert page.inner_text("#refined-caption") == "refined by the cloud"
@@ -157,8 +159,9 @@ def test_three_rounds_branch_finalize_download_and_load(untrained_pair, browser,
         assert [r["prompt"] for r in doc["rounds"]] == [*PROMPTS, BRANCH_PROMPT]
         assert [r["parent"] for r in doc["rounds"]] == [None, 1, 2, 1]
         assert [r["strength"] for r in doc["rounds"]] == [1.0, 0.6, 0.6, 0.6]
+        assert len({r["seed"] for r in doc["rounds"]}) == 1 and str(doc["seed"]) == page.input_value("#seed")
         for r in doc["rounds"]:
-            assert r["seed"] == 0 and r["edge_seconds"] > 0 and r["timing"]["unet_calls"] == r["unet_steps"]
+            assert r["edge_seconds"] > 0 and r["timing"]["unet_calls"] == r["unet_steps"]
         assert doc["final"]["refined"] and doc["final"]["strength"] == 0.5 and doc["final"]["cloud_seconds"] > 0
 
         page.screenshot(path=str(tmp_path / "ui-finished.png"), full_page=True)
@@ -299,3 +302,48 @@ def test_progress_counts_steps_and_serves_intermediate_previews(untrained_pair):
     assert client.get(f"/api/s/{tab.id}/progress").json()["phase"] == "idle"
     assert "start" not in vars(untrained_pair.edge)  # the engine is left as it was
     assert not untrained_pair.edge.unet._forward_hooks
+
+
+def test_seed_strength_steps_variation_and_round_downloads(untrained_pair):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(UIState(untrained_pair, steps=4)))
+    seeds = {client.post("/api/session").json()["seed"] for _ in range(4)}
+    assert len(seeds) > 1  # a random seed per session, not always 0
+    sid = client.post("/api/session").json()["id"]
+    first = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0], "seed": 11, "steps": 3}).json()
+    assert first["round"]["seed"] == 11 and first["round"]["steps"] == 3 and first["seed"] == 11
+    second = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[1], "strength": 0.4}).json()["round"]
+    assert (second["seed"], second["strength"], second["parent"], second["steps"]) == (11, 0.4, 1, 3)
+    varied = client.post(f"/api/s/{sid}/variation").json()["round"]
+    assert varied["prompt"] == PROMPTS[1] and varied["parent"] == 1 and varied["strength"] == 0.4
+    assert varied["seed"] != 11 and varied["index"] == 3
+    response = client.get(f"/api/s/{sid}/round/3.png?download=1")
+    assert 'filename="diffusionx-round-03.png"' in response.headers["content-disposition"]
+    image = Image.open(io.BytesIO(response.content))
+    prompt, fields = image.info["parameters"].split("\n")
+    assert prompt == PROMPTS[1] and f"Seed: {varied['seed']}" in fields and "Denoising strength: 0.4" in fields
+    assert client.post(f"/api/s/{sid}/generate", json={"prompt": "a circle", "steps": 0}).status_code == 422
+    fresh = client.post("/api/session").json()["id"]
+    assert client.post(f"/api/s/{fresh}/variation").status_code == 422  # nothing to vary yet
+
+
+def test_variation_and_round_download_from_the_page(untrained_pair, browser, page):
+    cloud = start_cloud(untrained_pair)
+    ui, _ = start_ui(untrained_pair, cloud.url)
+    try:
+        open_page(page, ui.url)
+        page.fill("#seed", "5")
+        submit(page, PROMPTS[0], 1)
+        assert "seed: 5" in page.inner_text("#current-info")
+        page.click("#variation")
+        page.wait_for_function("document.querySelectorAll('#history .round').length === 2")
+        page.wait_for_selector("#progress-box", state="hidden")
+        assert "seed: 5" not in page.inner_text("#current-info")  # a new seed, shown in the field too
+        assert page.input_value("#seed") != "5"
+        saved = Image.open(io.BytesIO(download(page, "#history .round[data-round='1'] .save")))
+        assert "Seed: 5" in saved.info["parameters"]
+        assert page.get_attribute("#history .round.head", "data-round") == "2"  # the download did not branch
+    finally:
+        ui.stop()
+        cloud.stop()

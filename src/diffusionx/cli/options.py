@@ -77,7 +77,7 @@ def prompt(text: str) -> str:
 # ----- groups
 
 def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, sampling: bool = True,
-                  side: str = "pair") -> None:
+                  side: str = "pair", random_seed: bool = False) -> None:
     """--model (and --edge-model / --cloud-model overrides); --steps and --seed when it samples."""
     group = p.add_argument_group("models")
     group.add_argument("--model", default="embedded", choices=sorted(PRESETS),
@@ -90,7 +90,10 @@ def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, samplin
                            help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
     if sampling:
         group.add_argument("--steps", type=steps, default=20, help="scheduler steps")
-        group.add_argument("--seed", type=seed, default=0, help="random seed of the first round")
+        if random_seed:
+            group.add_argument("--seed", type=seed, help="seed of every new session (default: a random one each)")
+        else:
+            group.add_argument("--seed", type=seed, default=0, help="random seed of the first round")
 
 
 def session_options(p: argparse.ArgumentParser) -> None:

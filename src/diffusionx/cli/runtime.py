@@ -26,28 +26,13 @@ def cloud_client(args):
     return CloudClient(args.cloud_url, args.token or os.environ.get("DIFFUSIONX_TOKEN"))
 
 
-def parameters_text(prompt: str, *, steps: int, seed: int, model: str, strength: float | None = None,
-                    guidance: float = 7.5, size: tuple[int, int] | None = None) -> str:
-    """The `parameters` text chunk as AUTOMATIC1111 writes it (ComfyUI and image viewers read it)."""
-    fields = [f"Steps: {steps}", "Sampler: DDIM", f"CFG scale: {guidance:g}", f"Seed: {seed}"]
-    if size:
-        fields.append(f"Size: {size[0]}x{size[1]}")
-    fields.append(f"Model: {model}")
-    if strength is not None:
-        fields.append(f"Denoising strength: {strength:g}")
-    return f"{prompt}\n" + ", ".join(fields)
-
-
 def save_image(image, path: Path, pair, *, prompt: str, steps: int, seed: int, side: str,
                strength: float | None = None, guidance: float = 7.5, **report: Any) -> Path:
     """Save a PNG with the generation's parameters (A1111 style) and the full report (`diffusionx`)."""
-    from PIL.PngImagePlugin import PngInfo
+    from ..metadata import png_info
 
-    info = PngInfo()
-    model = getattr(pair, f"{side}_info").source
-    info.add_text("parameters", parameters_text(prompt, steps=steps, seed=seed, model=model, strength=strength,
-                                                guidance=guidance, size=image.size))
-    info.add_text("diffusionx", json.dumps({"models": pair.describe(), "seed": seed, **report}))
+    info = png_info(image, prompt=prompt, steps=steps, seed=seed, model=getattr(pair, f"{side}_info").source,
+                    strength=strength, guidance=guidance, report={"models": pair.describe(), **report})
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
     return path

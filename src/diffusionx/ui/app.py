@@ -35,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..cloud import Refiner
 from ..engine import DEFAULT_SCHEDULER, Engine, check_seed, check_steps, check_strength, make_scheduler
 from ..errors import DiffusionXError, InvalidInputError, PromptTruncatedWarning
+from ..metadata import png_info
 from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
 from ..session import EdgeSession, FinalResult, Round
@@ -59,6 +60,10 @@ def round_modes() -> tuple[str, ...]:
     if "mode" not in inspect.signature(EdgeSession.generate).parameters:
         return ()
     return tuple(getattr(session, "ROUND_MODES", ("fresh", "sdedit", "controlled")))
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**31)
 
 
 class BusyError(DiffusionXError):
@@ -109,7 +114,7 @@ class UIState:
         cloud_label: str = "in-process",
         policy: StrengthPolicy | None = None,
         steps: int = 20,
-        seed: int = 0,
+        seed: int | None = None,
         guidance_scale: float = 7.5,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
         threads: int = 0,
@@ -120,7 +125,7 @@ class UIState:
         self.cloud_label = cloud_label
         self.policy = policy or FixedStrength()
         self.steps = check_steps(steps)
-        self.seed = check_seed(seed)
+        self.seed = None if seed is None else check_seed(seed)  # None: a random seed per session
         self.guidance_scale = guidance_scale
         self.max_prompt_chars = max_prompt_chars
         self.threads = threads or torch.get_num_threads()
@@ -137,12 +142,14 @@ class UIState:
 
     # ----- sessions ---------------------------------------------------------------------------
     def new_edge_session(self, steps: int | None = None, seed: int | None = None) -> EdgeSession:
+        if seed is None:
+            seed = random_seed() if self.seed is None else self.seed
         return EdgeSession(
             self.pair,
             policy=self.policy,
             cloud=self.cloud,
             steps=self.steps if steps is None else steps,
-            seed=self.seed if seed is None else seed,
+            seed=seed,
             guidance_scale=self.guidance_scale,
         )
 
@@ -308,13 +315,9 @@ def session_document(state: UIState, tab: TabSession) -> dict[str, Any]:
     }
 
 
-def _png(image: Image.Image, meta: dict[str, Any] | None = None, scale: int = 1) -> bytes:
+def _png(image: Image.Image, info: PngInfo | None = None, scale: int = 1) -> bytes:
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    info = None
-    if meta is not None:
-        info = PngInfo()
-        info.add_text("diffusionx", json.dumps(meta))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -377,7 +380,8 @@ def _replay(state: UIState, tab: TabSession, doc: Any) -> list[str]:
     steps = check_steps(doc.get("steps", state.steps))
     if steps > MAX_LOAD_STEPS:
         raise InvalidInputError(f"the session uses {steps} steps; at most {MAX_LOAD_STEPS} can be replayed here")
-    edge = state.new_edge_session(steps=steps, seed=check_seed(doc.get("seed", state.seed)))
+    saved_seed = doc.get("seed")
+    edge = state.new_edge_session(steps=steps, seed=None if saved_seed is None else check_seed(saved_seed))
     plan = []
     for i, r in enumerate(rounds, start=1):
         if not isinstance(r, dict):
@@ -503,13 +507,37 @@ def create_app(state: UIState) -> FastAPI:
         strength = None if strength in (None, "") else check_strength(strength)
         seed = body.get("seed")
         seed = None if seed in (None, "") else check_seed(seed)
+        steps = body.get("steps")
+        steps = None if steps in (None, "") else check_steps(steps)
+        if steps is not None and steps > MAX_LOAD_STEPS:
+            raise InvalidInputError(f"at most {MAX_LOAD_STEPS} steps per round here; got {steps}")
         mode = body.get("mode") or None
         if mode is not None and mode not in state.modes:
             choices = ", ".join(state.modes) if state.modes else "none in this version"
             raise InvalidInputError(f"round mode must be one of {choices}; got {mode!r}")
         with state.busy(tab, "generate"):
             tab.notes = []
+            if steps is not None:
+                tab.edge.steps = steps  # this round and the next ones
+            if seed is not None:
+                tab.edge.seed = seed  # the seed field is fixed until changed: later rounds keep it
             r = _generate(state, tab, prompt, strength, seed, mode)
+        return {**_state(state, tab), "round": _round_view(tab, r)}
+
+    @app.post("/api/s/{sid}/variation")
+    def variation(sid: str):
+        """The current round again with a new seed: same prompt, same parent and strength."""
+        tab = state.get(sid)
+        with state.busy(tab, "generate"):
+            tab.notes = []
+            current = tab.edge.current
+            if current is None:
+                raise InvalidInputError("nothing to vary yet: generate a preview first")
+            if current.parent is not None:
+                tab.edge.back(current.parent)
+            tab.edge.seed = random_seed()
+            strength = current.strength if current.parent else 1.0  # a fresh round stays fresh
+            r = _generate(state, tab, current.prompt, strength, None, None)
         return {**_state(state, tab), "round": _round_view(tab, r)}
 
     @app.post("/api/s/{sid}/back")
@@ -548,9 +576,15 @@ def create_app(state: UIState) -> FastAPI:
         return _state(state, tab)
 
     @app.get("/api/s/{sid}/round/{index}.png")
-    def round_png(sid: str, index: int):
+    def round_png(sid: str, index: int, download: int = 0):
         tab = state.get(sid)
-        return _png_response(_png(tab.edge.round(index).image))
+        r = tab.edge.round(index)
+        if not download:
+            return _png_response(_png(r.image))
+        info = png_info(r.image, prompt=r.prompt, steps=r.steps, seed=r.seed, model=state.pair.edge_info.source,
+                        strength=None if r.mode == "fresh" else r.strength, guidance=tab.edge.guidance_scale,
+                        report={"models": state.pair.describe(), "round": r.summary()})
+        return _png_response(_png(r.image, info), f"diffusionx-round-{index:02d}.png")
 
     @app.get("/api/s/{sid}/final.png")
     def final_png(sid: str, download: int = 0):
@@ -558,9 +592,13 @@ def create_app(state: UIState) -> FastAPI:
         final = tab.edge.final
         if final is None:
             return _error(404, "no final image yet: press Finalize")
-        meta = {"models": state.pair.describe(), "final": final.summary()}
+        source = tab.edge.round(final.source_round)
+        info = png_info(final.image, prompt=final.prompt, steps=final.steps or source.steps, seed=source.seed,
+                        model=(state.pair.cloud_info if final.refined else state.pair.edge_info).source,
+                        strength=final.strength if final.refined else None, guidance=tab.edge.guidance_scale,
+                        report={"models": state.pair.describe(), "final": final.summary()})
         name = "diffusionx-final.png" if final.refined else "diffusionx-final-preview-not-refined.png"
-        return _png_response(_png(final.image, meta), name if download else None)
+        return _png_response(_png(final.image, info), name if download else None)
 
     @app.get("/api/s/{sid}/session.json")
     def session_json(sid: str):

@@ -124,6 +124,8 @@ function describeCost(r) {
 
 function render(state) {
   dx.state = state;
+  if (document.activeElement !== $("seed")) $("seed").value = state.seed;
+  if (document.activeElement !== $("steps")) $("steps").value = state.steps;
   const rounds = state.rounds;
   const head = rounds.find((r) => r.index === state.head);
   // current preview: the head round
@@ -173,7 +175,14 @@ function render(state) {
     label.className = "label";
     const how = r.mode === "fresh" ? "fresh" : r.mode + " s=" + r.strength.toFixed(2) + (r.parent ? " ←" + r.parent : "");
     label.textContent = "#" + r.index + " " + how + " · " + secs(r.edge_seconds);
-    item.append(img, label);
+    const save = document.createElement("a");
+    save.className = "save";
+    save.href = "/api/s/" + state.id + "/round/" + r.index + ".png?download=1";
+    save.download = "diffusionx-round-" + String(r.index).padStart(2, "0") + ".png";
+    save.title = "download round " + r.index + " (prompt, seed and steps in the PNG)";
+    save.textContent = "⤓";
+    save.addEventListener("click", (e) => e.stopPropagation());
+    item.append(img, label, save);
     item.addEventListener("click", () => branch(r.index));
     history.append(item);
   }
@@ -228,8 +237,33 @@ async function generate(event) {
   button.disabled = true;
   startProgress("rendering…");
   try {
+    const body = { prompt };
     const mode = $("mode").value;
-    render(await sessionCall("POST", "/generate", mode ? { prompt, mode } : { prompt }));
+    if (mode) body.mode = mode;
+    for (const key of ["seed", "strength", "steps"]) {
+      const text = $(key).value.trim();
+      if (text !== "") body[key] = Number(text);
+    }
+    const state = await sessionCall("POST", "/generate", body);
+    showMessage("");  // an error of an earlier action is over
+    render(state);
+  } catch (err) {
+    showMessage(err.message);
+  } finally {
+    stopProgress();
+    button.disabled = false;
+  }
+}
+
+async function variation() {
+  showMessage("");
+  const button = $("variation");
+  button.disabled = true;
+  startProgress("rendering a variation…");
+  try {
+    const state = await sessionCall("POST", "/variation");
+    showMessage("");
+    render(state);
   } catch (err) {
     showMessage(err.message);
   } finally {
@@ -241,8 +275,7 @@ async function generate(event) {
 async function branch(index) {
   showMessage("");
   try {
-    render(await sessionCall("POST", "/back", { round: index }));
-    showMessage("The next round branches from round " + index + ".", "ok");
+    render(await sessionCall("POST", "/back", { round: index }));  // #branch-note says what it means
   } catch (err) {
     showMessage(err.message);
   }
@@ -256,7 +289,9 @@ async function finalize() {
     startProgress("sending to the cloud…");
   }
   try {
-    render(await sessionCall("POST", "/finalize", {}));
+    const state = await sessionCall("POST", "/finalize", {});
+    if (mine) showMessage("");  // e.g. "a Finalize is already running" from a second press: it is done now
+    render(state);
   } catch (err) {
     showMessage(err.message);
   } finally {
@@ -300,6 +335,7 @@ async function init() {
   });
   $("prompt").addEventListener("input", countChars);
   $("finalize").addEventListener("click", finalize);
+  $("variation").addEventListener("click", variation);
   $("retry").addEventListener("click", finalize);
   $("load-file").addEventListener("change", loadFile);
   try {
