@@ -145,7 +145,7 @@ class ScaleCrossAttention:
     """A minimal attention hook: scales cross-attention outputs, and records what it saw."""
 
     def __init__(self, factor):
-        self.factor, self.steps, self.saved = factor, [], None
+        self.factor, self.steps, self.finished, self.saved = factor, [], [], None
 
     def install(self, unet):
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -166,6 +166,9 @@ class ScaleCrossAttention:
     def on_step(self, step_index, num_steps, timestep):
         self.steps.append((step_index, num_steps, timestep))
 
+    def after_step(self, step_index, num_steps):
+        self.finished.append(step_index)
+
 
 def test_attention_hook_is_installed_called_and_removed(untrained_pair):
     engine = untrained_pair.edge
@@ -174,6 +177,7 @@ def test_attention_hook_is_installed_called_and_removed(untrained_pair):
     hook = ScaleCrossAttention(3.0)
     hooked = engine.generate("a star", seed=1, steps=5, hook=hook, decode=False).latents
     assert [s[0] for s in hook.steps] == [0, 1, 2, 3, 4]
+    assert hook.finished == [0, 1, 2, 3, 4]  # after every step, the last one included
     assert not torch.allclose(plain, hooked, atol=1e-3)  # the hook really changed the output
     assert {k: type(v) for k, v in engine.unet.attn_processors.items()} == before
     again = engine.generate("a star", seed=1, steps=5, decode=False).latents

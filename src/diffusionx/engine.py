@@ -120,14 +120,18 @@ class Timing:
 
 class AttentionHook(Protocol):
     """Hook point for attention control (Prompt-to-Prompt). The engine installs it on the U-Net
-    for the job's run only, and tells it which step comes next. A hooked job never shares its
-    U-Net call with other jobs, so the control cannot leak into someone else's image."""
+    for the job's run only, tells it which step comes next (`on_step`, before the U-Net call) and
+    when that step's scheduler update is done (`after_step`: e.g. a local blend of the latents).
+    A hooked job never shares its U-Net call with other jobs, so the control cannot leak into
+    someone else's image."""
 
     def install(self, unet: torch.nn.Module) -> None: ...
 
     def remove(self, unet: torch.nn.Module) -> None: ...
 
     def on_step(self, step_index: int, num_steps: int, timestep: int) -> None: ...
+
+    def after_step(self, step_index: int, num_steps: int) -> None: ...
 
 
 @dataclass
@@ -425,6 +429,8 @@ class Engine:
                             hook.on_step(job.step_index, job.num_steps, int(job.timesteps[job.step_index]))
                         before = sum(job.step_index for job in group)
                         self.step(group)
+                        if hook is not None:
+                            hook.after_step(group[0].step_index - 1, group[0].num_steps)
                         bar.update(sum(job.step_index for job in group) - before)
                 finally:
                     if hook is not None:

@@ -234,7 +234,6 @@ class PromptToPrompt:
         self.router = Router()
         self.branch: Branch | None = None
         self._saved: dict[str, Any] | None = None
-        self._pending = False
 
     def bind(self, job: DenoiseJob) -> Branch:
         self.branch = self._factory(job, self.router)
@@ -250,21 +249,17 @@ class PromptToPrompt:
 
     def on_step(self, step_index: int, num_steps: int, timestep: int) -> None:
         assert self.branch is not None
-        if self._pending:
-            self.branch.post_step()
         self.branch.pre_step()
-        self._pending = True
+
+    def after_step(self, step_index: int, num_steps: int) -> None:
+        assert self.branch is not None
+        self.branch.post_step()
 
     def remove(self, unet: torch.nn.Module) -> None:
-        try:
-            if self._pending and self.branch is not None and self.router.ctx is not None:
-                self.branch.post_step()
-        finally:
-            self._pending = False
-            self.router.ctx = None
-            if self._saved is not None:
-                unet.set_attn_processor(self._saved)
-                self._saved = None
+        self.router.ctx = None
+        if self._saved is not None:
+            unet.set_attn_processor(self._saved)
+            self._saved = None
 
 
 @dataclass
