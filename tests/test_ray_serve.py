@@ -20,7 +20,7 @@ PROMPT = "a large blue square at the bottom on a yellow background"
 
 
 @pytest.fixture(scope="module")
-def ray_url():
+def ray_url(tmp_path_factory):
     ray_environment()
     pytest.importorskip("ray.serve")
     import ray
@@ -33,7 +33,10 @@ def ray_url():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         limits = Limits(max_concurrent_per_token=16)  # one token sends all 12 at once
-        app = build_app(model="untrained", tokens={TOKEN}, max_batch=4, limits=limits, replicas=2, threads=1)
+        store = str(tmp_path_factory.mktemp("ray-state") / "idempotency.sqlite3")  # both replicas share it
+        app = build_app(
+            model="untrained", tokens={TOKEN}, max_batch=4, limits=limits, replicas=2, threads=1, store=store
+        )
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -41,26 +44,34 @@ def ray_url():
         ray.shutdown()
 
 
+def _latents(engine, n: int) -> list[torch.Tensor]:
+    return [torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def _send(ray_url: str, latents: list[torch.Tensor], i: int) -> httpx.Response:
+    body = {
+        "prompt": PROMPT,
+        "strength": 0.5,
+        "steps": 4,
+        "seed": i,
+        "guidance": 1.0,
+        "latent": base64.b64encode(latents_to_bytes(latents[i], "fp32")).decode(),
+    }
+    return httpx.post(
+        ray_url + "/v1/refine",
+        json=body,
+        timeout=180,
+        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"req-{i}"},
+    )
+
+
 def test_two_replicas_answer_every_request_once(untrained_pair, ray_url):
     engine = untrained_pair.cloud  # the replicas build the same untrained weights (fixed seeds)
     n = 12
-    latents = [torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    latents = _latents(engine, n)
 
     def send(i: int) -> httpx.Response:
-        body = {
-            "prompt": PROMPT,
-            "strength": 0.5,
-            "steps": 4,
-            "seed": i,
-            "guidance": 1.0,
-            "latent": base64.b64encode(latents_to_bytes(latents[i], "fp32")).decode(),
-        }
-        return httpx.post(
-            ray_url + "/v1/refine",
-            json=body,
-            timeout=180,
-            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"req-{i}"},
-        )
+        return _send(ray_url, latents, i)
 
     with ThreadPoolExecutor(n) as pool:
         responses = list(pool.map(send, range(n)))
@@ -90,3 +101,22 @@ def test_two_replicas_answer_every_request_once(untrained_pair, ray_url):
     # Both replicas are up (each reports itself); which ones took the burst is the router's choice.
     replicas = {httpx.get(ray_url + "/v1/load", timeout=30).json()["replica"] for _ in range(20)}
     assert len(replicas) == 2, replicas
+
+
+def test_retries_at_either_replica_replay_from_the_shared_store(untrained_pair, ray_url):
+    """A retry routed to the replica that did not compute it used to be computed again: the
+    idempotency cache lived in each replica. They now share one store (here a SQLite file)."""
+    engine = untrained_pair.cloud
+    latents = _latents(engine, 12)
+    first = [_send(ray_url, latents, i).json() for i in range(12)]  # computed above, or now
+    completed_before = {}
+    for _ in range(20):
+        load = httpx.get(ray_url + "/v1/load", timeout=30).json()
+        completed_before[load["replica"]] = load["completed"]
+    with ThreadPoolExecutor(6) as pool:
+        retries = list(pool.map(lambda i: _send(ray_url, latents, i % 12), range(36)))
+    assert all(r.status_code == 200 and r.headers.get("idempotent-replay") == "true" for r in retries)
+    assert [r.json()["request_id"] for r in retries] == [first[i % 12]["request_id"] for i in range(36)]
+    for _ in range(20):
+        load = httpx.get(ray_url + "/v1/load", timeout=30).json()
+        assert load["completed"] == completed_before.get(load["replica"], load["completed"])

@@ -250,6 +250,35 @@ def test_open_store_reads_urls_and_paths(tmp_path, redis_db):
         open_store("memory", capacity_per_token=0)
 
 
+def test_serve_opens_sqlite_in_its_state_dir_and_checks_the_store(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from diffusionx.errors import InvalidInputError
+    from diffusionx.server.config import add_serve_arguments, default_state_dir, store_location
+    from diffusionx.server.run import limits_from_args, open_serve_store
+
+    monkeypatch.setenv("DIFFUSIONX_STATE_DIR", str(tmp_path / "state"))
+    assert default_state_dir() == tmp_path / "state"
+    monkeypatch.delenv("DIFFUSIONX_STATE_DIR")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert store_location(None, None) == str(tmp_path / "xdg" / "diffusionx" / "idempotency.sqlite3")
+    assert store_location("redis://cache:6379/2", tmp_path) == "redis://cache:6379/2"
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--state-dir", str(tmp_path / "srv"), "--idempotency-window", "60"])
+    limits = limits_from_args(args)
+    assert limits.idempotency_window_s == 60 and limits.idempotency_keys_per_token == 1024
+    store, location = open_serve_store(args, limits)
+    assert isinstance(store, SQLiteStore) and store.window_s == 60
+    assert location == str(tmp_path / "srv" / "idempotency.sqlite3") and (tmp_path / "srv").is_dir()
+    store.close()
+    assert f"SQLite file {tmp_path / 'srv' / 'idempotency.sqlite3'}" in capsys.readouterr().err
+    for bad in (f"redis://127.0.0.1:{_free_port()}/0", "ftp://nowhere"):
+        with pytest.raises(InvalidInputError, match="cannot open the idempotency store"):
+            open_serve_store(parser.parse_args(["--store", bad]), limits)
+
+
 # ----- the fingerprint: the parsed request, not its bytes ---------------------------------------
 def _latents(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+STATE_DIR_ENV = "DIFFUSIONX_STATE_DIR"
 
 
 @dataclass
@@ -56,6 +60,50 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-replicas", type=int, default=0, help="with --ray: autoscale between --replicas and this many replicas"
     )
     p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help=f"where the server keeps its state, e.g. the idempotency store (default: ${STATE_DIR_ENV}, "
+        "else $XDG_STATE_HOME/diffusionx or ~/.local/state/diffusionx)",
+    )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        default=None,
+        help="idempotency store: a SQLite file or sqlite:///path, redis://host:port/db (shared by several "
+        "replicas or machines), or memory (forgotten on restart); default: idempotency.sqlite3 in --state-dir",
+    )
+    p.add_argument(
+        "--idempotency-window",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.idempotency_window_s,
+        help="seconds a result is replayed for its Idempotency-Key (24 h)",
+    )
+    p.add_argument(
+        "--idempotency-keys",
+        type=int,
+        metavar="N",
+        default=Limits.idempotency_keys_per_token,
+        help="Idempotency-Keys kept per token; its own oldest results go first",
+    )
+
+
+def default_state_dir() -> Path:
+    """$DIFFUSIONX_STATE_DIR, else $XDG_STATE_HOME/diffusionx, else ~/.local/state/diffusionx."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base).expanduser() / "diffusionx"
+
+
+def store_location(store: str | None, state_dir: str | os.PathLike | None) -> str:
+    """The idempotency store `diffusionx serve` opens: --store, else the SQLite file in the state dir."""
+    if store:
+        return store
+    directory = Path(state_dir).expanduser() if state_dir else default_state_dir()
+    return str(directory / "idempotency.sqlite3")
 
 
 def resolve_device(device: str | None) -> str:

@@ -7,8 +7,9 @@ done, so a 2-step refinement that arrives next to a 20-step one waits for all 20
 a batch that has started. The step-level batcher admits and releases requests at every U-Net step.
 (docs/serving.md says more, and how to run it on a KubeRay cluster.)
 
-Per replica, as with several plain servers behind a load balancer: quotas and the idempotency
-cache are per replica (Ray's proxy does not pin a client to one replica).
+Quotas are per replica, as with several plain servers behind a load balancer (Ray's proxy does
+not pin a client to one replica). The idempotency store is shared when `store` is: a SQLite file
+for replicas on one machine, `redis://...` across machines; "memory" gives each replica its own.
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ def build_app(
     cpus_per_replica: float = 1.0,
     gpus_per_replica: float = 0.0,
     device: str = "auto",
+    store: str = "memory",
 ):
-    """A bound Ray Serve application; pass it to `serve.run`."""
+    """A bound Ray Serve application; pass it to `serve.run`. `store`: the idempotency store every
+    replica opens (what `open_store` takes)."""
     ray_environment()
     from ray import serve
 
     class RefinerReplica:
-        def __init__(self, model, cloud, tokens, insecure, max_batch, limits, threads, device):
+        def __init__(self, model, cloud, tokens, insecure, max_batch, limits, threads, device, store):
             import torch
 
             if threads:
@@ -82,6 +85,7 @@ def build_app(
                 max_batch=max_batch,
                 limits=limits,
                 replica=_replica_name(),
+                store=store,
             )
 
         def __serve_build_asgi_app__(self):
@@ -108,14 +112,16 @@ def build_app(
     else:
         options["num_replicas"] = replicas
     deployment = serve.deployment(serve.ingress()(RefinerReplica), **options)
-    return deployment.bind(model, cloud, set(tokens or ()), insecure, max_batch, limits or Limits(), threads, device)
+    limits = limits or Limits()
+    return deployment.bind(model, cloud, set(tokens or ()), insecure, max_batch, limits, threads, device, store)
 
 
 def app_from_env(args: dict[str, Any] | None = None):
     """Application builder for Ray Serve config files / KubeRay (`import_path:
     diffusionx.server.ray_serve:app_from_env`): settings from the config's `args` or from
-    DIFFUSIONX_MODEL, DIFFUSIONX_MAX_BATCH, DIFFUSIONX_TOKENS, DIFFUSIONX_INSECURE. Replica counts
-    and autoscaling come from the config's `deployments:` section."""
+    DIFFUSIONX_MODEL, DIFFUSIONX_MAX_BATCH, DIFFUSIONX_TOKENS, DIFFUSIONX_INSECURE, DIFFUSIONX_STORE
+    (the idempotency store: redis://host:port/db to share it between pods; default memory, one per
+    replica). Replica counts and autoscaling come from the config's `deployments:` section."""
     from .app import load_tokens
 
     args = dict(args or {})
@@ -135,6 +141,7 @@ def app_from_env(args: dict[str, Any] | None = None):
         threads=int(setting("threads", "0")),
         device=setting("device", "auto"),
         gpus_per_replica=float(setting("gpus_per_replica", "0")),
+        store=setting("store", "memory"),
     )
 
 
@@ -147,7 +154,7 @@ def _replica_name() -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_ray(args, *, tokens: set[str], limits: Limits) -> int:
+def run_ray(args, *, tokens: set[str], limits: Limits, store: str = "memory") -> int:
     """`diffusionx serve --ray`: start (or join) Ray, deploy, serve until interrupted."""
     ray_environment()
     try:
@@ -176,6 +183,7 @@ def run_ray(args, *, tokens: set[str], limits: Limits) -> int:
         threads=args.threads or 1,
         device=args.device,
         gpus_per_replica=1.0 if args.device == "cuda" else 0.0,
+        store=store,
     )
     print(f"Ray Serve: {args.replicas} replica(s) on http://{args.host}:{args.port}", file=sys.stderr)
 

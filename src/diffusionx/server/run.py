@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import uvicorn
 
 from .app import create_app, load_tokens
-from .config import Limits, resolve_device
+from .config import Limits, resolve_device, store_location
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,30 @@ def limits_from_args(args) -> Limits:
             "max_concurrent_per_token": args.max_concurrent,
             "rate_per_minute": args.rate,
             "max_body_bytes": args.max_body,
+            "idempotency_window_s": args.idempotency_window,
+            "idempotency_keys_per_token": args.idempotency_keys,
         }
     )
+
+
+def open_serve_store(args, limits: Limits):
+    """The idempotency store `diffusionx serve` uses (checked at start: a bad URL or an unreachable
+    Redis is bad input, not a failure at the first request); says where it is on stderr."""
+    from ..errors import InvalidInputError
+    from .app import _store_settings
+    from .store import open_store
+
+    location = store_location(args.store, args.state_dir)
+    try:
+        store = open_store(location, **_store_settings(limits))
+    except Exception as err:
+        raise InvalidInputError(f"cannot open the idempotency store {location}: {err}") from None
+    print(
+        f"idempotency store: {store.describe()} ({limits.idempotency_keys_per_token} keys per token, "
+        f"window {limits.idempotency_window_s:g} s)",
+        file=sys.stderr,
+    )
+    return store, location
 
 
 def cmd_serve(args) -> int:
@@ -83,11 +105,15 @@ def cmd_serve(args) -> int:
         )
     if args.max_batch < 1:
         raise InvalidInputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.idempotency_keys < 1 or not args.idempotency_window > 0:
+        raise InvalidInputError("--idempotency-keys must be >= 1 and --idempotency-window > 0")
     limits = limits_from_args(args)
+    store, location = open_serve_store(args, limits)
     if args.ray:
         from .ray_serve import run_ray
 
-        return run_ray(args, tokens=tokens, limits=limits)
+        store.close()  # each replica opens its own connection to the same store
+        return run_ray(args, tokens=tokens, limits=limits, store=location)
     import torch
 
     if args.threads:
@@ -96,7 +122,10 @@ def cmd_serve(args) -> int:
 
     pair = load_pair(args.model, cloud=args.cloud, device=resolve_device(args.device))
     print(f"cloud model: {pair.cloud_info.label}", file=sys.stderr)
-    app = create_app(pair.cloud, tokens=tokens, insecure=args.insecure, max_batch=args.max_batch, limits=limits)
+    app = create_app(
+        pair.cloud, tokens=tokens, insecure=args.insecure, max_batch=args.max_batch, limits=limits, store=location
+    )
+    store.close()  # create_app opened its own, closed when the server drains
     if args.insecure and not tokens:
         print("WARNING: --insecure: any client that can reach this port may use it", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(limits.drain_timeout_s))

@@ -432,6 +432,11 @@ class RedisStore:
         self.capacity_per_token, self.window_s, self.lease_s, self.clock = capacity_per_token, window_s, lease_s, clock
         self.url, self.prefix = url, prefix
         self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+        try:  # fail at start, not at the first request
+            self._redis.ping()
+        except redis.RedisError as err:
+            self._redis.close()
+            raise ConnectionError(f"cannot reach Redis at {_redact(url)}: {err}") from None
         self._claim = self._redis.register_script(_CLAIM)
         self._renew = self._redis.register_script(_RENEW)
         self._complete = self._redis.register_script(_COMPLETE)
