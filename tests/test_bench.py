@@ -59,7 +59,8 @@ def test_latency_model_by_hand():
 def test_policies_and_sessions_parse():
     assert parse_policy("fixed-0.4", 0.6).policy == FixedStrength(0.6, 0.4)
     assert parse_policy("fixed-0.7-0.2", 0.6).name == "diffusionx-fixed-0.7-0.2"
-    for bad in ("magic", "fixed-x", "fixed-1.5"):
+    assert parse_policy("fixed", 0.6).policy == FixedStrength(0.6, 0.5)
+    for bad in ("magic", "fixed-x", "fixed-1.5", "fixed-0.1-0.2-0.3"):
         with pytest.raises(InvalidInputError):
             parse_policy(bad, 0.6)
     with pytest.raises(InvalidInputError, match="at least 1"):

@@ -210,3 +210,15 @@ def test_session_commands_tree_seed_policy_outputs_and_a_cancelled_round(tmp_pat
     third = report["rounds"][2]
     assert third["parent"] == 1 and third["seed"] == 7 and third["strength"] == 0.4
     assert report["final"]["source_round"] == 3 and (tmp_path / "strip.png").exists()
+
+
+def test_policy_specs_on_demo_and_errors_from_the_registry(tmp_path, capsys):
+    from diffusionx.predictors.specs import SPEC_HELP
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--policy", "magic"])
+    assert exc.value.code == 2 and SPEC_HELP in capsys.readouterr().err
+    args = ["demo", "--model", "untrained", "--steps", "4", "--out", str(tmp_path), "--policy", "fixed-0.5-0.25"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rounds"][1]["strength"] == 0.5 and report["final"]["strength"] == 0.25

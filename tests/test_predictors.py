@@ -381,8 +381,9 @@ def test_cli_predictors_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["predictors", "collect", "--train", "1", "--rollout-policy", "oracle"]) == 2
     assert "--rollout-policy takes" in capsys.readouterr().err
-    assert main(["predictors", "collect", "--train", "1", "--rollout-policy", "learned-zz3"]) == 2
-    assert "bad parameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a malformed spec is refused while parsing, by the registry
+        main(["predictors", "collect", "--train", "1", "--rollout-policy", "learned-zz3"])
+    assert exc.value.code == 2 and "bad parameter" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predictors", "tune", "--edge-eps", "-0.1"])
     assert "tolerances must be" in capsys.readouterr().err

@@ -347,3 +347,19 @@ def test_variation_and_round_download_from_the_page(untrained_pair, browser, pag
     finally:
         ui.stop()
         cloud.stop()
+
+
+def test_policy_selector_sets_the_sessions_policy(untrained_pair):
+    from fastapi.testclient import TestClient
+
+    from diffusionx.predictors import SimilarityRule
+
+    state = UIState(untrained_pair, steps=3)
+    client = TestClient(create_app(state))
+    assert {"fixed", "learned", "load-aware", "similarity-rule"} <= set(client.get("/api/config").json()["policies"])
+    sid = client.post("/api/session").json()["id"]
+    done = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0], "policy": "similarity-rule"}).json()
+    assert done["policy"] == "similarity-rule" and isinstance(state.get(sid).edge.policy, SimilarityRule)
+    bad = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[1], "policy": "magic"})
+    assert bad.status_code == 422 and "unknown policy" in bad.json()["error"]
+    assert client.get(f"/api/s/{sid}").json()["rounds"][0]["prompt"] == PROMPTS[0]  # the session is kept

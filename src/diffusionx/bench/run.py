@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
 from ..models import ModelPair
-from ..policies import FixedStrength
 from .harness import Method, calibrate, default_methods, p95, run_method, session_latency
 from .profiles import DeviceProfile
 from .report import write_markdown, write_plots
@@ -40,35 +39,16 @@ NO_QUALITY = {"clip_score": None, "fid": None, "attribute_accuracy": None, "qual
 
 
 def parse_policy(spec: str, edge_strength: float, oracle_sweeps: list[str] | None = None) -> Method:
-    """`fixed-C` (cloud strength C, edge strength from --edge-strength) or `fixed-E-C`; or a
-    predictor policy: `learned[-eps0.02...]`, `load-aware[-wait10...]`, `similarity-rule[...]`,
-    `oracle[...]` (per-case labels of `oracle_sweeps`; see diffusionx.predictors.specs)."""
+    """The benchmark method for a policy spec (the registry: diffusionx.predictors.specs); a fixed
+    spec without an edge strength takes `edge_strength`."""
     from ..errors import ModelNotAvailableError
-    from ..predictors.specs import is_predictor_spec, policy_from_spec
+    from ..predictors.specs import policy_from_spec, policy_label
 
-    if is_predictor_spec(spec):
-        try:
-            return Method(f"diffusionx-{spec}", "diffusionx", policy_from_spec(spec, oracle_sweeps))
-        except (ValueError, ModelNotAvailableError) as err:
-            raise InvalidInputError(f"policy {spec!r}: {err}") from None
-    parts = spec.split("-")
     try:
-        if parts[0] == "fixed" and len(parts) == 2:
-            policy = FixedStrength(edge=edge_strength, cloud=float(parts[1]))
-        elif parts[0] == "fixed" and len(parts) == 3:
-            policy = FixedStrength(edge=float(parts[1]), cloud=float(parts[2]))
-        else:
-            raise ValueError
-    except ValueError:
-        raise InvalidInputError(
-            f"unknown policy {spec!r}: use fixed-C, fixed-E-C, learned, load-aware or similarity-rule"
-        ) from None
-    name = (
-        f"diffusionx-fixed-{policy.cloud:g}"
-        if len(parts) == 2
-        else f"diffusionx-fixed-{policy.edge:g}-{policy.cloud:g}"
-    )
-    return Method(name, "diffusionx", policy)
+        policy = policy_from_spec(spec, edge_strength=edge_strength, oracle_sweeps=oracle_sweeps)
+    except (ValueError, ModelNotAvailableError) as err:
+        raise InvalidInputError(str(err) if repr(spec) in str(err) else f"policy {spec!r}: {err}") from None
+    return Method(policy_label(spec, policy), "diffusionx", policy)
 
 
 def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:

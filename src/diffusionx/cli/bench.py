@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..predictors.specs import SPEC_HELP
 from . import options
 from .runtime import load_pair
 
@@ -23,9 +24,8 @@ def register(sub) -> None:
     p.add_argument("--sessions", metavar="FILE", help="JSONL of sessions (default: the embedded world's test split)")
     p.add_argument("--n", type=options.positive_int, default=256, help="number of sessions (FID needs many finals)")
     options.out_option(p, "outputs/bench", "output folder")
-    p.add_argument("--policy", action="append", metavar="SPEC",
-                   help="DiffusionX policy, repeatable: fixed-C, fixed-E-C, learned, load-aware, similarity-rule, "
-                        "oracle (docs/predictors.md)")
+    p.add_argument("--policy", action="append", metavar="SPEC", type=options.policy_spec,
+                   help=f"DiffusionX policy, repeatable: {SPEC_HELP}")
     p.add_argument("--edge-strength", type=options.strength, default=0.6, help="edge strength for fixed-C policies")
     p.add_argument("--oracle-sweeps", action="append", metavar="FILE",
                    help="sweep table(s) of these sessions for --policy oracle (`predictors collect --test N`)")

@@ -33,14 +33,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..policies import FixedStrength
     from ..session import EdgeSession
     from .runtime import cloud_client, load_pair, save_final, save_round, write_session_outputs
 
     start = time.perf_counter()
     out = Path(args.out)
     pair = load_pair(args)
-    policy = FixedStrength(edge=args.edge_strength, cloud=args.cloud_strength)
+    policy = options.make_policy(args)
     session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=cloud_client(args))
     for prompt in DEMO_PROMPTS:
         r = session.generate(prompt, progress=True)

@@ -68,6 +68,15 @@ def seed(text: str) -> int:
     return value
 
 
+def policy_spec(text: str) -> str:
+    from ..predictors.specs import check_spec
+
+    try:
+        return check_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def prompt(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("prompt is empty: type what the image should show")
@@ -101,9 +110,29 @@ def session_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("session")
     group.add_argument("--edge-strength", type=strength, default=0.6, help="round-to-round SDEdit strength")
     group.add_argument("--cloud-strength", type=strength, default=0.5, help="cloud refinement strength")
+    policy_option(group)
     cloud_url_options(group)
     group.add_argument("--require-cloud", action="store_true",
                        help="exit 1 when the cloud could not refine the final (default: keep the preview, exit 0)")
+
+
+def policy_option(group) -> None:
+    from ..predictors.specs import SPEC_HELP
+
+    group.add_argument("--policy", type=policy_spec, metavar="SPEC",
+                       help=f"strength policy: {SPEC_HELP}; default: fixed at --edge-strength / --cloud-strength")
+
+
+def make_policy(args):
+    """The policy --policy names, or the fixed strengths of --edge-strength / --cloud-strength."""
+    from ..errors import InvalidInputError
+    from ..predictors.specs import policy_from_spec
+
+    spec = getattr(args, "policy", None) or "fixed"
+    try:
+        return policy_from_spec(spec, edge_strength=args.edge_strength, cloud_strength=args.cloud_strength)
+    except ValueError as err:
+        raise InvalidInputError(str(err)) from None
 
 
 def cloud_url_options(group) -> None:

@@ -66,7 +66,7 @@ def register(sub) -> None:
     c.add_argument("--chunk", type=int, default=4, help="sessions per chunk (rows are appended per chunk)")
     c.add_argument("--rollout-eps", type=float, default=DEFAULT_EPS, help="sessions continue from the oracle label")
     c.add_argument(
-        "--rollout-policy",
+        "--rollout-policy", "--policy", dest="rollout_policy", type=options.policy_spec, metavar="SPEC",
         help="continue each session from this policy's edge choice instead (a --policy spec such as learned "
         "or learned-emin0-cmin0): rows of the states the policy itself reaches (DAgger)",
     )

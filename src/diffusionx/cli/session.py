@@ -55,16 +55,15 @@ def history_tree(rounds, head: int | None) -> list[str]:
 
 def run(args) -> int:
     from ..errors import InvalidInputError
-    from ..policies import FixedStrength
     from ..session import EdgeSession
     from .runtime import cloud_client, load_pair, save_final, save_round, write_session_outputs
 
     start = time.perf_counter()
     out = Path(args.out)
     pair = load_pair(args)
-    policy = FixedStrength(edge=args.edge_strength, cloud=args.cloud_strength)
+    policy = options.make_policy(args)
     session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=cloud_client(args))
-    policy_name = f"fixed-{policy.edge:g}-{policy.cloud:g}"
+    policy_name = args.policy or f"fixed-{args.edge_strength:g}-{args.cloud_strength:g}"
     interactive = sys.stdin.isatty()
     print(COMMANDS)
     final = None
@@ -98,9 +97,13 @@ def run(args) -> int:
             elif line.startswith("/policy"):
                 parts = line.split()
                 if len(parts) == 2:
-                    from ..bench.run import parse_policy
+                    from ..predictors.specs import policy_from_spec
 
-                    session.policy = parse_policy(parts[1], args.edge_strength).policy
+                    try:
+                        session.policy = policy_from_spec(parts[1], edge_strength=args.edge_strength,
+                                                          cloud_strength=args.cloud_strength)
+                    except ValueError as err:
+                        raise InvalidInputError(str(err)) from None
                     policy_name = parts[1]
                 elif len(parts) != 1:
                     raise InvalidInputError("usage: /policy or /policy SPEC (e.g. fixed-0.6-0.5, learned)")

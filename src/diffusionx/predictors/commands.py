@@ -47,11 +47,11 @@ def cmd_collect(args) -> int:
         raise InvalidInputError("nothing to collect: give --train/--validation/--test counts or --sessions FILE")
     rollout = None
     if args.rollout_policy:
-        from .specs import is_predictor_spec, policy_from_spec
+        from .specs import policy_from_spec
 
-        if not is_predictor_spec(args.rollout_policy) or args.rollout_policy.startswith("oracle"):
+        if args.rollout_policy.startswith("oracle"):
             raise InvalidInputError(
-                f"--rollout-policy takes a learned, load-aware or similarity-rule spec, not {args.rollout_policy!r} "
+                "--rollout-policy takes a fixed, learned, load-aware or similarity-rule spec, not an oracle one "
                 "(leave it out to continue from the oracle label)"
             )
         try:

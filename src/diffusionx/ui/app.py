@@ -38,6 +38,7 @@ from ..errors import DiffusionXError, InvalidInputError, PromptTruncatedWarning
 from ..metadata import png_info
 from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
+from ..predictors.specs import CHOICES as POLICY_CHOICES
 from ..session import EdgeSession, FinalResult, Round
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class TabSession:
     progress: Progress = field(default_factory=Progress)
     final_info: dict[str, Any] | None = None  # the final result's summary plus what the page shows
     notes: list[str] = field(default_factory=list)  # warnings of the last load
+    policy: str = "fixed"  # the strength policy's spec (diffusionx.predictors.specs)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -124,6 +126,7 @@ class UIState:
         self.cloud = cloud
         self.cloud_label = cloud_label
         self.policy = policy or FixedStrength()
+        self._policies: dict[str, StrengthPolicy] = {}  # built once per spec (a learned one loads models)
         self.steps = check_steps(steps)
         self.seed = None if seed is None else check_seed(seed)  # None: a random seed per session
         self.guidance_scale = guidance_scale
@@ -152,6 +155,18 @@ class UIState:
             seed=seed,
             guidance_scale=self.guidance_scale,
         )
+
+    def policy_for(self, spec: str) -> StrengthPolicy:
+        """The policy a spec names (diffusionx.predictors.specs); "fixed" is the UI's own strengths."""
+        from ..predictors.specs import policy_from_spec
+
+        if spec not in self._policies:
+            base = self.policy if isinstance(self.policy, FixedStrength) else FixedStrength()
+            try:
+                self._policies[spec] = policy_from_spec(spec, edge_strength=base.edge, cloud_strength=base.cloud)
+            except ValueError as err:
+                raise InvalidInputError(str(err)) from None
+        return self._policies[spec]
 
     def create(self) -> TabSession:
         tab = TabSession(secrets.token_urlsafe(12), self.new_edge_session())
@@ -294,6 +309,7 @@ def _state(state: UIState, tab: TabSession) -> dict[str, Any]:
         "final": tab.final_info,
         "busy": tab.busy,
         "notes": tab.notes,
+        "policy": tab.policy,
     }
 
 
@@ -464,6 +480,7 @@ def create_app(state: UIState) -> FastAPI:
             "max_prompt_chars": state.max_prompt_chars,
             "untrained": bool(describe.get("untrained") or describe.get("random_weight")),
             "modes": list(state.modes),
+            "policies": list(POLICY_CHOICES),
             "step_previews": state.step_previews,
         }
 
@@ -515,8 +532,11 @@ def create_app(state: UIState) -> FastAPI:
         if mode is not None and mode not in state.modes:
             choices = ", ".join(state.modes) if state.modes else "none in this version"
             raise InvalidInputError(f"round mode must be one of {choices}; got {mode!r}")
+        spec = body.get("policy") or None
         with state.busy(tab, "generate"):
             tab.notes = []
+            if spec is not None:
+                tab.edge.policy, tab.policy = state.policy_for(spec), spec
             if steps is not None:
                 tab.edge.steps = steps  # this round and the next ones
             if seed is not None:
@@ -555,12 +575,15 @@ def create_app(state: UIState) -> FastAPI:
         body = body or {}
         strength = body.get("strength")
         strength = None if strength in (None, "") else check_strength(strength)
+        spec = body.get("policy") or None
         with state.busy(tab, "finalize"):
             tab.notes = []
+            if spec is not None:
+                tab.edge.policy, tab.policy = state.policy_for(spec), spec
             if tab.edge.current is None:
                 raise InvalidInputError("nothing to finalize yet: generate a preview first")
             load = None
-            if hasattr(state.cloud, "load") and not isinstance(state.policy, FixedStrength):
+            if hasattr(state.cloud, "load") and not isinstance(tab.edge.policy, FixedStrength):
                 try:
                     load = state.cloud.load()  # for a load-aware policy; unreachable -> None
                 except Exception:

@@ -126,6 +126,7 @@ function render(state) {
   dx.state = state;
   if (document.activeElement !== $("seed")) $("seed").value = state.seed;
   if (document.activeElement !== $("steps")) $("steps").value = state.steps;
+  if (state.policy) $("policy").value = state.policy;
   const rounds = state.rounds;
   const head = rounds.find((r) => r.index === state.head);
   // current preview: the head round
@@ -237,7 +238,7 @@ async function generate(event) {
   button.disabled = true;
   startProgress("rendering…");
   try {
-    const body = { prompt };
+    const body = { prompt, policy: $("policy").value };
     const mode = $("mode").value;
     if (mode) body.mode = mode;
     for (const key of ["seed", "strength", "steps"]) {
@@ -289,7 +290,7 @@ async function finalize() {
     startProgress("sending to the cloud…");
   }
   try {
-    const state = await sessionCall("POST", "/finalize", {});
+    const state = await sessionCall("POST", "/finalize", { policy: $("policy").value });
     if (mine) showMessage("");  // e.g. "a Finalize is already running" from a second press: it is done now
     render(state);
   } catch (err) {
@@ -355,6 +356,16 @@ async function init() {
       $("mode").append(option);
     }
     $("mode-box").hidden = !(dx.config.modes && dx.config.modes.length);
+    const policyWords = {
+      fixed: "fixed strengths", learned: "learned (noise-level predictors)", "load-aware": "load-aware",
+      "similarity-rule": "prompt-similarity rule",
+    };
+    for (const spec of dx.config.policies || ["fixed"]) {
+      const option = document.createElement("option");
+      option.value = spec;
+      option.textContent = policyWords[spec] || spec;
+      $("policy").append(option);
+    }
     countChars();
     const saved = sessionStorage.getItem("diffusionx-session");
     if (saved) {
