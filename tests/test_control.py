@@ -255,38 +255,65 @@ def test_tiny_sd_architecture_installs_and_runs():
 
 
 # ----- the benchmark command ----------------------------------------------------------------
-def test_bench_edits_writes_json_and_grid(tmp_path, untrained_pair):
+def test_bench_edits_measures_every_method_and_writes_its_files(tmp_path, untrained_pair):
     import json
 
     from diffusionx.cli import build_parser
-    from diffusionx.control.bench import bench_edits, one_word_edits
+    from diffusionx.control.bench import METHODS, bench_edits, round_edits
     from diffusionx.metrics import default_weights_path
 
     args = build_parser().parse_args(["bench-edits", "--n", "3", "--out", str(tmp_path)])
     assert args.func.__qualname__ == "diffusionx.control.bench.cmd_bench_edits"
     assert args.n == 3 and args.model == "embedded" and args.cross_steps is None
-    edits = one_word_edits(6)
-    assert len(edits) == 6
-    assert all(len(e.previous_prompt.split()) == len(e.prompt.split()) for e in edits)
+    edits = round_edits(14)
+    assert {e.kind for e in edits} == {"add_detail", "drop_detail", "change_attribute", "change_background",
+                                       "add_object", "remove_object", "reword"}  # every kind has its share
     if not default_weights_path().exists():
         pytest.skip("the evaluator's weights are not in this checkout")
-    result = bench_edits(untrained_pair, n=2, steps=2, out_dir=tmp_path, progress=False)
+    result = bench_edits(untrained_pair, n=3, steps=2, out_dir=tmp_path, progress=False)
     on_disk = json.loads((tmp_path / "edits.json").read_text())
-    for key in ("controlled_kept", "plain_kept", "edited_right"):
-        assert on_disk[key] == result[key]
-        assert result[key] is None or 0.0 <= result[key] <= 1.0
-    assert len(result["per_edit"]) == 2
+    assert on_disk["overall"]["edits"] == 3 and len(result["per_edit"]) == 3
+    for method in METHODS:
+        cell = result["overall"][method]
+        assert cell["unedited_psnr"] > 0 and 0 < cell["unedited_ssim"] <= 1
+        assert result["cost"][method]["seconds_per_edit"] > 0
+    assert "| all | 3 | p2p_blend |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "edits_grid.png").exists()
-    assert result["side"] == "edge"
-    args = build_parser().parse_args(["bench-edits", "--side", "cloud"])
-    assert args.side == "cloud"
     with pytest.raises(ValueError, match="side"):
         bench_edits(untrained_pair, n=1, steps=2, out_dir=tmp_path, side="phone")
 
 
+def test_unedited_region_and_image_metrics():
+    import numpy as np
+
+    from diffusionx.control.bench import RoundEdit, masked_psnr, masked_ssim, object_box, unedited_mask
+    from diffusionx.world.captions import parse_prompt
+
+    def edit(a, b):
+        return RoundEdit("s", 2, "x", a, b, parse_prompt(a), parse_prompt(b))
+
+    color = unedited_mask(edit("a red circle on the left", "a blue circle on the left"))
+    x0, y0, x1, y1 = object_box(parse_prompt("a circle on the left").objects[0], 64)
+    assert not color[y0:y1, x0:x1].any() and color.sum() == 64 * 64 - (x1 - x0) * (y1 - y0)
+    background = unedited_mask(edit("a red circle on the left on white", "a red circle on the left on black"))
+    assert background[32, 14] and not background[2, 2]  # inside the object: should stay; the backdrop changes
+    assert unedited_mask(edit("a red circle", "a blue circle")) is None  # where the model put it is unknown
+    reword = unedited_mask(edit("a red circle on the left", "on the left, a red circle"))
+    assert reword.all()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    b = a.copy()
+    b[:, :32] = 255 - b[:, :32]  # change the left half only
+    right = np.zeros((64, 64), bool)
+    right[:, 40:] = True
+    assert masked_psnr(a, b, right) == float("inf") and masked_psnr(a, b) < 10
+    assert masked_ssim(a, b, right) == pytest.approx(1.0) and masked_ssim(a, a) == pytest.approx(1.0)
+    assert masked_ssim(a, b) < 0.7
+
+
 PLAIN_EDIT_SESSION = {"rounds": [
-    "a red circle on the left", "a blue circle on the left",  # a color edit: checked
-    "a blue circle", "a blue square",  # no position named: not checkable at a grid cell
+    "a red circle on the left", "a blue circle on the left",  # a color edit: measured
+    "a blue circle", "a blue square",  # no position named: the region is unknown
     "a blue square on the left, white background", "a blue square on the left, black background",  # background
     "a photo of a cat", "a photo of a dog",  # outside the vocabulary: no scenes
 ]}
@@ -296,19 +323,17 @@ def test_bench_edits_on_plain_string_sessions(tmp_path, untrained_pair, capsys):
     import json
 
     from diffusionx.cli import build_parser, main
-    from diffusionx.control.bench import bench_edits, one_word_edits
+    from diffusionx.control.bench import bench_edits, round_edits
     from diffusionx.metrics import default_weights_path
     from diffusionx.world.sessions import normalize_session
 
     session = normalize_session(PLAIN_EDIT_SESSION)
-    edits = one_word_edits(10, sessions=[session])
-    assert [(e.round, e.attribute, e.words) for e in edits] == [(2, "color", ("red", "blue")),
-                                                                 (6, "background", ("white", "black"))]
-    assert one_word_edits(1, sessions=[session]) == edits[:1]
+    edits = round_edits(10, sessions=[session])
+    assert [(e.round, e.kind) for e in edits] == [(2, "change_attribute"), (6, "change_background")]
     empty = tmp_path / "none.jsonl"
     empty.write_text(json.dumps({"rounds": ["a circle", "a square", "a red square"]}) + "\n")
     assert main(["bench-edits", "--sessions", str(empty), "--out", str(tmp_path / "x")]) == 2
-    assert "no one-word attribute edits" in capsys.readouterr().err
+    assert "no measurable round edits" in capsys.readouterr().err
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps(PLAIN_EDIT_SESSION) + "\n")
     assert build_parser().parse_args(["bench-edits", "--sessions", str(path)]).sessions == str(path)
@@ -318,4 +343,4 @@ def test_bench_edits_on_plain_string_sessions(tmp_path, untrained_pair, capsys):
     rows = result["per_edit"]
     assert [r["round"] for r in rows] == [2, 6]
     # what the prompts leave unsaid (the object's size; round 2's background) is not checked
-    assert [r["unchanged_checks"] for r in rows] == [2, 3]
+    assert [r["untouched_checks"] for r in rows] == [0, 3]  # present, shape, color of the square

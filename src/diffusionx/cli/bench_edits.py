@@ -6,7 +6,7 @@ from . import options
 
 EXAMPLES = """
 diffusionx bench-edits --n 48
-diffusionx bench-edits --side cloud --no-blend --out outputs/bench-edits-cloud
+diffusionx bench-edits --side cloud --policy fixed-0.5 --out outputs/bench-edits-cloud
 """
 
 
@@ -15,14 +15,18 @@ def fraction(text: str) -> float:
 
 
 def register(sub) -> None:
-    p = options.command(sub, "bench-edits", "attention-controlled one-word edits vs plain re-generation", EXAMPLES)
+    p = options.command(sub, "bench-edits", "round-to-round edits: what each method keeps of the unedited region",
+                        EXAMPLES, description="Fresh re-generation, SDEdit and Prompt-to-Prompt (with and without "
+                                              "local blend) on every edit kind: unedited-region PSNR / SSIM, edited "
+                                              "attribute right, untouched attributes kept (docs/control.md).")
     options.model_options(p, overrides=False)
-    p.add_argument("--n", type=options.positive_int, default=48, help="number of one-word edits")
-    options.out_option(p, "outputs/bench-edits", "output folder: edits.json, edits_grid.png")
+    p.add_argument("--n", type=options.positive_int, default=96, help="number of round edits")
+    options.out_option(p, "outputs/bench-edits", "output folder: edits.json, results.md, edits_grid.png")
+    p.add_argument("--policy", type=options.policy_spec, metavar="SPEC",
+                   help="the policy whose edge strength SDEdit uses (default: fixed 0.6)")
     group = p.add_argument_group("Prompt-to-Prompt (defaults: the controller's, docs/control.md)")
     group.add_argument("--cross-steps", type=fraction, help="share of the steps with cross-attention injected")
     group.add_argument("--self-steps", type=fraction, help="share of the steps with self-attention injected")
-    group.add_argument("--no-blend", action="store_true", help="switch the local blend off")
     group.add_argument("--blend-threshold", type=fraction, help="attention share above which a pixel is edited")
     p.add_argument("--side", choices=("edge", "cloud"), default="edge",
                    help="the model that runs the rounds (the edge is where edits happen)")

@@ -1,28 +1,32 @@
-"""`diffusionx bench-edits`: does attention control keep the picture through a one-word edit?
+"""`diffusionx bench-edits`: does a round-to-round edit keep what the user did not change?
 
-On the embedded world's test sessions, every consecutive pair of rounds whose prompts differ by
-exactly one swapped word (an attribute edit: shape, color, size, position, or the background
-color) is an edit. For each, with the edge model (`--side cloud`: the cloud one) and one seed:
+Measured as editing benchmarks do (PIE-Bench, Direct Inversion, ICLR'24: PSNR / SSIM of the
+unedited region), with the region taken from the world's exact object boxes instead of hand-drawn
+masks. For each consecutive pair of rounds k -> k+1 of the test sessions (every edit kind the
+session generator makes: add / drop a detail, change an attribute or the background, add / remove
+an object, reword) the previous round is generated from noise with one seed, then the next one by
+each method:
 
-- *previous*: the previous round's prompt, generated from noise;
-- *plain*: the new prompt, generated from the same noise (plain re-generation);
-- *controlled*: the new prompt under Prompt-to-Prompt from the previous round.
+- ``fresh``: the new prompt from the same noise (plain re-generation);
+- ``sdedit``: SDEdit from the previous round's latent at the policy's strength;
+- ``p2p``: Prompt-to-Prompt: the previous round's trajectory re-walked under the new prompt with
+  its attention injected (replace / refine / reweight as the word edit calls for), no local blend;
+- ``p2p_blend``: the same with the local blend (only where the edited words attend changes).
 
-The evaluator reads every image (background, and per grid position: object present, shape,
-color, size). Scores:
+Scores, per edit and as means per edit kind and method:
 
-- ``kept``: of the attributes the edit did *not* touch (the other objects' presence, shape,
-  color and size; the edited object's other attributes and presence; the background) and that
-  the previous image showed correctly, the fraction still shown correctly in the new image;
-- ``edited_right``: the fraction of edits whose edited attribute reads as the new value.
+- ``unedited_psnr`` / ``unedited_ssim``: between the previous and the new image on the pixels the
+  edit should not touch: outside the edited objects' boxes grown by a margin (for a background
+  edit: inside the objects' boxes; for a reword: the whole image);
+- ``psnr`` / ``ssim``: the same on the whole image;
+- ``edited_right``: the evaluator reads the edited part as the new prompt says (new or changed
+  object's named attributes at its position, a removed object gone, the new background);
+- ``kept``: of the untouched named attributes the previous image rendered right, the share the new
+  image still renders right.
 
-The bars are computed on the edits the session's `auto` rule sends to control (all but position
-edits, which move the layout and go to SDEdit); position edits are reported apart.
-
-`--sessions FILE` reads the edits from your own sessions instead (rounds may be plain strings;
-their scenes are read from the prompts). The checks read objects at their grid positions, so
-only edits between prompts that name every object's position count; attributes a prompt leaves
-unsaid are not checked.
+Only edits whose edited objects (and, for a background edit, all objects) have a named position are
+measured: the box of an object the prompt does not place is unknown. `--sessions FILE` takes the
+edits from your own sessions (rounds may be plain strings).
 """
 
 from __future__ import annotations
@@ -30,127 +34,177 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..world import generate_sessions
-from ..world.scene import Scene
+from ..world.scene import POSITION_XY, SIZE_FRACTION, Scene
 from .attention import ControlConfig
 from .controller import RoundSpec, controlled_generate
-from .prompts import split_words
 from .rounds import auto_mode
+
+METHODS = ("fresh", "sdedit", "p2p", "p2p_blend")
+EDIT_KINDS = ("add_detail", "drop_detail", "change_attribute", "change_background", "add_object", "remove_object",
+              "reword")
+BARS = {
+    "unedited_psnr": "controlled >= 25 dB and >= SDEdit + 3 dB",
+    "edited_right": "controlled >= fresh - 0.05",
+    "kept": "controlled >= 0.95",
+}
+BOX_MARGIN = 0.06  # of the image width: model images are not pixel-exact renders
 
 
 @dataclass
-class Edit:
+class RoundEdit:
     session: str
-    round: int
+    round: int  # the new round's number (2 = the edit from round 1 to round 2)
+    kind: str  # the session generator's edit label (None-labelled plain sessions: inferred)
     previous_prompt: str
     prompt: str
     previous_scene: Scene
     scene: Scene
-    attribute: str  # shape | color | size | position | background
-    words: tuple[str, str]
 
 
-def _scene(d: dict) -> Scene:
-    return Scene.from_dict(d)
-
-
-def _edited(prev: Scene, new: Scene) -> tuple[str, Any, Any] | None:
-    """(attribute, previous object or None, new object or None) of a single-attribute edit: one
-    named value replaced by another (not an attribute named or dropped)."""
-    if prev.background != new.background:
-        if None in (prev.background, new.background):
-            return None
-        return ("background", None, None) if list(prev.objects) == list(new.objects) else None
-    if len(prev.objects) != len(new.objects):
-        return None
+def _changed_objects(prev: Scene, new: Scene) -> tuple[list, list]:
     gone = [o for o in prev.objects if o not in new.objects]
     came = [o for o in new.objects if o not in prev.objects]
-    if len(gone) != 1 or len(came) != 1:
+    return gone, came
+
+
+def infer_kind(prev: Scene, new: Scene) -> str | None:
+    """The edit kind of an unlabelled pair of scenes (plain-string sessions)."""
+    gone, came = _changed_objects(prev, new)
+    if prev.background != new.background:
+        return "change_background" if not gone and not came else None
+    if not gone and not came:
+        return "reword"
+    if not gone:
+        return "add_object"
+    if not came:
+        return "remove_object"
+    if len(gone) == len(came) == 1:
+        a, b = gone[0], came[0]
+        named = [f for f in ("color", "size", "position") if (getattr(a, f) is None) != (getattr(b, f) is None)]
+        if a.shape == b.shape and named:
+            return "add_detail" if getattr(b, named[0]) is not None else "drop_detail"
+        return "change_attribute"
+    return None
+
+
+def object_box(obj, size: int, margin: float = BOX_MARGIN) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) of a placed object, grown by `margin` of the width. An object
+    without a size counts as large (the bigger box is the safe one)."""
+    fx, fy = POSITION_XY[obj.position]
+    half = (SIZE_FRACTION[obj.size or "large"] / 2 + margin) * size
+    x0, y0 = max(0, int(np.floor(fx * size - half))), max(0, int(np.floor(fy * size - half)))
+    return x0, y0, min(size, int(np.ceil(fx * size + half))), min(size, int(np.ceil(fy * size + half)))
+
+
+def unedited_mask(edit: RoundEdit, size: int = 64) -> np.ndarray | None:
+    """True where the edit should leave the image alone; None when that region is unknown (an
+    edited object without a position) or empty."""
+    prev, new = edit.previous_scene, edit.scene
+    gone, came = _changed_objects(prev, new)
+    if prev.background != new.background:
+        if gone or came or not new.objects or any(o.position is None for o in new.objects):
+            return None
+        mask = np.zeros((size, size), bool)
+        for obj in new.objects:
+            x0, y0, x1, y1 = object_box(obj, size, margin=-BOX_MARGIN / 2)  # inside, away from the edges
+            mask[y0:y1, x0:x1] = True
+        return mask if mask.any() else None
+    changed = gone + came
+    if any(o.position is None for o in changed):
         return None
-    a, b = gone[0], came[0]
-    diffs = [f for f in ("shape", "color", "size", "position") if getattr(a, f) != getattr(b, f)]
-    if len(diffs) != 1 or None in (getattr(a, diffs[0]), getattr(b, diffs[0])):
-        return None
-    return diffs[0], a, b
+    mask = np.ones((size, size), bool)
+    for obj in changed:
+        x0, y0, x1, y1 = object_box(obj, size)
+        mask[y0:y1, x0:x1] = False
+    return mask if mask.any() else None
 
 
-def _session_edits(session: dict) -> list[Edit]:
-    """The one-word attribute edits between consecutive rounds of one session whose scenes place
-    every object (the checks read objects at their grid positions)."""
-    edits = []
-    rounds = session["rounds"]
-    for k in range(1, len(rounds)):
-        prev, cur = rounds[k - 1], rounds[k]
-        if cur.get("edit") not in ("change_attribute", "change_background", None):
-            continue  # an edit label that says it is no attribute swap (None: not labelled)
-        if prev.get("scene") is None or cur.get("scene") is None:
-            continue  # a prompt outside the world's vocabulary
-        a, b = split_words(prev["prompt"]), split_words(cur["prompt"])
-        diff = [(x, y) for x, y in zip(a, b) if x != y]
-        if len(a) != len(b) or len(diff) != 1:
-            continue
-        ps, cs = _scene(prev["scene"]), _scene(cur["scene"])
-        if any(o.position is None for o in (*ps.objects, *cs.objects)):
-            continue
-        what = _edited(ps, cs)
-        if what is None:
-            continue
-        edits.append(Edit(session["id"], k + 1, prev["prompt"], cur["prompt"], ps, cs, what[0], diff[0]))
-    return edits
+def round_edits(n: int, split: str = "test", sessions: list[dict] | None = None,
+                max_sessions: int = 4000) -> list[RoundEdit]:
+    """`n` measurable round edits of the split's sessions, about as many of each kind as there are
+    (or the first `n` of `sessions`)."""
 
+    def of(session: dict) -> list[RoundEdit]:
+        out = []
+        rounds = session["rounds"]
+        for k in range(1, len(rounds)):
+            prev, cur = rounds[k - 1], rounds[k]
+            if prev.get("scene") is None or cur.get("scene") is None or cur.get("edit") in ("start", "start_over"):
+                continue
+            ps, cs = Scene.from_dict(prev["scene"]), Scene.from_dict(cur["scene"])
+            kind = cur.get("edit") or infer_kind(ps, cs)
+            if kind not in EDIT_KINDS:
+                continue
+            edit = RoundEdit(session["id"], k + 1, kind, prev["prompt"], cur["prompt"], ps, cs)
+            if unedited_mask(edit) is not None:
+                out.append(edit)
+        return out
 
-def one_word_edits(
-    n: int, split: str = "test", max_sessions: int = 4000, sessions: list[dict] | None = None
-) -> list[Edit]:
-    """The first `n` one-word attribute edits of the split's sessions, or of `sessions` (rounds as
-    `world.sessions.normalize_session` gives them)."""
     if sessions is not None:
-        return [e for s in sessions for e in _session_edits(s)][:n]
-    edits: list[Edit] = []
-    batch = 200
+        return [e for s in sessions for e in of(s)][:n]
+    # Every kind gets its share (the session mix is mostly attribute changes), the rest in order.
+    quota = -(-n // len(EDIT_KINDS))
+    edits: list[RoundEdit] = []
     total = 0
-    while len(edits) < n and total < max_sessions:
-        total += batch
-        edits = [e for s in generate_sessions(total, split) for e in _session_edits(s)]
-    return edits[:n]
+    while total < max_sessions:
+        total += 400
+        edits = [e for s in generate_sessions(total, split) for e in of(s)]
+        counts = {k: sum(e.kind == k for e in edits) for k in EDIT_KINDS}
+        if len(edits) >= n and all(c >= quota for c in counts.values()):
+            break
+    taken: dict[str, int] = dict.fromkeys(EDIT_KINDS, 0)
+    chosen = []
+    for e in edits:
+        if taken[e.kind] < quota:
+            taken[e.kind] += 1
+            chosen.append(e)
+    chosen += [e for e in edits if e not in chosen][: max(0, n - len(chosen))]
+    return chosen[:n]
 
 
-def _checks(edit: Edit) -> tuple[list[tuple[str, str, Any]], tuple[str, str, Any]]:
-    """Unchanged checks [(position or '', attribute, value)] and the edited check."""
-    unchanged: list[tuple[str, str, Any]] = []
-    what = _edited(edit.previous_scene, edit.scene)
-    assert what is not None
-    attribute, _old, new = what
-    for obj in edit.scene.objects:
-        if new is not None and obj == new:
-            if attribute != "position":
-                unchanged.append((obj.position, "present", True))
-            for f in ("shape", "color", "size"):
-                if f != attribute:
-                    unchanged.append((obj.position, f, getattr(obj, f)))
-            continue
-        unchanged.append((obj.position, "present", True))
-        for f in ("shape", "color", "size"):
-            unchanged.append((obj.position, f, getattr(obj, f)))
-    unchanged = [c for c in unchanged if c[2] is not None]  # what the prompts leave unsaid is not checked
-    if attribute == "background":
-        return unchanged, ("", "background", edit.scene.background)
-    if edit.scene.background is not None:
-        unchanged.append(("", "background", edit.scene.background))
-    if attribute == "position":
-        return unchanged, (new.position, "present", True)
-    return unchanged, (new.position, attribute, getattr(new, attribute))
+# ----- image metrics --------------------------------------------------------------------------
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB of two uint8 (H, W, 3) images over the pixels of `mask` (all when None)."""
+    diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    mse = diff[mask].mean() if mask is not None else diff.mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def _read(pred: dict, check: tuple[str, str, Any]) -> Any:
-    position, attribute, _ = check
+def ssim_map(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
+    """Per-pixel SSIM (Wang et al. 2004; uniform window, as scikit-image's default) of two uint8
+    (H, W, 3) images, averaged over the channels."""
+    x = torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[:, None]
+    y = torch.from_numpy(b.astype(np.float64)).permute(2, 0, 1)[:, None]
+    kernel = torch.full((1, 1, window, window), 1.0 / window**2, dtype=torch.float64)
+    pad = window // 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), kernel)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean(dim=0)[0].numpy()
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    s = ssim_map(a, b)
+    return float(s[mask].mean() if mask is not None else s.mean())
+
+
+# ----- attribute checks -----------------------------------------------------------------------
+def _read(pred: dict, position: str, attribute: str) -> Any:
     if attribute == "background":
         return pred["background"]
     obj = pred["objects"].get(position)
@@ -159,6 +213,32 @@ def _read(pred: dict, check: tuple[str, str, Any]) -> Any:
     return None if obj is None else obj[attribute]
 
 
+def edit_checks(edit: RoundEdit) -> tuple[list[tuple], list[tuple]]:
+    """(edited checks, untouched checks), each (position, attribute, value): the edited part as
+    the new prompt names it, and every named attribute the edit leaves alone."""
+    prev, new = edit.previous_scene, edit.scene
+    gone, came = _changed_objects(prev, new)
+    edited: list[tuple] = []
+    for obj in came:
+        edited.append((obj.position, "present", True))
+        edited += [(obj.position, f, getattr(obj, f)) for f in ("shape", "color", "size") if getattr(obj, f)]
+    for obj in gone:
+        if obj.position not in {o.position for o in came}:
+            edited.append((obj.position, "present", False))
+    if prev.background != new.background and new.background is not None:
+        edited.append(("", "background", new.background))
+    untouched: list[tuple] = []
+    for obj in new.objects:
+        if obj in came or obj.position is None:
+            continue
+        untouched.append((obj.position, "present", True))
+        untouched += [(obj.position, f, getattr(obj, f)) for f in ("shape", "color", "size") if getattr(obj, f)]
+    if prev.background == new.background and new.background is not None:
+        untouched.append(("", "background", new.background))
+    return edited, untouched
+
+
+# ----- the benchmark ----------------------------------------------------------------------------
 def _label(image: Image.Image, text: str, size: int) -> Image.Image:
     canvas = Image.new("RGB", (size, size + 14), "white")
     canvas.paste(image.resize((size, size), Image.NEAREST), (0, 14))
@@ -166,153 +246,200 @@ def _label(image: Image.Image, text: str, size: int) -> Image.Image:
     return canvas
 
 
-def edit_grid(rows: list[tuple[Image.Image, Image.Image, Image.Image, str]], cell: int = 128) -> Image.Image:
-    """Rows of (previous, plain, controlled, label); columns titled."""
-    h = cell + 14
-    grid = Image.new("RGB", (3 * cell + 4 * 4 + 110, 22 + len(rows) * (h + 4)), "white")
+def edit_grid(rows: list[tuple[list[Image.Image], str]], titles: tuple[str, ...], cell: int = 112) -> Image.Image:
+    """Rows of (images, label) under column titles."""
+    h, columns = cell + 14, len(titles)
+    grid = Image.new("RGB", (columns * (cell + 4) + 4 + 190, 22 + len(rows) * (h + 4)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(("previous round", "plain re-generation", "controlled edit")):
+    for c, title in enumerate(titles):
         draw.text((4 + c * (cell + 4), 6), title, fill="black")
-    for r, (prev, plain, ctl, label) in enumerate(rows):
+    for r, (images, label) in enumerate(rows):
         y = 22 + r * (h + 4)
-        for c, (img, tag) in enumerate(((prev, "before"), (plain, "plain"), (ctl, "controlled"))):
+        for c, (img, tag) in enumerate(zip(images, titles)):
             grid.paste(_label(img, tag, cell), (4 + c * (cell + 4), y))
-        draw.text((4 + 3 * (cell + 4), y + h // 2), label, fill="black")
+        draw.text((4 + columns * (cell + 4), y + h // 2), label[:32], fill="black")
     return grid
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _interval(values: list) -> list[float] | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if len(values) < 2:
+        return None
+    half = 1.96 * float(np.std(values, ddof=1)) / np.sqrt(len(values))
+    return [float(np.mean(values)) - half, float(np.mean(values)) + half]
 
 
 def bench_edits(
     pair,
     *,
-    n: int = 48,
+    n: int = 96,
     out_dir: str | Path = "outputs/bench-edits",
     steps: int = 20,
     seed: int = 0,
     config: ControlConfig | None = None,
+    policy=None,
     guidance_scale: float = 7.5,
     evaluator=None,
     progress: bool = True,
     side: str = "edge",
     sessions: list[dict] | None = None,
+    batch: int = 16,
 ) -> dict[str, Any]:
-    """`side`: the model that runs the rounds: the edge one (where edits happen), or the cloud one
-    to see how the same control does with a stronger model. `sessions`: take the edits from these
-    (normalized) sessions instead of the embedded world's test split."""
+    """Measure every method on `n` round edits; writes edits.json, results.md, edits_grid.png.
+    `policy` picks SDEdit's strength (default: fixed 0.6); `side` the model that runs the rounds."""
     from tqdm.auto import tqdm
 
     from ..metrics import get_evaluator
+    from ..policies import FixedStrength
 
     config = config or ControlConfig()
+    policy = policy or FixedStrength()
     evaluator = evaluator or get_evaluator()
     if side not in ("edge", "cloud"):
         raise ValueError(f"side must be 'edge' or 'cloud', got {side!r}")
     engine = pair.edge if side == "edge" else pair.cloud
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    edits = one_word_edits(n, sessions=sessions)
+    edits = round_edits(n, sessions=sessions)
+    if not edits:
+        raise ValueError("no measurable round edits (edited objects need a named position)")
     start = time.perf_counter()
-    prev_imgs, plain_imgs, ctl_imgs = [], [], []
-    mask_fractions: list[float | None] = []
-    ctl_seconds = 0.0
-    # Plain re-generations: all in one batched run (the engine batches unhooked jobs).
-    t = time.perf_counter()
     guidance = guidance_scale > 1.0
-    jobs = [
-        engine.start(engine.encode_prompt(e.prompt, guidance=guidance), seed=seed, steps=steps,
-                     guidance_scale=guidance_scale)
-        for e in edits
-    ]
-    for k in range(0, len(jobs), 16):
-        engine.run(jobs[k : k + 16], progress=progress, desc="plain re-generations")
-    plain_imgs = [engine.decode(job.latents)[0] for job in jobs]
-    plain_seconds = time.perf_counter() - t
-    for edit in tqdm(edits, desc="controlled edits", disable=not progress):
+    seconds: dict[str, float] = dict.fromkeys(("previous", *METHODS), 0.0)
+
+    def batched(kind: str, make_job) -> list[torch.Tensor]:
         t = time.perf_counter()
-        ctl = controlled_generate(
-            engine, edit.prompt, RoundSpec(edit.previous_prompt, seed=seed), steps=steps, config=config,
-            guidance_scale=guidance_scale,
-        )
-        ctl_seconds += time.perf_counter() - t
-        if ctl.source_latents is not None:  # the replayed previous round (bit-exact)
-            prev_latents = ctl.source_latents
-        else:
-            prev_latents = engine.generate(
-                edit.previous_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, decode=False
-            ).latents
-        prev_imgs.append(engine.decode(prev_latents)[0])
-        ctl_imgs.append(ctl.image)
-        mask_fractions.append(None if ctl.mask is None else float(ctl.mask.float().mean()))
-    preds = evaluator.predict_attributes(prev_imgs + plain_imgs + ctl_imgs)
+        jobs = [make_job(i, e) for i, e in enumerate(edits)]
+        for k in range(0, len(jobs), batch):
+            engine.run(jobs[k : k + batch], progress=progress, desc=kind)
+        seconds[kind] += time.perf_counter() - t
+        return [job.latents for job in jobs]
+
+    def fresh_job(prompt: str):
+        return engine.start(engine.encode_prompt(prompt, guidance=guidance), seed=seed, steps=steps,
+                            guidance_scale=guidance_scale)
+
+    previous = batched("previous", lambda i, e: fresh_job(e.previous_prompt))
+    fresh = batched("fresh", lambda i, e: fresh_job(e.prompt))
+    strengths = [float(policy.edge_strength(e.previous_prompt, e.prompt, previous[i])) for i, e in enumerate(edits)]
+    sdedit = batched("sdedit", lambda i, e: engine.start(
+        engine.encode_prompt(e.prompt, guidance=guidance), seed=seed, steps=steps, strength=strengths[i],
+        init_latents=previous[i] if strengths[i] < 1.0 else None, guidance_scale=guidance_scale))
+    latents: dict[str, list[torch.Tensor]] = {"previous": previous, "fresh": fresh, "sdedit": sdedit}
+    for method, blend in (("p2p", False), ("p2p_blend", True)):
+        method_config = replace(config, local_blend=blend)
+        latents[method] = []
+        t = time.perf_counter()
+        for e in tqdm(edits, desc=method, disable=not progress):
+            out_gen = controlled_generate(engine, e.prompt, RoundSpec(e.previous_prompt, seed=seed), steps=steps,
+                                          config=method_config, guidance_scale=guidance_scale, decode=False)
+            latents[method].append(out_gen.latents)
+        seconds[method] += time.perf_counter() - t
+    images = {k: [np.asarray(engine.decode(z)[0]) for z in v] for k, v in latents.items()}
+    order = ("previous", *METHODS)
     m = len(edits)
-    p_prev, p_plain, p_ctl = preds[:m], preds[m : 2 * m], preds[2 * m :]
+    preds = evaluator.predict_attributes(np.stack([img for k in order for img in images[k]]))
+    pred = {k: preds[j * m : (j + 1) * m] for j, k in enumerate(order)}
 
     per_edit = []
-    for i, edit in enumerate(edits):
-        unchanged, edited = _checks(edit)
-        base = [c for c in unchanged if _read(p_prev[i], c) == c[2]]
-        per_edit.append({
-            "session": edit.session,
-            "round": edit.round,
-            "attribute": edit.attribute,
-            "words": list(edit.words),
-            "previous_prompt": edit.previous_prompt,
-            "prompt": edit.prompt,
-            "routed_to": auto_mode(edit.previous_prompt, edit.prompt)[0],
-            "unchanged_checks": len(unchanged),
-            "previously_right": len(base),
-            "plain_kept": sum(_read(p_plain[i], c) == c[2] for c in base),
-            "controlled_kept": sum(_read(p_ctl[i], c) == c[2] for c in base),
-            "previous_edited_right": _read(p_prev[i], edited) == edited[2],
-            "plain_edited_right": _read(p_plain[i], edited) == edited[2],
-            "controlled_edited_right": _read(p_ctl[i], edited) == edited[2],
-            "blend_mask_fraction": mask_fractions[i],
-        })
-
-    def summary(rows: list[dict]) -> dict[str, Any]:
-        base = sum(r["previously_right"] for r in rows)
-        return {
-            "edits": len(rows),
-            "unchanged_checks": base,
-            "controlled_kept": sum(r["controlled_kept"] for r in rows) / base if base else None,
-            "plain_kept": sum(r["plain_kept"] for r in rows) / base if base else None,
-            "edited_right": float(np.mean([r["controlled_edited_right"] for r in rows])) if rows else None,
-            "plain_edited_right": float(np.mean([r["plain_edited_right"] for r in rows])) if rows else None,
+    for i, e in enumerate(edits):
+        mask = unedited_mask(e, images["previous"][i].shape[0])
+        edited, untouched = edit_checks(e)
+        base = [c for c in untouched if _read(pred["previous"][i], c[0], c[1]) == c[2]]
+        row: dict[str, Any] = {
+            "session": e.session, "round": e.round, "kind": e.kind, "previous_prompt": e.previous_prompt,
+            "prompt": e.prompt, "auto_mode": auto_mode(e.previous_prompt, e.prompt)[0],
+            "sdedit_strength": strengths[i], "unedited_fraction": float(mask.mean()),
+            "untouched_checks": len(untouched), "previously_right": len(base), "methods": {},
         }
+        for method in METHODS:
+            a, b, p = images["previous"][i], images[method][i], pred[method][i]
+            row["methods"][method] = {
+                "unedited_psnr": masked_psnr(a, b, mask), "unedited_ssim": masked_ssim(a, b, mask),
+                "psnr": masked_psnr(a, b), "ssim": masked_ssim(a, b),
+                "edited_right": (all(_read(p, c[0], c[1]) == c[2] for c in edited) if edited else None),
+                "kept": (sum(_read(p, c[0], c[1]) == c[2] for c in base) / len(base)) if base else None,
+            }
+        per_edit.append(row)
 
-    controlled_rows = [r for r in per_edit if r["routed_to"] == "controlled"]
+    def summarize(rows: list[dict]) -> dict[str, Any]:
+        summary: dict[str, Any] = {"edits": len(rows)}
+        for method in METHODS:
+            cells = [r["methods"][method] for r in rows]
+            summary[method] = {
+                key: _mean([c[key] for c in cells]) for key in ("unedited_psnr", "unedited_ssim", "psnr", "ssim")
+            }
+            summary[method]["unedited_psnr_ci95"] = _interval([c["unedited_psnr"] for c in cells])
+            right = [c["edited_right"] for c in cells if c["edited_right"] is not None]
+            summary[method]["edited_right"] = float(np.mean(right)) if right else None
+            summary[method]["kept"] = _mean([c["kept"] for c in cells])
+        return summary
+
+    by_kind = {k: summarize([r for r in per_edit if r["kind"] == k]) for k in EDIT_KINDS}
+    overall = summarize(per_edit)
     result: dict[str, Any] = {
-        **summary(controlled_rows),
-        "scope": "one-word edits the auto rule sends to control (shape, color, size, background)",
-        "all_one_word_edits": summary(per_edit),
-        "by_attribute": {
-            a: summary([r for r in per_edit if r["attribute"] == a])
-            for a in sorted({r["attribute"] for r in per_edit})
-        },
-        "bars": {"controlled_kept": ">= 0.90 and >= plain_kept + 0.20", "edited_right": ">= 0.80"},
+        "overall": overall,
+        "by_kind": by_kind,
+        "best_controlled": _best_controlled(overall),
+        "meets_bars": _meets_bars(overall),
+        "bars": BARS,
+        "cost": {k: {"seconds_per_edit": v / m} for k, v in seconds.items()},
         "model": pair.describe() if hasattr(pair, "describe") else str(pair),
-        "side": side,
-        "steps": steps,
-        "seed": seed,
-        "config": config.__dict__,
+        "side": side, "steps": steps, "seed": seed, "config": config.__dict__,
         "seconds": time.perf_counter() - start,
-        "plain_seconds_per_round_batched": plain_seconds / max(1, m),
-        "controlled_seconds_per_round": ctl_seconds / max(1, m),
         "per_edit": per_edit,
     }
-    ok_kept = result["controlled_kept"] is not None and result["plain_kept"] is not None
-    result["meets_bars"] = bool(
-        ok_kept
-        and result["controlled_kept"] >= 0.90
-        and result["controlled_kept"] >= result["plain_kept"] + 0.20
-        and (result["edited_right"] or 0) >= 0.80
-    )
-    rows = [
-        (prev_imgs[i], plain_imgs[i], ctl_imgs[i], f"{edit.words[0]} -> {edit.words[1]}")
-        for i, edit in enumerate(edits[:16])
-    ]
-    edit_grid(rows).save(out / "edits_grid.png")
+    rows = [([Image.fromarray(images[k][i]) for k in order], f"{e.kind}: {e.prompt}") for i, e in enumerate(edits[:12])]
+    edit_grid(rows, order).save(out / "edits_grid.png")
     (out / "edits.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "results.md").write_text(results_table(result))
     return result
+
+
+def _best_controlled(summary: dict) -> str:
+    """The controlled method (with or without the blend) that keeps the unedited region best."""
+    scores = {m: summary[m]["unedited_psnr"] or -1.0 for m in ("p2p", "p2p_blend")}
+    return max(scores, key=scores.get)
+
+
+def _meets_bars(summary: dict) -> bool:
+    c = summary[_best_controlled(summary)]
+    sd, fresh = summary["sdedit"], summary["fresh"]
+    return bool(
+        c["unedited_psnr"] is not None and sd["unedited_psnr"] is not None
+        and c["unedited_psnr"] >= 25.0 and c["unedited_psnr"] >= sd["unedited_psnr"] + 3.0
+        and (c["edited_right"] or 0.0) >= (fresh["edited_right"] or 0.0) - 0.05
+        and (c["kept"] or 0.0) >= 0.95
+    )
+
+
+def results_table(result: dict) -> str:
+    def cell(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = ["| edit kind | n | method | unedited PSNR dB | unedited SSIM | PSNR dB | SSIM | edited right | kept "
+             "| s/edit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, summary in [("all", result["overall"]), *result["by_kind"].items()]:
+        if not summary["edits"]:
+            lines.append(f"| {kind} | 0 | | | | | | | | |")
+            continue
+        for method in METHODS:
+            s = summary[method]
+            lines.append(
+                f"| {kind} | {summary['edits']} | {method} | {cell(s['unedited_psnr'], '.1f')} | "
+                f"{cell(s['unedited_ssim'], '.3f')} | {cell(s['psnr'], '.1f')} | {cell(s['ssim'], '.3f')} | "
+                f"{cell(s['edited_right'], '.2f')} | {cell(s['kept'], '.3f')} | "
+                f"{result['cost'][method]['seconds_per_edit']:.2f} |"
+            )
+    lines.append("")
+    lines.append(f"bars ({', '.join(f'{k}: {v}' for k, v in BARS.items())}): "
+                 f"{'met' if result['meets_bars'] else 'NOT met'} by {result['best_controlled']}")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_bench_edits(args) -> int:
@@ -322,34 +449,31 @@ def cmd_bench_edits(args) -> int:
 
     check_steps(args.steps)
     check_seed(args.seed)
-    if args.n < 1:
-        raise InvalidInputError(f"--n must be at least 1, got {args.n}")
     try:
         given = {"cross_steps": args.cross_steps, "self_steps": args.self_steps,
                  "blend_threshold": args.blend_threshold}  # None: the controller's default
-        config = ControlConfig(local_blend=not args.no_blend, **{k: v for k, v in given.items() if v is not None})
+        config = ControlConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as err:
         raise InvalidInputError(str(err)) from err
+    policy = None
+    if args.policy:
+        from ..predictors.specs import policy_from_spec
+
+        policy = policy_from_spec(args.policy)
     sessions = None
     if args.sessions:
         from ..bench.run import load_sessions
 
         sessions, _ = load_sessions(args.sessions, sys.maxsize)
-        if not one_word_edits(1, sessions=sessions):
+        if not round_edits(1, sessions=sessions):
             raise InvalidInputError(
-                f"{args.sessions} has no one-word attribute edits between rounds that place every object "
+                f"{args.sessions} has no measurable round edits: the edited objects need a named position "
                 "(e.g. 'a red circle on the left' -> 'a blue circle on the left')"
             )
     pair = load_pair(args.model)
     result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config,
-                         side=args.side, sessions=sessions)
+                         policy=policy, side=args.side, sessions=sessions)
     print(f"model: {args.side} {getattr(pair, f'{args.side}_info').label}")
-    for key in ("edits", "controlled_kept", "plain_kept", "edited_right", "plain_edited_right"):
-        value = result[key]
-        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
-    for attribute, s in result["by_attribute"].items():
-        print(f"  {attribute}: {s['edits']} edits, kept {s['controlled_kept']} (plain {s['plain_kept']}), "
-              f"edited right {s['edited_right']}")
-    print(f"meets bars: {result['meets_bars']}")
-    print(f"wrote {args.out}/edits.json and {args.out}/edits_grid.png")
+    print(results_table(result))
+    print(f"wrote {args.out}/edits.json, results.md and edits_grid.png")
     return 0
