@@ -9,7 +9,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusionx.server.loadtest import STRENGTHS, drive, served, wire_sizes
+from diffusionx.server.capacity import scaling_table, share_of_bound, steps_per_refinement
+from diffusionx.server.loadtest import STRENGTHS, counters, drive, served, wire_sizes
+
+
+def measure_bound(args) -> dict:
+    """t(b) of the served cloud U-Net in this process, at the server's thread count, before the load."""
+    import torch
+
+    from diffusionx.models import load_pair
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = load_pair(args.model).cloud
+    latent = engine.latent_shape()[1:]
+    text = engine.encode_prompt("a circle", guidance=False).cond.shape[1:]
+    k = steps_per_refinement(STRENGTHS, args.steps)
+    batches = sorted({1, *[min(c, args.max_batch) for c in args.clients], args.max_batch})
+    rows = scaling_table(engine.unet, batches, latent_shape=tuple(latent), text_shape=tuple(text), k=k, repeats=5)
+    del engine
+    return {"k": k, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,34 +40,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--max-batch", type=int, default=8, help="8 is the sweet spot of the embedded model on a CPU")
     p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    table = measure_bound(args)
     results: dict[tuple[str, int], dict] = {}
     for mode, max_batch in (("continuous", args.max_batch), ("one-at-a-time", 1)):
         with served(args.model, max_batch, args.threads) as (url, shape, model):
             print(f"{mode}: cloud model {model}, max batch {max_batch}", file=sys.stderr)
             drive(url, shape, 1, 1, args.steps, args.guidance)  # warm-up
             for n in args.clients:
+                before = counters(url)
                 r = drive(url, shape, n, args.per_client, args.steps, args.guidance)
+                after = counters(url)
+                calls = after.get("diffusionx_unet_calls_total", 0) - before.get("diffusionx_unet_calls_total", 0)
+                # mean requests per U-Net call = request-steps run / calls; the bound for this run's own
+                # step mix (a few requests do not cover the whole strength mix)
+                k = r["unet_steps"] / r["n"]
+                r["mean_batch"] = r["unet_steps"] / calls if calls else None
+                bound_at, _ = share_of_bound(r["throughput"], r["mean_batch"] or 1, table["rows"])
+                bound_at *= table["k"] / k
+                r["bound_per_s"], r["share_of_bound"], r["k"] = bound_at, r["throughput"] / bound_at, k
                 results[(mode, n)] = r
                 print(
-                    f"{mode:>14} {n:>3} clients: {r['throughput']:.2f} refinements/s, "
-                    f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s",
+                    f"{mode:>14} {n:>3} clients: {r['throughput']:.2f}/s = {r['share_of_bound']:.0%} of the bound "
+                    f"({bound_at:.2f}/s at mean batch {r['mean_batch'] or 0:.1f}), "
+                    f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s",
                     file=sys.stderr,
                 )
     print(
         f"\nrefinements at strengths {STRENGTHS}, {args.steps} steps, guidance {args.guidance}, "
         f"{args.per_client} per client; max batch {args.max_batch}"
     )
+    print(f"bound b / (k t(b)), k = {table['k']:g}: " + ", ".join(
+        f"b={row['batch']}: {row['bound_per_s']:.2f}/s (t {row['step_s'] * 1000:.1f} ms)" for row in table["rows"]))
     print(
-        f"{'clients':>7} | {'continuous r/s':>14} {'p50 s':>7} {'p95 s':>7} | {'1-at-a-time r/s':>15} "
-        f"{'p50 s':>7} {'p95 s':>7} | speed-up"
+        f"{'clients':>7} | {'continuous r/s':>14} {'of bound':>8} {'batch':>5} {'p50 s':>6} {'p95 s':>6} "
+        f"{'p99 s':>6} | {'1-at-a-time r/s':>15} {'p95 s':>6} | speed-up"
     )
     for n in args.clients:
         a, b = results[("continuous", n)], results[("one-at-a-time", n)]
         print(
-            f"{n:>7} | {a['throughput']:>14.2f} {a['p50']:>7.2f} {a['p95']:>7.2f} | {b['throughput']:>15.2f} "
-            f"{b['p50']:>7.2f} {b['p95']:>7.2f} | {a['throughput'] / b['throughput']:.2f}x"
+            f"{n:>7} | {a['throughput']:>14.2f} {a['share_of_bound']:>8.0%} {a['mean_batch'] or 0:>5.1f} "
+            f"{a['p50']:>6.2f} {a['p95']:>6.2f} {a['p99']:>6.2f} | {b['throughput']:>15.2f} {b['p95']:>6.2f} | "
+            f"{a['throughput'] / b['throughput']:.2f}x"
         )
+    if args.json:
+        import json
+
+        rows = [{"mode": mode, "clients": n, **r} for (mode, n), r in results.items()]
+        with open(args.json, "w") as f:
+            json.dump({"bound": table, "runs": rows}, f, indent=2)
     print(f"\n{'hand-off':<18} {'latent fp16 B':>13} {'as JSON B':>10} {'PNG B':>8} {'as JSON B':>10}")
     for label, latent, latent_json, png, png_json in wire_sizes():
         print(f"{label:<18} {latent:>13} {latent_json:>10} {png:>8} {png_json:>10}")

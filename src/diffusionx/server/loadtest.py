@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -62,8 +63,24 @@ def drive(url: str, shape: tuple[int, ...], clients: int, per_client: int, steps
     with ThreadPoolExecutor(clients) as pool:
         latencies = [x for part in pool.map(client, range(clients)) for x in part]
     wall = time.perf_counter() - start
-    q = np.percentile(latencies, [50, 95])
-    return {"throughput": len(latencies) / wall, "p50": float(q[0]), "p95": float(q[1]), "n": len(latencies)}
+    q = np.percentile(latencies, [50, 95, 99])
+    sent = [STRENGTHS[k % len(STRENGTHS)] for k in range(clients * per_client)]
+    unet_steps = sum(max(1, math.ceil(s * steps - 1e-9)) for s in sent)
+    return {"throughput": len(latencies) / wall, "unet_steps": unet_steps, "p50": float(q[0]), "p95": float(q[1]),
+            "p99": float(q[2]), "n": len(latencies), "wall_s": wall}
+
+
+def counters(url: str) -> dict[str, float]:
+    """The service's /metrics counters and gauges without labels, by name."""
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            try:
+                values[name] = float(value.split()[0])
+            except (ValueError, IndexError):
+                continue
+    return values
 
 
 def wire_sizes() -> list[tuple[str, int, int, int, int]]:
