@@ -1,7 +1,6 @@
 """The throughput bound of a refinement server (server/capacity.py)."""
 
 import pytest
-import torch
 
 from diffusionx.server.capacity import bound, scaling_table, share_of_bound, step_time, steps_per_refinement
 

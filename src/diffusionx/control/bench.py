@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from ..metrics.image import mean_ci95, psnr, ssim
 from ..world import generate_sessions
 from ..world.scene import POSITION_XY, SIZE_FRACTION, Scene
 from .attention import ControlConfig
@@ -172,37 +172,6 @@ def round_edits(n: int, split: str = "test", sessions: list[dict] | None = None,
     return chosen[:n]
 
 
-# ----- image metrics --------------------------------------------------------------------------
-def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """PSNR in dB of two uint8 (H, W, 3) images over the pixels of `mask` (all when None)."""
-    diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
-    mse = diff[mask].mean() if mask is not None else diff.mean()
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def ssim_map(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
-    """Per-pixel SSIM (Wang et al. 2004; uniform window, as scikit-image's default) of two uint8
-    (H, W, 3) images, averaged over the channels."""
-    x = torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[:, None]
-    y = torch.from_numpy(b.astype(np.float64)).permute(2, 0, 1)[:, None]
-    kernel = torch.full((1, 1, window, window), 1.0 / window**2, dtype=torch.float64)
-    pad = window // 2
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), kernel)
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.mean(dim=0)[0].numpy()
-
-
-def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    s = ssim_map(a, b)
-    return float(s[mask].mean() if mask is not None else s.mean())
-
-
 # ----- attribute checks -----------------------------------------------------------------------
 def _read(pred: dict, position: str, attribute: str) -> Any:
     if attribute == "background":
@@ -262,16 +231,11 @@ def edit_grid(rows: list[tuple[list[Image.Image], str]], titles: tuple[str, ...]
 
 
 def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(values)) if values else None
+    return mean_ci95(values)[0]
 
 
 def _interval(values: list) -> list[float] | None:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if len(values) < 2:
-        return None
-    half = 1.96 * float(np.std(values, ddof=1)) / np.sqrt(len(values))
-    return [float(np.mean(values)) - half, float(np.mean(values)) + half]
+    return mean_ci95(values)[1]
 
 
 def bench_edits(
@@ -360,8 +324,8 @@ def bench_edits(
         for method in METHODS:
             a, b, p = images["previous"][i], images[method][i], pred[method][i]
             row["methods"][method] = {
-                "unedited_psnr": masked_psnr(a, b, mask), "unedited_ssim": masked_ssim(a, b, mask),
-                "psnr": masked_psnr(a, b), "ssim": masked_ssim(a, b),
+                "unedited_psnr": psnr(a, b, mask), "unedited_ssim": ssim(a, b, mask),
+                "psnr": psnr(a, b), "ssim": ssim(a, b),
                 "edited_right": (all(_read(p, c[0], c[1]) == c[2] for c in edited) if edited else None),
                 "kept": (sum(_read(p, c[0], c[1]) == c[2] for c in base) / len(base)) if base else None,
             }
