@@ -363,3 +363,254 @@ def test_policy_selector_sets_the_sessions_policy(untrained_pair):
     bad = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[1], "policy": "magic"})
     assert bad.status_code == 422 and "unknown policy" in bad.json()["error"]
     assert client.get(f"/api/s/{sid}").json()["rounds"][0]["prompt"] == PROMPTS[0]  # the session is kept
+
+
+# ----- durable sessions: a restart of `diffusionx ui` keeps every tab's rounds --------------------
+def ui_client(state):
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(state))
+
+
+def stored_state(pair, path, **kwargs):
+    from diffusionx.ui.store import SQLiteSessionStore
+
+    return UIState(pair, steps=4, store=SQLiteSessionStore(path, **kwargs.pop("store", {})), **kwargs)
+
+
+def snapshot(client, sid: str) -> dict:
+    state = client.get(f"/api/s/{sid}").json()
+    doc = client.get(f"/api/s/{sid}/session.json").json()
+    doc.pop("saved_at")
+    final = client.get(f"/api/s/{sid}/final.png?download=1")
+    return {
+        "state": state,
+        "doc": doc,
+        "pngs": [client.get(f"/api/s/{sid}/round/{r['index']}.png?download=1").content for r in state["rounds"]],
+        "final": final.content if final.status_code == 200 else final.status_code,
+    }
+
+
+def test_a_restart_keeps_every_tabs_rounds_head_seed_steps_policy_and_final(untrained_pair, tmp_path):
+    from diffusionx.predictors import SimilarityRule
+
+    path = tmp_path / "ui.sqlite3"
+    first = stored_state(untrained_pair, path)
+    client = ui_client(first)
+    a, b, c = (client.post("/api/session").json()["id"] for _ in range(3))
+    body = {"prompt": PROMPTS[0], "seed": 11, "steps": 3, "policy": "similarity-rule"}
+    assert client.post(f"/api/s/{a}/generate", json=body).status_code == 200
+    client.post(f"/api/s/{a}/generate", json={"prompt": PROMPTS[1], "strength": 0.4})
+    client.post(f"/api/s/{a}/generate", json={"prompt": PROMPTS[2]})
+    client.post(f"/api/s/{a}/back", json={"round": 2})
+    assert client.post(f"/api/s/{a}/finalize", json={}).json()["final"]["refined"]
+    client.post(f"/api/s/{b}/generate", json={"prompt": BRANCH_PROMPT})
+    before = {sid: snapshot(client, sid) for sid in (a, b, c)}
+    assert before[a]["state"]["head"] == 2 and len(before[a]["pngs"]) == 3 and isinstance(before[a]["final"], bytes)
+    first.store.close()  # the server stops
+
+    second = stored_state(untrained_pair, path)  # ... and starts again over the same file
+    client = ui_client(second)
+    assert not second.sessions  # read back lazily, when a tab asks
+    after = {sid: snapshot(client, sid) for sid in (a, b, c)}
+    for sid in (a, b, c):
+        assert after[sid] == before[sid]  # rounds, head, seed, steps, policy, final; images byte for byte
+    restored = second.get(a)
+    edge = restored.edge
+    assert (edge.seed, edge.steps, edge.head, restored.policy) == (11, 3, 2, "similarity-rule")
+    assert isinstance(restored.edge.policy, SimilarityRule)
+    assert after[b]["state"]["rounds"][0]["prompt"] == BRANCH_PROMPT and after[c]["state"]["rounds"] == []
+    assert after[a]["state"]["final"]["source_round"] == 2
+
+
+def test_a_restored_session_continues_exactly_as_the_live_one(untrained_pair, tmp_path):
+    import torch
+
+    def first_rounds(client, sid):
+        client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0], "seed": 5, "steps": 3})
+        controlled = "controlled" if "controlled" in client.app.state.ui.modes else None
+        client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0].replace("red", "green"), "mode": controlled})
+
+    def next_rounds(client, sid):
+        controlled = "controlled" if "controlled" in client.app.state.ui.modes else None
+        assert client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[1]}).status_code == 200  # SDEdit
+        client.post(f"/api/s/{sid}/back", json={"round": 2})
+        done = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[2], "mode": controlled})
+        assert done.status_code == 200, done.text  # controlled from a restored controlled round
+
+    live = ui_client(UIState(untrained_pair, steps=4))
+    live_sid = live.post("/api/session").json()["id"]
+    first_rounds(live, live_sid)
+    next_rounds(live, live_sid)
+
+    path = tmp_path / "ui.sqlite3"
+    before = stored_state(untrained_pair, path)
+    client = ui_client(before)
+    sid = client.post("/api/session").json()["id"]
+    first_rounds(client, sid)
+    before.store.close()
+    after = stored_state(untrained_pair, path)
+    client = ui_client(after)
+    next_rounds(client, sid)
+
+    expected, got = live.app.state.ui.get(live_sid).edge.rounds, after.get(sid).edge.rounds
+    assert [r.mode for r in got] == [r.mode for r in expected]
+    for want, have in zip(expected, got, strict=True):
+        assert have.latents.dtype == want.latents.dtype
+        assert torch.equal(have.latents, want.latents)  # the next round SDEdits from these: identical
+        assert have.image.tobytes() == want.image.tobytes()
+
+
+def test_stored_latents_keep_their_dtype_and_a_write_is_one_transaction(tmp_path):
+    import sqlite3
+
+    import torch
+
+    from diffusionx.engine import Timing
+    from diffusionx.session import Round
+    from diffusionx.ui.store import SQLiteSessionStore, StoredRound, round_from_record, round_record
+
+    store = SQLiteSessionStore(tmp_path / "ui.sqlite3")
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    rounds = []
+    for i, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16), start=1):
+        latents = (torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(i)) * 3).to(dtype)
+        rounds.append(Round(i, "a circle", 7, 1.0 if i == 1 else 0.6, 3, 3, "fresh" if i == 1 else "sdedit",
+                            None if i == 1 else i - 1, latents, image, Timing(unet_s=0.5, unet_calls=3)))
+    store.save("s1", {"head": 3}, [round_record(r) for r in rounds])
+    loaded = store.load("s1")
+    for want, record in zip(rounds, loaded.rounds, strict=True):
+        have = round_from_record(record)
+        assert have.latents.dtype == want.latents.dtype and torch.equal(have.latents, want.latents)
+        assert have.summary() == want.summary() and have.image.tobytes() == image.tobytes()
+
+    broken = StoredRound(4, {"index": 4}, b"latents", object())  # fails half way through the write
+    with pytest.raises(sqlite3.Error):
+        store.save("s1", {"head": 4}, [round_record(rounds[0]), broken])
+    again = store.load("s1")
+    assert again.settings == {"head": 3} and [r.index for r in again.rounds] == [1, 2, 3]  # nothing half written
+
+
+def test_a_corrupt_or_unknown_stored_session_is_a_404_not_a_500(untrained_pair, tmp_path):
+    import sqlite3
+
+    path = tmp_path / "ui.sqlite3"
+    state = stored_state(untrained_pair, path)
+    client = ui_client(state)
+    sids = [client.post("/api/session").json()["id"] for _ in range(4)]
+    for sid in sids:
+        client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0], "steps": 2})
+    state.store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE sessions SET settings = '{not json' WHERE id = ?", (sids[0],))
+    db.execute("UPDATE rounds SET latents = x'00ff' WHERE session = ?", (sids[1],))
+    db.execute("UPDATE sessions SET settings = json_set(settings, '$.format', 'other/9') WHERE id = ?", (sids[2],))
+    db.execute("UPDATE rounds SET image = x'89504e47' WHERE session = ?", (sids[3],))
+    db.commit()
+    db.close()
+
+    client = ui_client(stored_state(untrained_pair, path))
+    unknown = client.get("/api/s/no-such-session")
+    assert unknown.status_code == 404 and "no longer on the server" in unknown.json()["error"]
+    for sid in sids:
+        for response in (client.get(f"/api/s/{sid}"), client.get(f"/api/s/{sid}/round/1.png"),
+                         client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[1]})):
+            assert response.status_code == 404, response.text
+            error = response.json()["error"]
+            assert "no longer on the server" in error and "could not be restored" in error  # the page starts anew
+    assert "other/9" in client.get(f"/api/s/{sids[2]}").json()["error"]
+    assert client.post("/api/session").status_code == 200  # the server goes on
+
+
+def test_the_memory_bound_is_a_cache_and_old_stored_sessions_are_evicted(untrained_pair, tmp_path, monkeypatch):
+    from diffusionx.ui import app as ui_app
+
+    monkeypatch.setattr(ui_app, "MAX_SESSIONS", 2)
+    now = [1_000_000.0]
+    path = tmp_path / "ui.sqlite3"
+    state = stored_state(untrained_pair, path, store={"clock": lambda: now[0]})
+    client = ui_client(state)
+    sids = [client.post("/api/session").json()["id"] for _ in range(3)]
+    client.post(f"/api/s/{sids[0]}/generate", json={"prompt": PROMPTS[0], "steps": 2})
+    client.post(f"/api/s/{sids[1]}/generate", json={"prompt": PROMPTS[0], "steps": 2})
+    client.post(f"/api/s/{sids[2]}/generate", json={"prompt": PROMPTS[0], "steps": 2})
+    assert len(state.sessions) == 2
+    for sid in sids:  # dropped from memory, read back from the file
+        assert len(client.get(f"/api/s/{sid}").json()["rounds"]) == 1
+    state.store.close()
+
+    now[0] += 6.9 * 86400  # within the default 7 days: kept
+    state = stored_state(untrained_pair, path, store={"clock": lambda: now[0]})
+    assert ui_client(state).get(f"/api/s/{sids[0]}").status_code == 200 and state.store.count() == 3
+    state.store.close()
+    now[0] += 0.2 * 86400  # past it: deleted from disk at start
+    state = stored_state(untrained_pair, path, store={"clock": lambda: now[0]})
+    assert state.store.count() == 0
+    assert ui_client(state).get(f"/api/s/{sids[1]}").status_code == 404
+
+
+def test_cli_state_option_default_file_and_memory(untrained_pair, tmp_path, monkeypatch):
+    import diffusionx.models
+    from diffusionx.cli import build_parser
+    from diffusionx.errors import InvalidInputError
+    from diffusionx.ui import app as ui_app
+    from diffusionx.ui.app import build_state
+
+    monkeypatch.setattr(diffusionx.models, "load_pair", lambda *a, **k: untrained_pair)
+    monkeypatch.setenv("DIFFUSIONX_STATE_DIR", str(tmp_path / "state"))
+    parse = build_parser().parse_args
+    base = ["ui", "--model", "untrained", "--steps", "2"]
+
+    default = build_state(parse(base))
+    assert default.store.path == (tmp_path / "state" / "ui-sessions.sqlite3").resolve() and default.store.path.exists()
+    assert default.store.max_age_s == 7 * 86400
+    default.store.close()
+    days = build_state(parse([*base, "--state", f"sqlite:///{tmp_path}/x.sqlite3", "--session-max-age", "2"]))
+    assert days.store.path == (tmp_path / "x.sqlite3").resolve() and days.store.max_age_s == 2 * 86400
+    days.store.close()
+    with pytest.raises(SystemExit):
+        parse([*base, "--session-max-age", "0"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InvalidInputError, match="cannot open the UI's session store"):
+        build_state(parse([*base, "--state", str(tmp_path / "a-file" / "ui.sqlite3")]))
+
+    # --state memory: the old behaviour, sessions in this process only
+    memory = build_state(parse([*base, "--state", "memory"]))
+    assert memory.store is None
+    client = ui_client(memory)
+    sid = client.post("/api/session").json()["id"]
+    client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0]})
+    assert len(client.get(f"/api/s/{sid}").json()["rounds"]) == 1
+    restarted = ui_client(build_state(parse([*base, "--state", "memory"])))
+    gone = restarted.get(f"/api/s/{sid}")
+    assert gone.status_code == 404 and "no longer on the server" in gone.json()["error"]
+    monkeypatch.setattr(ui_app, "MAX_SESSIONS", 1)
+    client.post("/api/session")
+    assert client.get(f"/api/s/{sid}").status_code == 404  # beyond the bound, dropped for good
+
+
+def test_a_reloaded_page_gets_its_rounds_back_after_a_restart(untrained_pair, browser, page, tmp_path):
+    path = tmp_path / "ui.sqlite3"
+    first = stored_state(untrained_pair, path)
+    ui = start_in_thread(create_app(first), graceful_timeout=5)
+    port = int(ui.url.rsplit(":", 1)[1])
+    try:
+        open_page(page, ui.url)
+        submit(page, PROMPTS[0], 1)
+        submit(page, PROMPTS[1], 2)
+        sid, seed = doc_sid(page), page.input_value("#seed")
+        before = page.request.get(ui.url + f"/api/s/{sid}/round/2.png").body()
+    finally:
+        ui.stop()
+    first.store.close()
+    ui = start_in_thread(create_app(stored_state(untrained_pair, path)), port=port, graceful_timeout=5)
+    try:
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_function("document.querySelectorAll('#history .round').length === 2")
+        assert doc_sid(page) == sid and page.input_value("#seed") == seed
+        assert page.get_attribute("#history .round.head", "data-round") == "2"
+        assert page.request.get(ui.url + f"/api/s/{sid}/round/2.png").body() == before
+        submit(page, PROMPTS[2], 3)  # and it goes on
+    finally:
+        ui.stop()

@@ -336,3 +336,30 @@ class EdgeSession:
 
     def history(self) -> list[dict[str, Any]]:
         return [r.summary() for r in self.rounds]
+
+    def restore(self, rounds: list[Round], head: int | None, final: FinalResult | None = None) -> None:
+        """Put back rounds kept from an earlier run (the web UI's store): the history, the head,
+        the final, and how each round was made, so that the next round (a controlled one too)
+        continues exactly as it would have in the session that made them."""
+        from .control import RoundSpec
+
+        specs: dict[int, Any] = {}
+        for i, r in enumerate(rounds, start=1):
+            if r.index != i:
+                raise InvalidInputError(f"round {i} is numbered {r.index}; rounds must be 1, 2, ... in order")
+            if r.parent is not None and not 1 <= r.parent < i:
+                raise InvalidInputError(f"round {i} names parent {r.parent!r}, which is not an earlier round")
+            if r.mode == "controlled":
+                source = specs.get(r.parent) if r.parent is not None else None
+                if source is not None:
+                    specs[i] = RoundSpec(r.prompt, source.seed, source.strength, source.init_latents,
+                                         source=source, config=self.control)
+                continue
+            init = rounds[r.parent - 1].latents if r.parent is not None and r.strength != 1.0 else None
+            specs[i] = RoundSpec(r.prompt, r.seed, r.strength, init)
+        if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 1 <= head <= len(rounds)):
+            raise InvalidInputError(f"head {head!r} is not one of the {len(rounds)} rounds")
+        if final is not None and not 1 <= final.source_round <= len(rounds):
+            raise InvalidInputError(f"the final names round {final.source_round}, which is not one of the rounds")
+        self.rounds, self.head, self.final = list(rounds), head, final
+        self._specs, self._trace = specs, None

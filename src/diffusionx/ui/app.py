@@ -6,6 +6,11 @@ each call, so tabs are independent sessions. The models are shared: one render r
 finalize, load) are plain blocking requests; while one runs the page polls `/progress`, which
 reports the U-Net step and, on request, an intermediate preview decoded from the current
 prediction of the clean latent (x0).
+
+Sessions are kept in a store (`diffusionx.ui.store`: a SQLite file by default) after each
+successful round, branch, finalize and load, so a restart of the server keeps every tab's rounds;
+`sessions` holds the most recently used ones in memory and the others are read back, by id, when
+their tab asks for them. Without a store (`--state memory`) a session lives only in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
 from ..predictors.specs import CHOICES as POLICY_CHOICES
 from ..session import EdgeSession, FinalResult, Round
+from .store import (
+    KEEP_FINAL,
+    STORE_FORMAT,
+    SQLiteSessionStore,
+    StoredSession,
+    StoredSessionError,
+    final_from_record,
+    final_record,
+    round_from_record,
+    round_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +63,10 @@ STATIC = Path(__file__).with_name("static")
 SESSION_FORMAT = "diffusionx-ui-session/1"
 MAX_PROMPT_CHARS = 1000  # the cloud service's default limit, so a prompt the page takes can be refined
 MAX_ROUNDS = 200  # per session, and per loaded session file
-MAX_SESSIONS = 64  # tabs kept; the least recently used one is dropped beyond this
+MAX_SESSIONS = 64  # tabs kept in memory; beyond this the least recently used one is dropped from memory
+# (with a store it stays on disk and is read back when its tab asks; without one it is gone)
+EVICT_EVERY_S = 3600.0  # how often stored sessions past their age limit are looked for
+GONE = "this session is no longer on the server (it restarted or the tab was idle)"
 MAX_LOAD_BYTES = 2 * 1024 * 1024
 MAX_LOAD_STEPS = 200
 PREVIEW_MAX_LATENT = 32 * 32  # step previews (a VAE decode each) only for latents up to this many pixels
@@ -105,6 +124,8 @@ class TabSession:
     notes: list[str] = field(default_factory=list)  # warnings of the last load
     policy: str = "fixed"  # the strength policy's spec (diffusionx.predictors.specs)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    saved: tuple[int, int] = (-1, 0)  # (epoch, rounds) already in the store
+    saved_final: FinalResult | None = None  # the final already in the store
 
 
 class UIState:
@@ -121,8 +142,11 @@ class UIState:
         max_prompt_chars: int = MAX_PROMPT_CHARS,
         threads: int = 0,
         step_previews: bool | None = None,
+        store: SQLiteSessionStore | None = None,
     ):
         self.pair = pair
+        self.store = store  # None: sessions live in this process only
+        self._evicted_at = float("-inf")
         self.cloud = cloud
         self.cloud_label = cloud_label
         self.policy = policy or FixedStrength()
@@ -142,6 +166,7 @@ class UIState:
         self.step_previews = step_previews
         self.preview_lock = threading.Lock()  # one intermediate decode at a time; others get the last one
         self._alphas = make_scheduler(DEFAULT_SCHEDULER, pair.edge.scheduler_config).alphas_cumprod
+        self.evict_stored()
 
     # ----- sessions ---------------------------------------------------------------------------
     def new_edge_session(self, steps: int | None = None, seed: int | None = None) -> EdgeSession:
@@ -172,20 +197,132 @@ class UIState:
         tab = TabSession(secrets.token_urlsafe(12), self.new_edge_session())
         with self.sessions_lock:
             self.sessions[tab.id] = tab
-            while len(self.sessions) > MAX_SESSIONS:
-                oldest = next(iter(self.sessions))
-                if self.sessions[oldest].busy:
-                    break
-                del self.sessions[oldest]
+            self._trim()
+        self.persist(tab)
+        if time.monotonic() - self._evicted_at > EVICT_EVERY_S:
+            self.evict_stored()
         return tab
+
+    def _trim(self) -> None:
+        """Keep at most MAX_SESSIONS in memory (callers hold sessions_lock); a busy one stays."""
+        while len(self.sessions) > MAX_SESSIONS:
+            oldest = next(iter(self.sessions))
+            if self.sessions[oldest].busy:
+                break
+            del self.sessions[oldest]
 
     def get(self, sid: str) -> TabSession:
         with self.sessions_lock:
             tab = self.sessions.get(sid)
-            if tab is None:
-                raise LookupError("this session is no longer on the server (it restarted or the tab was idle)")
-            self.sessions.move_to_end(sid)
+            if tab is not None:
+                self.sessions.move_to_end(sid)
+                return tab
+            tab = self._restore(sid)  # under the lock: two calls for one id get one TabSession
+            self.sessions[sid] = tab
+            self._trim()
             return tab
+
+    # ----- the store --------------------------------------------------------------------------
+    def persist(self, tab: TabSession) -> None:
+        """Write what changed in `tab` since its last write: one transaction (its settings, head
+        and final, and its new rounds; all of them after a load replaced them). A failed write is
+        logged and said on the page; the session itself is kept in memory."""
+        if self.store is None:
+            return
+        edge = tab.edge
+        epoch, count = tab.saved
+        replace = epoch != tab.epoch
+        try:
+            rounds = [round_record(r) for r in edge.rounds[0 if replace else count :]]
+            if edge.final is not None and edge.final is tab.saved_final and not replace:
+                final = KEEP_FINAL
+            else:
+                final = None if edge.final is None else final_record(edge.final, tab.final_info)
+            self.store.save(tab.id, self._settings(tab), rounds, final=final, replace_rounds=replace)
+        except Exception as err:
+            log.exception("could not store UI session %s", tab.id)
+            tab.notes = [*tab.notes, f"this session could not be saved ({type(err).__name__}: {err}); "
+                         "a restart of the server would lose its latest changes"]
+            return
+        tab.saved, tab.saved_final = (tab.epoch, len(edge.rounds)), edge.final
+
+    def _settings(self, tab: TabSession) -> dict[str, Any]:
+        edge = tab.edge
+        return {
+            "format": STORE_FORMAT,
+            "models": self.pair.describe(),
+            "epoch": tab.epoch,
+            "steps": edge.steps,
+            "cloud_steps": edge.cloud_steps,
+            "seed": edge.seed,
+            "guidance_scale": edge.guidance_scale,
+            "scheduler": edge.scheduler,
+            "head": edge.head,
+            "policy": tab.policy,
+            "policy_chosen": edge.policy is not self.policy,  # else the server's own (--edge-strength ...)
+        }
+
+    def _restore(self, sid: str) -> TabSession:
+        if self.store is None:
+            raise LookupError(GONE)
+        try:
+            record = self.store.load(sid)
+            if record is None:
+                raise LookupError(GONE)
+            return self._tab_from(record)
+        except LookupError:
+            raise
+        except Exception as err:
+            log.warning("stored UI session %s cannot be restored: %s: %s", sid, type(err).__name__, err)
+            raise StoredSessionError(
+                f"this session is no longer on the server: its stored copy ({self.store.describe()}) "
+                f"could not be restored ({type(err).__name__}: {err})"
+            ) from None
+
+    def _tab_from(self, record: StoredSession) -> TabSession:
+        s = record.settings
+        if not isinstance(s, dict) or s.get("format") != STORE_FORMAT:
+            found = s.get("format") if isinstance(s, dict) else type(s).__name__
+            raise ValueError(f"its format is {found!r}, not {STORE_FORMAT!r}")
+        edge = self.new_edge_session(steps=check_steps(s["steps"]), seed=check_seed(s["seed"]))
+        edge.cloud_steps = check_steps(s.get("cloud_steps", edge.steps))
+        edge.guidance_scale, edge.scheduler = float(s["guidance_scale"]), str(s["scheduler"])
+        rounds = [round_from_record(r) for r in record.rounds]
+        expected = tuple(self.pair.edge.latent_shape())[-3:]
+        saved_pair = (s.get("models") or {}).get("pair")
+        for r in rounds:
+            if tuple(r.latents.shape)[-3:] != expected:
+                raise ValueError(f"round {r.index}'s latents have shape {tuple(r.latents.shape)}; this server's "
+                                 f"edge model ({self.pair.describe().get('pair')}) needs {expected} "
+                                 f"(saved with {saved_pair!r})")
+        final, view = final_from_record(record.final) if record.final is not None else (None, None)
+        edge.restore(rounds, s.get("head"), final)
+        tab = TabSession(record.id, edge, epoch=int(s.get("epoch", 0)), final_info=view,
+                         policy=str(s.get("policy", "fixed")))
+        if saved_pair not in (None, self.pair.describe().get("pair")):
+            tab.notes.append(f"saved with model pair {saved_pair!r}; this server runs {self.pair.describe()['pair']!r}")
+        if s.get("policy_chosen"):
+            try:
+                edge.policy = self.policy_for(tab.policy)
+            except InvalidInputError as err:
+                tab.notes.append(f"this session's policy {tab.policy!r} cannot be built here ({err}); "
+                                 "the fixed strengths are used")
+                tab.policy = "fixed"
+        tab.saved, tab.saved_final = (tab.epoch, len(rounds)), final
+        return tab
+
+    def evict_stored(self) -> int:
+        """Delete stored sessions past the store's age limit (not those in memory here)."""
+        self._evicted_at = time.monotonic()
+        if self.store is None:
+            return 0
+        with self.sessions_lock:
+            keep = set(self.sessions)
+        try:
+            return self.store.evict(keep)
+        except Exception:
+            log.exception("could not evict old UI sessions from %s", self.store.describe())
+            return 0
 
     @contextmanager
     def busy(self, tab: TabSession, what: str):
@@ -542,6 +679,7 @@ def create_app(state: UIState) -> FastAPI:
             if seed is not None:
                 tab.edge.seed = seed  # the seed field is fixed until changed: later rounds keep it
             r = _generate(state, tab, prompt, strength, seed, mode)
+            state.persist(tab)
         return {**_state(state, tab), "round": _round_view(tab, r)}
 
     @app.post("/api/s/{sid}/variation")
@@ -558,6 +696,7 @@ def create_app(state: UIState) -> FastAPI:
             tab.edge.seed = random_seed()
             strength = current.strength if current.parent else 1.0  # a fresh round stays fresh
             r = _generate(state, tab, current.prompt, strength, None, None)
+            state.persist(tab)
         return {**_state(state, tab), "round": _round_view(tab, r)}
 
     @app.post("/api/s/{sid}/back")
@@ -567,6 +706,7 @@ def create_app(state: UIState) -> FastAPI:
         with state.busy(tab, "generate"):
             tab.notes = []
             tab.edge.back(index)
+            state.persist(tab)
         return _state(state, tab)
 
     @app.post("/api/s/{sid}/finalize")
@@ -596,6 +736,7 @@ def create_app(state: UIState) -> FastAPI:
                 tab.progress.phase = "finalizing"
                 final = tab.edge.finalize(strength=strength, load=load)
             tab.final_info = _final_view(tab, final, time.perf_counter() - start)
+            state.persist(tab)
         return _state(state, tab)
 
     @app.get("/api/s/{sid}/round/{index}.png")
@@ -648,6 +789,7 @@ def create_app(state: UIState) -> FastAPI:
         def replay():
             with state.busy(tab, "load"):
                 tab.notes = _replay(state, tab, doc)
+                state.persist(tab)
             return _state(state, tab)
 
         return await run_in_threadpool(replay)
@@ -673,7 +815,38 @@ def build_state(args) -> UIState:
         cloud = CloudClient(args.cloud_url, token, retries=2, backoff=0.25, connect_timeout=3.0)
         label = args.cloud_url
     policy = FixedStrength(edge=check_strength(args.edge_strength), cloud=check_strength(args.cloud_strength))
-    return UIState(pair, cloud=cloud, cloud_label=label, policy=policy, steps=args.steps, seed=args.seed)
+    store = open_ui_store(getattr(args, "state", None), getattr(args, "session_max_age", None))
+    return UIState(pair, cloud=cloud, cloud_label=label, policy=policy, steps=args.steps, seed=args.seed, store=store)
+
+
+def ui_store_location(state: str | None) -> str:
+    """`--state`: as given, else ui-sessions.sqlite3 in the state directory `diffusionx serve` uses."""
+    from ..server.config import default_state_dir
+    from .store import STORE_FILE_NAME
+
+    return state or str(default_state_dir() / STORE_FILE_NAME)
+
+
+def open_ui_store(state: str | None, max_age_days: float | None = None) -> SQLiteSessionStore | None:
+    """The session store `diffusionx ui` opens (None for `--state memory`), checked at start: a file
+    that cannot be opened is bad input (exit 2); says where the sessions are on stderr."""
+    import sys
+
+    from .store import DEFAULT_MAX_AGE_S, open_session_store
+
+    location = ui_store_location(state)
+    days = DEFAULT_MAX_AGE_S / 86400 if max_age_days is None else max_age_days
+    if not (isinstance(days, (int, float)) and math.isfinite(days) and days > 0):
+        raise InvalidInputError(f"--session-max-age must be a positive number of days, got {days!r}")
+    try:
+        store = open_session_store(location, max_age_s=days * 86400)
+    except Exception as err:
+        raise InvalidInputError(f"cannot open the UI's session store {location}: {err}") from None
+    if store is None:
+        print("sessions: memory (this process only; a restart forgets them)", file=sys.stderr)
+    else:
+        print(f"sessions: {store.describe()} (each kept {days:g} days after its last change)", file=sys.stderr)
+    return store
 
 
 def run_ui(args) -> int:
