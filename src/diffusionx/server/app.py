@@ -284,6 +284,11 @@ class _SerialRefiner:
     def load(self) -> LoadReport:
         return LoadReport(self._waiting, 0, 1, 0.0, 0.0, self.completed, self.failed, self.unet_calls, self._closing)
 
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._order
+
     def close(self, drain: bool = True, timeout: float | None = None) -> bool:
         self._closing = True
         self._pool.shutdown(wait=drain, cancel_futures=not drain)
@@ -326,6 +331,8 @@ class Service:
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
         self.draining = False
+        self.drain_deadline: float | None = None  # time.monotonic() by which the drain must be done
+        self.active = 0  # refinements in flight: accepted requests whose answer is not out yet
         self.started = time.time()
         self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
         self.latency_buckets = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
@@ -366,12 +373,24 @@ class Service:
 
     def check_draining(self) -> None:
         if self.draining:
-            raise ApiError(
-                503,
-                "draining",
-                "the server is shutting down and accepts no new work; retry (another instance) shortly",
-                _retry_after(5),
-            )
+            raise _draining()
+
+    def begin_drain(self, deadline: float | None = None) -> None:
+        """Draining from now on (health 503, new work 503); `deadline` (monotonic) bounds the
+        rest of the drain, the app's shutdown included."""
+        self.drain_deadline = deadline
+        self.draining = True
+
+    def busy(self) -> bool:
+        """Refinements in flight: accepted requests not yet answered, or work the refiner still
+        runs (e.g. for a client that hung up: its retry will want the stored result)."""
+        if self.active:
+            return True
+        idle = getattr(self.refiner, "idle", None)
+        if idle is not None:
+            return not idle
+        load = self.refiner.load()
+        return bool(load.queue_depth or load.running)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         if path not in KNOWN_PATHS:
@@ -413,7 +432,11 @@ class Service:
     def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting (503 + Retry-After) and finish every accepted request (and store it)."""
         self.draining = True
-        finished = self.refiner.close(drain=True, timeout=self.limits.drain_timeout_s if timeout is None else timeout)
+        if timeout is None:
+            timeout = self.limits.drain_timeout_s
+            if self.drain_deadline is not None:
+                timeout = max(0.0, self.drain_deadline - time.monotonic())
+        finished = self.refiner.close(drain=True, timeout=timeout)
         self._results.shutdown(wait=finished)
         self._claims.shutdown(wait=False)
         self._stop_renewing.set()
@@ -793,7 +816,19 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
     return schema
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _draining(headers: dict[str, str] | None = None) -> ApiError:
+    return ApiError(
+        503,
+        "draining",
+        "the server is shutting down and accepts no new work; retry (another instance) shortly",
+        {**_retry_after(5), **(headers or {})},
+    )
+
+
+async def _read_body(request: Request, limit: int, idle_timeout: float, service: Service | None = None) -> bytes:
+    """The body, at most `limit` bytes, each piece within `idle_timeout` s of the previous one
+    (else 408). A drain that starts meanwhile ends the upload with 503 at once: the request would
+    be refused anyway, and a slow or stalled upload must not hold the shutdown."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -801,12 +836,38 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise ApiError(413, "body_too_large", f"request body is {int(length)} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    close = {"Connection": "close"}  # the rest of the body is never read
+    while True:
+        # receive() itself, not request.stream(): a pending receive can be abandoned without
+        # losing data, an async generator interrupted mid-await is finished for good
+        receive = asyncio.ensure_future(request.receive())
+        quiet_since = time.monotonic()
+        while not receive.done():
+            await asyncio.wait({receive}, timeout=0.25)
+            if receive.done():
+                break
+            if service is not None and service.draining:
+                receive.cancel()
+                raise _draining(close)
+            if time.monotonic() - quiet_since > idle_timeout:
+                receive.cancel()
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body stalled: nothing arrived for {idle_timeout:g} s",
+                    close,
+                )
+        message = receive.result()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes", close)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _validation_message(err: ValidationError) -> tuple[int, str]:
@@ -922,6 +983,7 @@ def create_app(
             (400, "body is not JSON, bad base64, unreadable safetensors or PNG"),
             (401, "no or malformed bearer token"),
             (403, "token not accepted"),
+            (408, "the body stalled (nothing arrived for the body timeout)"),
             (413, "body larger than the limit"),
             (415, "Content-Type is not application/json"),
             (422, "a field is out of range, or the latent/image does not fit the cloud model"),
@@ -957,7 +1019,15 @@ def create_app(
         service.check_draining()
         who = service.authenticate(request.headers.get("authorization"))
         _check_content_type(request)
-        raw = await _read_body(request, limits.max_body_bytes)
+        raw = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s, service)
+        service.check_draining()  # a body that arrived after the drain began is new work too
+        service.active += 1  # (on the event loop: no lock needed)
+        try:
+            return await _refine(request, who, raw)
+        finally:
+            service.active -= 1
+
+    async def _refine(request: Request, who: str, raw: bytes) -> JSONResponse:
         try:
             body = RefineBody.model_validate_json(raw)
         except ValidationError as err:

@@ -25,7 +25,16 @@ class Limits:
     idempotency_window_s: float = 24 * 3600.0  # a result is replayed for this long after it finished
     idempotency_lease_s: float = 15.0  # a claim lapses this long after its replica stops renewing it
     idempotency_wait_s: float = 30.0  # how long a retry waits for another replica computing its key
-    drain_timeout_s: float = 120.0
+    # the HTTP server (diffusionx serve; server/run.py): what one client can hold
+    header_timeout_s: float = 10.0  # a request's line and headers must arrive within this (slowloris)
+    body_timeout_s: float = 30.0  # longest pause between two pieces of a request body (408 after it)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16 * 1024  # request line + headers; more is a 400 and a closed connection
+    max_connections: int = 512  # open connections (uvicorn limit_concurrency); past it requests get 503
+    # SIGTERM: health 503 and new work 503 at once, in-flight refinements finish, and the process
+    # is gone within drain_timeout_s (Kubernetes' 30 s grace period minus a margin)
+    drain_timeout_s: float = 25.0
+    drain_linger_s: float = 0.0  # keep listening (health 503) at least this long after SIGTERM
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +61,65 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=f"refinements per minute per token (default {Limits.rate_per_minute:g})",
     )
     p.add_argument("--max-body", type=int, default=Limits.max_body_bytes, help="request body limit in bytes")
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=Limits.burst,
+        help=f"refinements a token may send at once before --rate applies (default {Limits.burst})",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.header_timeout_s,
+        help=f"a request's line and headers must arrive within this, else the connection is closed "
+        f"(slow clients, slowloris; default {Limits.header_timeout_s:g})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.body_timeout_s,
+        help=f"longest pause while a request body arrives, else 408 (default {Limits.body_timeout_s:g})",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.keep_alive_s,
+        help=f"idle keep-alive connections are closed after this (default {Limits.keep_alive_s:g})",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        metavar="BYTES",
+        default=Limits.max_header_bytes,
+        help=f"request line and headers at most this big, else 400 and close (default {Limits.max_header_bytes})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        default=Limits.max_connections,
+        help=f"open connections; past this requests get 503 (default {Limits.max_connections})",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.drain_timeout_s,
+        help="on SIGTERM: health and new refinements answer 503, in-flight ones finish, and the process exits "
+        f"within this many seconds, stalled clients or not (default {Limits.drain_timeout_s:g}: Kubernetes' "
+        "30 s grace period minus a margin)",
+    )
+    p.add_argument(
+        "--drain-linger",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.drain_linger_s,
+        help="on SIGTERM keep listening (health 503 'draining') at least this long, so load balancers see it "
+        f"(default {Limits.drain_linger_s:g}: until the in-flight refinements are done)",
+    )
     p.add_argument("--device", default="auto", help="torch device for the model: auto (cuda if present), cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
@@ -87,6 +155,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         default=Limits.idempotency_keys_per_token,
         help="Idempotency-Keys kept per token; its own oldest results go first",
+    )
+    p.add_argument(
+        "--idempotency-lease",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.idempotency_lease_s,
+        help="a claim of a process that died lapses this long after its last renewal; a retry then computes "
+        f"the request (default {Limits.idempotency_lease_s:g})",
     )
 
 
