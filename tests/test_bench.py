@@ -145,8 +145,15 @@ def test_bench_cli_writes_results(tmp_path):
     table = (out / "results.md").read_text()
     assert "| diffusionx-fixed-0.5 |" in table and "vs cloud-only" in table
     assert "## Edge previews, rounds 2+" in table and "relative to regenerating every round from scratch" in table
-    for name in ("latency_quality.png", "per_round_latency.png", "finals_grid.png"):
+    for name in ("latency_quality.png", "quality_fidelity_latency.png", "per_round_latency.png", "finals_grid.png"):
         assert (out / name).stat().st_size > 1000
+    # preview fidelity: only for methods that refine a preview; 4 sessions, values in range
+    assert methods["cloud-only"]["preview_fidelity"] is None
+    fidelity = dx["preview_fidelity"]
+    assert len(fidelity["per_session"]["psnr_db"]) == 4 and fidelity["psnr_db"] > 0
+    assert 0 < fidelity["ssim"] <= 1 and 0 <= fidelity["feature_distance"] <= 2
+    assert fidelity["attributes_kept"] is None or 0 <= fidelity["attributes_kept"] <= 1
+    assert len(fidelity["psnr_db_ci95"]) == 2 and "## Preview fidelity" in table
 
 
 @pytest.mark.slow

@@ -218,3 +218,18 @@ def test_attribute_accuracy_on_renders_of_partial_prompts(ev):
     completed = [complete(Scene.from_dict(r["scene"]), np.random.default_rng([14, i])) for i, r in enumerate(rounds)]
     hand = ev.attribute_accuracy(np.stack([render(s) for s in completed]), [r["prompt"] for r in rounds])
     assert hand["n_unparseable"] == 0 and hand["mean"] >= 0.95
+
+
+def test_attributes_kept_compares_the_same_checks():
+    from diffusionx.metrics.evaluator import attributes_kept, score_scene
+    from diffusionx.world.captions import parse_prompt
+
+    scene = parse_prompt("a red circle on the left and a blue star on a white background")
+    right = {"background": "white", "objects": {"left": {"shape": "circle", "color": "red", "size": "large"},
+                                                "top": {"shape": "star", "color": "blue", "size": "small"}}}
+    recolored = {"background": "white", "objects": {"left": {"shape": "circle", "color": "green", "size": "large"},
+                                                    "top": {"shape": "star", "color": "blue", "size": "small"}}}
+    before, after = score_scene(right, scene), score_scene(recolored, scene)
+    assert before["score"] == 1.0 and len(before["checks"]) == 6  # position, shape, color; shape, color; bg
+    assert attributes_kept(before, after) == pytest.approx(5 / 6)  # only the circle's color was lost
+    assert attributes_kept(before, before) == 1.0 and attributes_kept(None, after) is None

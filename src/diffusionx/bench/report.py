@@ -48,6 +48,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     if any(m.get("quality_note") for m in methods.values()):
         lines += ["", "Quality columns: n/a (random weights): this table's models only give latency and cost."]
     lines += _edge_preview_table(methods)
+    lines += _fidelity_table(methods)
     calib = report["calibration_measured_s"]
     timed = calib.get("models", report["models"])
     lines += [
@@ -72,9 +73,40 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += [
         "Raw (measured-profile) seconds: rerun with `--profile measured`.",
         "",
-        "Plots: `latency_quality.png`, `per_round_latency.png`, `finals_grid.png`.",
+        "Plots: `latency_quality.png`, `quality_fidelity_latency.png`, `per_round_latency.png`, `finals_grid.png`.",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _with_ci(mean: float | None, ci: list[float] | None, digits: int) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _fidelity_table(methods: dict[str, Any]) -> list[str]:
+    """Is the final still the image the user approved? (methods that refine a preview)"""
+    rows = [(name, m["preview_fidelity"]) for name, m in methods.items() if m.get("preview_fidelity")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Preview fidelity: last preview vs final (means, 95% intervals)",
+        "",
+        "| method | cloud strength | PSNR dB | SSIM | evaluator feature distance | attributes kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, f in rows:
+        strength = methods[name].get("cloud_strength")
+        lines.append(
+            f"| {name} | {_fmt(strength, 2)} | {_with_ci(f['psnr_db'], f['psnr_db_ci95'], 1)} | "
+            f"{_with_ci(f['ssim'], f['ssim_ci95'], 3)} | "
+            f"{_with_ci(f.get('feature_distance'), f.get('feature_distance_ci95'), 3)} | "
+            f"{_with_ci(f.get('attributes_kept'), f.get('attributes_kept_ci95'), 3)} |"
+        )
+    lines += ["", "Attributes kept: of the named attributes the last preview rendered right, the share the final "
+                  "still renders right."]
+    return lines
 
 
 def _from_scratch(methods: dict[str, Any]) -> dict[str, Any] | None:
@@ -207,6 +239,28 @@ def write_plots(report: dict[str, Any], finals: dict[str, list], prompts: list[s
     fig.tight_layout()
     fig.savefig(out / "latency_quality.png", dpi=dpi)
     plt.close(fig)
+
+    fidelity = [(name.removeprefix("diffusionx-"), m) for name, m in methods.items()
+                 if m.get("preview_fidelity") and m.get("attribute_accuracy") is not None]
+    if fidelity:
+        fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=dpi)
+        xs = [m["preview_fidelity"]["psnr_db"] for _, m in fidelity]
+        ys = [m["attribute_accuracy"] for _, m in fidelity]
+        lat = [m["session_latency_mean_s"] for _, m in fidelity]
+        dots = ax.scatter(xs, ys, c=lat, cmap="viridis", s=60)
+        fig.colorbar(dots, ax=ax, label=f"mean session latency (s), profile {report['profile']['name']}")
+        _place_labels(ax, [(name, x, y) for (name, _), x, y in zip(fidelity, xs, ys)], dpi)
+        cloud_only = methods.get("cloud-only", {}).get("attribute_accuracy")
+        if cloud_only is not None:
+            ax.axhline(cloud_only, color="gray", ls="--", lw=1, label="cloud-only")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("preview fidelity: PSNR(last preview, final) dB (higher keeps more of the preview)")
+        ax.set_ylabel("final attribute accuracy")
+        ax.grid(alpha=0.3)
+        ax.set_title("Quality vs fidelity vs latency")
+        fig.tight_layout()
+        fig.savefig(out / "quality_fidelity_latency.png", dpi=dpi)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for name, m in methods.items():

@@ -166,6 +166,36 @@ def _preview_quality(evaluator, sessions: list[dict], records: list, edited: boo
     }
 
 
+def _fidelity(evaluator, sessions: list[dict], records: list) -> dict[str, Any]:
+    """Is the final still the image the user approved? Per session, between the last preview and
+    the final: PSNR and SSIM, the cosine distance of the evaluator's image features, and
+    *attributes kept* (of the named attributes the preview rendered right, the share the final
+    still renders right). Means with 95% intervals; per-session values under "per_session"."""
+    from ..metrics.evaluator import attributes_kept
+    from ..metrics.image import mean_ci95, psnr, ssim
+
+    previews = [record.previews[-1][1] for record in records]
+    finals = [record.final_image for record in records]
+    prompts = [s["rounds"][-1]["prompt"] for s in sessions]
+    per: dict[str, list] = {
+        "psnr_db": [psnr(a, b) for a, b in zip(previews, finals)],
+        "ssim": [ssim(a, b) for a, b in zip(previews, finals)],
+    }
+    if evaluator is not None:
+        feats = evaluator.image_features(previews + finals)
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        n = len(previews)
+        per["feature_distance"] = [float(1.0 - feats[i] @ feats[n + i]) for i in range(n)]
+        checks = evaluator.attribute_accuracy(previews + finals, prompts + prompts)["results"]
+        per["attributes_kept"] = [attributes_kept(checks[i], checks[n + i]) for i in range(n)]
+    out: dict[str, Any] = {}
+    for key, values in per.items():
+        mean, ci = mean_ci95(values)
+        out[key], out[f"{key}_ci95"] = mean, ci
+    out["per_session"] = per
+    return out
+
+
 REFERENCE_SEED = 14  # the unnamed attributes of partial final prompts' FID references
 
 
@@ -240,6 +270,7 @@ def run_bench(
             "preview_attribute_accuracy_by_round": preview_quality,
             "edge_unet_steps_per_session": _edge_steps(method, records),
             **edited,
+            "preview_fidelity": _fidelity(evaluator, sessions, records) if method.kind == "diffusionx" else None,
         }
     report = {
         "methods": results,

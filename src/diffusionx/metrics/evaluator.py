@@ -243,7 +243,7 @@ class Evaluator:
 
         Returns {"mean", "per_image", "per_attribute" (accuracy of each check kind over all
         checks), "exact" (fraction of images passing every check), "n_scored",
-        "n_unparseable", "unparseable"}.
+        "n_unparseable", "unparseable", "results" (each image's `score_scene` result or None)}.
         """
         from ..world import parse_prompt
 
@@ -266,7 +266,7 @@ class Evaluator:
         results: list[dict[str, Any] | None] = [None] * len(prompts)
         for i, pred in zip(keep, preds):
             results[i] = score_scene(pred, scenes[i])
-        return aggregate_checks(results, unparseable)
+        return {**aggregate_checks(results, unparseable), "results": results}
 
 
 CHECKS = ("position", "shape", "color", "size", "background")
@@ -282,36 +282,47 @@ def score_scene(pred: dict[str, Any], scene: Any) -> dict[str, Any]:
     the most named attributes; each such object's shape, color and size are all checked on the
     one detected object it is matched to (all fail when there is none left for it).
     """
-    passed = dict.fromkeys(CHECKS, 0)
-    total = dict.fromkeys(CHECKS, 0)
     found_at = pred["objects"]
-    pairs: list[tuple[Any, dict[str, Any] | None]] = []  # (named object, the detected one it is read on)
+    checks: list[tuple[str, int, bool]] = []  # (check kind, index of the named object or -1, passed)
+    pairs: list[tuple[int, Any, dict[str, Any] | None]] = []  # (index, named object, the detected one)
     unplaced = []
-    for obj in scene.objects:
+    for index, obj in enumerate(scene.objects):
         position = getattr(obj, "position", None)
         if position is None:
-            unplaced.append(obj)
+            unplaced.append((index, obj))
             continue
         found = found_at.get(position)
-        total["position"] += 1
-        passed["position"] += found is not None
-        pairs.append((obj, found))
+        checks.append(("position", index, found is not None))
+        pairs.append((index, obj, found))
     if unplaced:
         named_cells = {getattr(o, "position", None) for o in scene.objects}
         free = [found for cell, found in found_at.items() if cell not in named_cells]
-        pairs.extend(zip(unplaced, _match_unplaced(unplaced, free)))
-    for obj, found in pairs:
+        matched = _match_unplaced([obj for _, obj in unplaced], free)
+        pairs.extend((index, obj, found) for (index, obj), found in zip(unplaced, matched))
+    for index, obj, found in sorted(pairs, key=lambda p: p[0]):
         for attr in OBJECT_CHECKS:
             want = getattr(obj, attr, None)
             if want is not None:
-                total[attr] += 1
-                passed[attr] += found is not None and found[attr] == want
+                checks.append((attr, index, found is not None and found[attr] == want))
     background = getattr(scene, "background", None)
     if background is not None:
-        total["background"] += 1
-        passed["background"] += pred["background"] == background
-    n = sum(total.values())
-    return {"score": sum(passed.values()) / n if n else 1.0, "passed": passed, "total": total}
+        checks.append(("background", -1, pred["background"] == background))
+    passed = {kind: sum(ok for k, _, ok in checks if k == kind) for kind in CHECKS}
+    total = {kind: sum(k == kind for k, _, _ in checks) for kind in CHECKS}
+    n = len(checks)
+    return {"score": sum(passed.values()) / n if n else 1.0, "passed": passed, "total": total, "checks": checks}
+
+
+def attributes_kept(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float | None:
+    """Of the checks `before` passed (a preview against its prompt), the share `after` (the final
+    of the same prompt) still passes; None when nothing to keep or either is unscored."""
+    if before is None or after is None:
+        return None
+    right = {(kind, index) for kind, index, ok in before["checks"] if ok}
+    if not right:
+        return None
+    still = {(kind, index) for kind, index, ok in after["checks"] if ok}
+    return len(right & still) / len(right)
 
 
 def _match_unplaced(objects: list, detected: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
