@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from .engine import DEFAULT_SCHEDULER, Engine, Timing, check_seed, check_steps, check_strength
+from .engine import DEFAULT_SCHEDULER, DenoiseJob, Engine, Timing, check_seed, check_steps, check_strength
 from .errors import InvalidInputError
 from .wire import (
     NonFiniteResultError,
@@ -80,20 +80,34 @@ class Refiner(Protocol):
     def refine(self, request: RefineRequest) -> RefineResult: ...
 
 
+@dataclass
+class RefineJob:
+    """A refinement in flight: the engine's job and what its result must say."""
+
+    request: RefineRequest
+    job: DenoiseJob
+    vae_encode_s: float = 0.0
+
+
 class CloudRefiner:
+    """The refine contract, in two halves so that many refinements can share U-Net calls:
+    `prepare(request) -> RefineJob` (validate, read the payload, start the job), `Engine.run` on
+    the jobs, `finish(job) -> RefineResult` (check and encode the result). `refine` is the three
+    in a row; the batching server runs the same halves around its step loop."""
+
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def refine(self, request: RefineRequest) -> RefineResult:
+    def prepare(self, request: RefineRequest) -> RefineJob:
         request.validate()
-        timing = Timing()
+        vae_encode_s = 0.0
         if request.latents is not None:
             latents = self.engine.check_latents(check_latent_values(latents_from_bytes(request.latents), "the latents"))
         else:
             start = time.perf_counter()
             latents = self.engine.encode_image(_read_png(request.image_png))
-            timing.vae_encode_s = time.perf_counter() - start
-        generation = self.engine.generate(
+            vae_encode_s = time.perf_counter() - start
+        job = self.engine.prepare(
             request.prompt,
             seed=request.seed,
             steps=request.steps,
@@ -103,9 +117,13 @@ class CloudRefiner:
             scheduler=request.scheduler,
             height=latents.shape[-2] * self.engine.vae_scale_factor,
             width=latents.shape[-1] * self.engine.vae_scale_factor,
-            decode=request.return_format == "png",
         )
-        generation.timing.vae_encode_s = timing.vae_encode_s
+        return RefineJob(request, job, vae_encode_s)
+
+    def finish(self, refine_job: RefineJob) -> RefineResult:
+        request = refine_job.request
+        generation = self.engine.finish(refine_job.job, decode=request.return_format == "png")
+        generation.timing.vae_encode_s = refine_job.vae_encode_s
         problem = latent_value_problem(generation.latents)
         if problem is not None:  # never hand back (or decode) NaN as if it were a refinement
             raise NonFiniteResultError(f"the refinement produced unusable latents: {problem}")
@@ -121,6 +139,17 @@ class CloudRefiner:
             unet_steps=generation.unet_steps,
             timing=generation.timing,
         )
+
+    def refine(self, request: RefineRequest) -> RefineResult:
+        refine_job = self.prepare(request)
+        self.engine.run([refine_job.job])
+        return self.finish(refine_job)
+
+    def refine_all(self, requests: list[RefineRequest], batch: int = 32) -> list[RefineResult]:
+        """Many refinements, `batch` sharing each U-Net call (the benchmark's and the collector's way)."""
+        jobs = [self.prepare(request) for request in requests]
+        self.engine.run([j.job for j in jobs], batch=batch)
+        return [self.finish(j) for j in jobs]
 
 
 def _read_png(data: bytes) -> Image.Image:

@@ -144,6 +144,9 @@ class DenoiseJob:
     hook: AttentionHook | None = None
     step_index: int = 0
     timing: Timing = field(default_factory=Timing)
+    seed: int = 0  # what `Engine.finish` reports; set by `start`
+    steps: int = 0  # the schedule length asked for
+    strength: float = 1.0
 
     @property
     def done(self) -> bool:
@@ -370,7 +373,8 @@ class Engine:
                 sched.set_begin_index(begin)
             noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
             latents = sched.add_noise(init_latents, noise, timesteps[:1])
-        return DenoiseJob(latents, embeddings, float(guidance_scale), sched, timesteps, hook=hook)
+        return DenoiseJob(latents, embeddings, float(guidance_scale), sched, timesteps, hook=hook, seed=seed,
+                          steps=steps, strength=strength)
 
     @torch.no_grad()
     def step(self, jobs: list[DenoiseJob]) -> None:
@@ -411,10 +415,13 @@ class Engine:
             job.timing.unet_compute_s += elapsed * job_rows / sum(sample.shape[0] for sample in samples)
             job.timing.unet_calls += 1
 
-    def run(self, jobs: list[DenoiseJob], progress: bool = False, desc: str | None = None) -> None:
-        """Run jobs to the end: unhooked ones batched together, hooked ones one at a time."""
+    def run(self, jobs: list[DenoiseJob], progress: bool = False, desc: str | None = None,
+            batch: int | None = None) -> None:
+        """Run jobs to the end: unhooked ones batched together (at most `batch` per U-Net call),
+        hooked ones one at a time."""
         plain = [job for job in jobs if job.hook is None]
-        groups = [plain] if plain else []
+        size = batch or len(plain) or 1
+        groups = [plain[k : k + size] for k in range(0, len(plain), size)]
         groups += [[job] for job in jobs if job.hook is not None]
         total = sum(job.num_steps - job.step_index for job in jobs)
         with tqdm(total=total, desc=desc or f"{self.name} denoise", disable=not progress, leave=False) as bar:
@@ -462,6 +469,57 @@ class Engine:
             latents = latents - config.shift_factor
         return (latents * config.scaling_factor).to(self.dtype)
 
+    # ----- a generation in two halves: prepare a job, run it (batched with others), finish it
+    def prepare(
+        self,
+        prompt: str,
+        *,
+        seed: int,
+        steps: int = 20,
+        strength: float = 1.0,
+        init_latents: torch.Tensor | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        scheduler: str = DEFAULT_SCHEDULER,
+        height: int | None = None,
+        width: int | None = None,
+        hook: AttentionHook | None = None,
+    ) -> DenoiseJob:
+        """Encode the prompt and start the job `generate` would run (its text-encode time recorded)."""
+        timing = Timing()
+        start = time.perf_counter()
+        embeddings = self.encode_prompt(prompt, negative_prompt, guidance=guidance_scale > 1.0)
+        timing.text_encode_s = time.perf_counter() - start
+        job = self.start(embeddings, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
+                         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width, hook=hook)
+        job.timing = timing
+        return job
+
+    def finish(self, job: DenoiseJob, decode: bool = True) -> Generation:
+        """The `Generation` of a job that ran to the end (decoded unless `decode` is False)."""
+        return self.finish_all([job], decode=decode)[0]
+
+    def finish_all(self, jobs: list[DenoiseJob], decode: bool = True, batch: int = 64) -> list[Generation]:
+        """`finish` for many jobs, decoded `batch` at a time (each is charged its share)."""
+        if not all(job.done for job in jobs):
+            raise ValueError("finish() needs jobs that ran to the end (Engine.run)")
+        images: list[Image.Image | None] = [None] * len(jobs)
+        if decode:
+            for k in range(0, len(jobs), batch):
+                chunk = jobs[k : k + batch]
+                start = time.perf_counter()
+                decoded = self.decode(torch.cat([job.latents for job in chunk]))
+                share = (time.perf_counter() - start) / len(chunk)
+                for j, (job, image) in enumerate(zip(chunk, decoded)):
+                    job.timing.decode_s = share
+                    images[k + j] = image
+        return [
+            Generation(latents=job.latents, image=image, seed=job.seed, steps=job.steps, strength=job.strength,
+                       unet_steps=job.num_steps, timing=job.timing, prompt_truncated=job.embeddings.truncated,
+                       unknown_words=job.embeddings.unknown_words)
+            for job, image in zip(jobs, images)
+        ]
+
     # ----- one call -----------------------------------------------------------------------
     def generate(
         self,
@@ -481,37 +539,8 @@ class Engine:
         progress: bool = False,
     ) -> Generation:
         """Text-to-image (strength 1) or SDEdit from `init_latents` (strength < 1), with timings."""
-        timing = Timing()
-        start = time.perf_counter()
-        embeddings = self.encode_prompt(prompt, negative_prompt, guidance=guidance_scale > 1.0)
-        timing.text_encode_s = time.perf_counter() - start
-        job = self.start(
-            embeddings,
-            seed=seed,
-            steps=steps,
-            strength=strength,
-            init_latents=init_latents,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            height=height,
-            width=width,
-            hook=hook,
-        )
-        job.timing = timing
+        job = self.prepare(prompt, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
+                           guidance_scale=guidance_scale, negative_prompt=negative_prompt, scheduler=scheduler,
+                           height=height, width=width, hook=hook)
         self.run([job], progress=progress)
-        image = None
-        if decode:
-            start = time.perf_counter()
-            image = self.decode(job.latents)[0]
-            timing.decode_s = time.perf_counter() - start
-        return Generation(
-            latents=job.latents,
-            image=image,
-            seed=seed,
-            steps=steps,
-            strength=strength,
-            unet_steps=job.num_steps,
-            timing=timing,
-            prompt_truncated=embeddings.truncated,
-            unknown_words=embeddings.unknown_words,
-        )
+        return self.finish(job, decode=decode)

@@ -16,7 +16,16 @@ import torch
 from PIL import Image
 
 from .cloud import CloudRefiner, Refiner, RefineRequest, RefineResult
-from .engine import DEFAULT_SCHEDULER, AttentionHook, Timing, check_seed, check_steps, check_strength
+from .engine import (
+    DEFAULT_SCHEDULER,
+    AttentionHook,
+    DenoiseJob,
+    Generation,
+    Timing,
+    check_seed,
+    check_steps,
+    check_strength,
+)
 from .errors import InvalidInputError, RoundNotFoundError
 from .models import ModelPair
 from .policies import FixedStrength, StrengthPolicy
@@ -90,6 +99,29 @@ class FinalResult:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
         }
+
+
+@dataclass
+class RoundPlan:
+    """A round decided but not yet rendered: `EdgeSession.plan` makes it without touching the
+    session, `Engine.run` renders its job (with other sessions' jobs in the same U-Net calls),
+    `EdgeSession.commit` adds the round. Several plans from one head may be rendered and one
+    committed (the predictors' strength sweeps)."""
+
+    prompt: str
+    seed: int
+    strength: float
+    parent: int | None  # the head round it starts from (None: from noise)
+    job: DenoiseJob
+    init_latents: torch.Tensor | None = None
+
+
+@dataclass
+class FinalizePlan:
+    """The refinement request for the head round (`EdgeSession.finalize_request`)."""
+
+    source: Round
+    request: RefineRequest
 
 
 class EdgeSession:
@@ -174,8 +206,67 @@ class EdgeSession:
             if hook is not None:
                 raise InvalidInputError("a controlled round brings its own attention hook; pass no hook")
             return self._controlled(prompt, previous, progress)
-        if previous is None or mode == "fresh":
-            strength = 1.0  # nothing to start from, or asked to start over
+        if mode == "fresh":
+            strength = 1.0  # asked to start over
+        if self.control_cache or hook is not None:
+            return self._hooked(prompt, seed, strength, hook, progress)
+        plan = self.plan(prompt, strength=strength, seed=seed)
+        self.pair.edge.run([plan.job], progress=progress)
+        return self.commit(plan)
+
+    def plan(self, prompt: str, *, strength: float | None = None, seed: int | None = None) -> RoundPlan:
+        """The next plain round (fresh or SDEdit) from the head, at `strength` or the policy's;
+        the session is unchanged until `commit`."""
+        previous = self.current
+        seed = self.seed if seed is None else check_seed(seed)
+        if previous is None:
+            strength = 1.0  # nothing to start from
+        elif strength is None:
+            strength = self.policy.edge_strength(previous.prompt, prompt, previous.latents)
+        strength = check_strength(strength)
+        init_latents = None if previous is None or strength == 1.0 else previous.latents
+        job = self.pair.edge.prepare(prompt, seed=seed, steps=self.steps, strength=strength,
+                                     init_latents=init_latents, guidance_scale=self.guidance_scale,
+                                     scheduler=self.scheduler)
+        parent = None if init_latents is None else previous.index
+        return RoundPlan(prompt, seed, strength, parent, job, init_latents)
+
+    def commit(self, plan: RoundPlan, generation: Generation | None = None) -> Round:
+        """Add the round `plan` rendered (`generation`: its finished result, e.g. from one batched
+        `Engine.finish_all`; default: finish it here)."""
+        from .control import RoundSpec
+
+        if plan.parent is not None and (self.current is None or self.current.index != plan.parent):
+            raise InvalidInputError(f"this plan starts from round {plan.parent}, but the head moved")
+        generation = generation or self.pair.edge.finish(plan.job)
+        new = self._round_from(plan.prompt, plan.seed, plan.strength, plan.parent, generation,
+                               "fresh" if plan.strength == 1.0 else "sdedit")
+        self._specs[new.index] = RoundSpec(plan.prompt, plan.seed, plan.strength, plan.init_latents)
+        return self._append(new, None)
+
+    def _round_from(self, prompt: str, seed: int, strength: float, parent: int | None, generation, mode: str) -> Round:
+        return Round(
+            index=len(self.rounds) + 1,
+            prompt=prompt,
+            seed=seed,
+            strength=strength,
+            steps=self.steps,
+            unet_steps=generation.unet_steps,
+            mode=mode,
+            parent=parent,
+            latents=generation.latents,
+            image=generation.image,
+            timing=generation.timing,
+            prompt_truncated=generation.prompt_truncated,
+            unknown_words=generation.unknown_words,
+        )
+
+    def _hooked(self, prompt: str, seed: int, strength: float | None, hook, progress: bool) -> Round:
+        """A plain round under a caller's attention hook, or one that records its attention trace
+        for a controlled next round (`control_cache`)."""
+        previous = self.current
+        if previous is None:
+            strength = 1.0
         elif strength is None:
             strength = self.policy.edge_strength(previous.prompt, prompt, previous.latents)
         strength = check_strength(strength)
@@ -184,32 +275,12 @@ class EdgeSession:
             generation = self._recorded(prompt, seed, strength, init_latents, progress)
         else:
             generation = self.pair.edge.generate(
-                prompt,
-                seed=seed,
-                steps=self.steps,
-                strength=strength,
-                init_latents=init_latents,
-                guidance_scale=self.guidance_scale,
-                scheduler=self.scheduler,
-                hook=hook,
-                progress=progress,
+                prompt, seed=seed, steps=self.steps, strength=strength, init_latents=init_latents,
+                guidance_scale=self.guidance_scale, scheduler=self.scheduler, hook=hook, progress=progress,
             )
         mode = "fresh" if strength == 1.0 else ("controlled" if hook is not None else "sdedit")
-        new = Round(
-            index=len(self.rounds) + 1,
-            prompt=prompt,
-            seed=seed,
-            strength=strength,
-            steps=self.steps,
-            unet_steps=generation.unet_steps,
-            mode=mode,
-            parent=None if previous is None or mode == "fresh" else previous.index,
-            latents=generation.latents,
-            image=generation.image,
-            timing=generation.timing,
-            prompt_truncated=generation.prompt_truncated,
-            unknown_words=generation.unknown_words,
-        )
+        parent = None if init_latents is None else previous.index
+        new = self._round_from(prompt, seed, strength, parent, generation, mode)
         if hook is None:
             from .control import RoundSpec
 
@@ -249,21 +320,7 @@ class EdgeSession:
             keep_trace=self.control_cache, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
             progress=progress,
         )
-        new = Round(
-            index=len(self.rounds) + 1,
-            prompt=prompt,
-            seed=spec.seed,
-            strength=spec.strength,
-            steps=self.steps,
-            unet_steps=out.unet_steps,
-            mode="controlled",
-            parent=previous.index,
-            latents=out.latents,
-            image=out.image,
-            timing=out.timing,
-            prompt_truncated=out.prompt_truncated,
-            unknown_words=out.unknown_words,
-        )
+        new = self._round_from(prompt, spec.seed, spec.strength, previous.index, out, "controlled")
         self._specs[new.index] = RoundSpec(
             prompt, spec.seed, spec.strength, spec.init_latents, source=spec, config=self.control
         )
@@ -273,6 +330,18 @@ class EdgeSession:
     def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None) -> FinalResult:
         """Send the head round to the cloud for refinement. If the cloud fails, the result is the
         preview itself, marked refined=False with the reason: the user never loses their image."""
+        plan = self.finalize_request(strength=strength, load=load)
+        try:
+            result = self.cloud.refine(plan.request)
+        except InvalidInputError:
+            raise
+        except Exception as err:
+            return self.receive(plan, error=err)
+        return self.receive(plan, result)
+
+    def finalize_request(self, *, strength: float | None = None, load: dict[str, Any] | None = None) -> FinalizePlan:
+        """The refinement request for the head round, at `strength` or the policy's: what crosses
+        the wire (latents when edge and cloud share a latent space, else a PNG)."""
         source = self.current
         if source is None:
             raise InvalidInputError("nothing to finalize yet: generate a preview first")
@@ -291,19 +360,23 @@ class EdgeSession:
             image_png=None if shared else image_to_png(source.image),
             return_format="latent" if shared else "png",
         )
-        try:
-            result = self.cloud.refine(request)
-        except InvalidInputError:
-            raise
-        except Exception as err:
+        return FinalizePlan(source, request)
+
+    def receive(self, plan: FinalizePlan, result: RefineResult | None = None, error: Exception | None = None,
+                ) -> FinalResult:
+        """The final from the cloud's answer to `plan`, or (with `error`) the preview itself,
+        marked unrefined with the reason."""
+        source, request = plan.source, plan.request
+        if result is None:
+            reason = f"cloud refinement failed ({type(error).__name__}: {error}); showing the edge preview"
             self.final = FinalResult(
                 prompt=source.prompt,
                 source_round=source.index,
                 image=source.image,
                 latents=source.latents,
                 refined=False,
-                reason=f"cloud refinement failed ({type(err).__name__}: {err}); showing the edge preview",
-                strength=strength,
+                reason=reason,
+                strength=request.strength,
                 steps=self.cloud_steps,
                 bytes_up=request.upload_bytes,
             )
@@ -363,3 +436,29 @@ class EdgeSession:
             raise InvalidInputError(f"the final names round {final.source_round}, which is not one of the rounds")
         self.rounds, self.head, self.final = list(rounds), head, final
         self._specs, self._trace = specs, None
+
+
+# ----- many sessions in lock-step: one protocol for the product, the benchmark and the collector
+def advance(sessions: list[EdgeSession], prompts: list[str], *, strengths: list[float | None] | None = None,
+            batch: int = 32, progress: bool = False, desc: str | None = None) -> list[Round]:
+    """One round for each session (plain rounds; `strengths`: None = each one's policy), their
+    U-Net steps shared `batch` sessions at a time. All sessions must share one edge engine."""
+    if not sessions:
+        return []
+    engine = sessions[0].pair.edge
+    if any(s.pair.edge is not engine for s in sessions):
+        raise ValueError("advance() batches sessions of one edge engine")
+    strengths = strengths or [None] * len(sessions)
+    plans = [s.plan(p, strength=st) for s, p, st in zip(sessions, prompts, strengths)]
+    engine.run([p.job for p in plans], progress=progress, desc=desc, batch=batch)
+    generations = engine.finish_all([p.job for p in plans])
+    return [s.commit(p, g) for s, p, g in zip(sessions, plans, generations)]
+
+
+def finalize_all(sessions: list[EdgeSession], refiner: CloudRefiner, *, strengths: list[float | None] | None = None,
+                 batch: int = 32) -> list[FinalResult]:
+    """Finalize every session through one in-process refiner, `batch` refinements per U-Net call."""
+    strengths = strengths or [None] * len(sessions)
+    plans = [s.finalize_request(strength=st) for s, st in zip(sessions, strengths)]
+    results = refiner.refine_all([p.request for p in plans], batch=batch)
+    return [s.receive(p, r) for s, p, r in zip(sessions, plans, results)]
