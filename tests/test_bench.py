@@ -88,6 +88,29 @@ def test_diffusionx_runs_fewer_steps_and_hands_over_latents(untrained_pair):
         assert record.final_image.size == (64, 64)
 
 
+def test_the_benchmark_measures_the_products_own_sessions(untrained_pair):
+    """Lock-step batched rounds give what a person's EdgeSession gives, round by round and final."""
+    import numpy as np
+
+    from diffusionx.session import EdgeSession
+
+    sessions, _ = load_sessions(None, 3)
+    policy = FixedStrength(edge=0.5, cloud=0.25)
+    records = run_method(Method("dx", "diffusionx", policy), untrained_pair, sessions, steps=4, guidance_scale=7.5,
+                         batch=2, seed=10)
+    for i, (record, session) in enumerate(zip(records, sessions)):
+        alone = EdgeSession(untrained_pair, policy=policy, steps=4, seed=10 + i)
+        for (index, preview), round_ in zip(record.previews, session["rounds"]):
+            mine = alone.generate(round_["prompt"])
+            assert mine.index == index
+            diff = np.abs(np.asarray(mine.image, dtype=int) - np.asarray(preview, dtype=int))
+            assert diff.max() <= 2  # batched U-Net calls move float32 sums by ~1e-4, not more
+        final = alone.finalize()
+        assert (final.strength, final.unet_steps, final.bytes_up) == (
+            record.final["strength"], record.final["unet_steps"], record.final["bytes_up"])
+        assert np.abs(np.asarray(final.image, dtype=int) - np.asarray(record.final_image, dtype=int)).max() <= 2
+
+
 @pytest.mark.slow
 def test_bench_cli_writes_results(tmp_path):
     from diffusionx.cli import main

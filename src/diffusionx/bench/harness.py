@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import Engine, steps_for_strength
+from ..engine import Engine
 from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
-from ..wire import image_to_png, latents_from_bytes, latents_to_bytes
+from ..wire import image_to_png
 from .profiles import DeviceProfile
 
 
@@ -182,53 +182,30 @@ def run_method(
                     r["bytes_up"], r["bytes_down"] = len(round_["prompt"].encode()), png
         return records
 
-    # DiffusionX: rounds in lock-step across sessions, each from its own previous latent.
+    # DiffusionX: real EdgeSessions, the product's own protocol, advanced in lock-step (one
+    # batched U-Net call per step across sessions); finals refined through the in-process cloud
+    # refiner with the fp16 wire format both ways.
+    from ..cloud import CloudRefiner
+    from ..session import EdgeSession, advance, finalize_all
+
     policy = method.policy or FixedStrength()
-    previous: list[tuple[str, torch.Tensor] | None] = [None] * len(sessions)
+    refiner = CloudRefiner(pair.cloud)
+    live = [EdgeSession(pair, policy=policy, cloud=refiner, steps=steps, guidance_scale=guidance_scale, seed=sd)
+            for sd in seeds]
     n_rounds = max(len(s["rounds"]) for s in sessions)
     for r in range(n_rounds):
         active = [i for i, s in enumerate(sessions) if r < len(s["rounds"])]
-        items = []
-        for i in active:
-            prompt = sessions[i]["rounds"][r]["prompt"]
-            prev = previous[i]
-            if prev is None or not method.reuse_latents:
-                items.append(Item(prompt, seeds[i]))
-            else:
-                strength = policy.edge_strength(prev[0], prompt, prev[1])
-                items.append(Item(prompt, seeds[i], strength, None if strength == 1.0 else prev[1]))
-        latents = generate_batched(
-            pair.edge, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=f"{method.name} r{r + 1}"
-        )
-        images = decode_batched(pair.edge, latents)
-        for i, item, lat, image in zip(active, items, latents, images):
-            previous[i] = (item.prompt, lat)
-            records[i].rounds.append(
-                {"strength": item.strength, "unet_steps": steps_for_strength(item.strength, steps)}
-            )
-            records[i].previews.append((r + 1, image))
-
-    # Finalize: the final latent crosses the wire as fp16 safetensors, the cloud refines it.
-    items, wire_up = [], []
-    for i in range(len(sessions)):
-        prompt, lat = previous[i]
-        payload = latents_to_bytes(lat)
-        wire_up.append(len(payload) + len(prompt.encode()))
-        strength = policy.cloud_strength(prompt, lat, None)
-        items.append(Item(prompt, seeds[i], strength, latents_from_bytes(payload)))
-    refined = generate_batched(
-        pair.cloud, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=f"{method.name} cloud"
-    )
-    refined = [latents_from_bytes(latents_to_bytes(lat)) for lat in refined]  # the way back, fp16 too
-    images = decode_batched(pair.edge, refined)
-    for record, item, up, lat, image in zip(records, items, wire_up, refined, images):
-        record.final = {
-            "strength": item.strength,
-            "unet_steps": steps_for_strength(item.strength, steps),
-            "bytes_up": up,
-            "bytes_down": len(latents_to_bytes(lat)),
-        }
-        record.final_image = image
+        prompts = [sessions[i]["rounds"][r]["prompt"] for i in active]
+        strengths = None if method.reuse_latents else [1.0] * len(active)
+        rounds = advance([live[i] for i in active], prompts, strengths=strengths, batch=batch)
+        for i, round_ in zip(active, rounds):
+            records[i].rounds.append({"strength": round_.strength, "unet_steps": round_.unet_steps})
+            records[i].previews.append((r + 1, round_.image))
+    finals = finalize_all(live, refiner, batch=batch)
+    for record, final in zip(records, finals):
+        record.final = {"strength": final.strength, "unet_steps": final.unet_steps, "bytes_up": final.bytes_up,
+                        "bytes_down": final.bytes_down}
+        record.final_image = final.image
     return records
 
 
