@@ -437,6 +437,11 @@ class Service:
             if self.drain_deadline is not None:
                 timeout = max(0.0, self.drain_deadline - time.monotonic())
         finished = self.refiner.close(drain=True, timeout=timeout)
+        if not finished:  # abandoned work: free its keys, so that a retry elsewhere computes at once
+            with self._lock:
+                owned = [k for k, local in self._local.items() if local.owned]
+            for who, key in owned:
+                self._release(who, key)
         self._results.shutdown(wait=finished)
         self._claims.shutdown(wait=False)
         self._stop_renewing.set()
@@ -816,6 +821,25 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
     return schema
 
 
+async def _within_drain(service: Service, future: asyncio.Future) -> Any:
+    """`future`'s result, or, if a drain's deadline comes first, 503 `draining` (retry with the
+    same Idempotency-Key: the claim is released) while the server can still answer. Neither a
+    deadline nor a cancelled handler cancels `future` itself."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.25)
+        if done:
+            return future.result()
+        deadline = service.drain_deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ApiError(
+                503,
+                "draining",
+                "the server is shutting down and this refinement did not finish before its drain deadline; "
+                "retry (another instance) with the same Idempotency-Key",
+                _retry_after(1),
+            )
+
+
 def _draining(headers: dict[str, str] | None = None) -> ApiError:
     return ApiError(
         503,
@@ -1045,9 +1069,10 @@ def create_app(
             loop = asyncio.get_running_loop()
             # off the loop (the store is blocking I/O); it settles even if this client hangs up
             joined = loop.run_in_executor(service._claims, service.begin, who, key, refine_request)
-            outcome, replay = await asyncio.shield(joined)
-        # shield: a client that disconnects does not cancel the work; its retry picks it up
-        answer = await asyncio.shield(asyncio.wrap_future(outcome))
+            outcome, replay = await _within_drain(service, joined)
+        # a client that disconnects does not cancel the work (_within_drain never cancels it): its
+        # retry picks it up
+        answer = await _within_drain(service, asyncio.wrap_future(outcome))
         if key is not None:
             answer, from_store = answer
             replay = replay or from_store

@@ -104,6 +104,7 @@ class DrainingServer(uvicorn.Server):
        open, until the refinements in flight are done (and at least `drain_linger_s` passed);
     2. then uvicorn stops listening, closes idle connections and waits for the rest, until the
        drain deadline at most, and cancels what is left (a stalled client cannot hold it);
+       refinements that cannot finish in time are answered 503 `draining` just before;
     3. the app's shutdown finishes (or, past the deadline, abandons) accepted refinements.
 
     All of it within `drain_s` of the signal (`hard_deadline`: a watchdog ends the process there,
@@ -143,7 +144,8 @@ class DrainingServer(uvicorn.Server):
         self.drain_started = time.monotonic()
         service = self.service
         if service is not None:
-            service.begin_drain(self.drain_started + self.drain_s - self._margin)
+            # refinements still running then are answered 503 (retry elsewhere), while there is time
+            service.begin_drain(self.drain_started + self.drain_s - 2 * self._margin)
         log.warning("draining: finishing the refinements in flight, exiting within %g s", self.drain_s)
         if self.hard_deadline:
             watchdog = threading.Timer(self.drain_s, _overdue, args=(self.drain_s,))
