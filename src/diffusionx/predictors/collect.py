@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..bench.harness import Item, decode_batched, generate_batched
+from ..cloud import CloudRefiner, RefineRequest
 from ..engine import steps_for_strength
+from ..policies import FixedStrength
+from ..session import EdgeSession, advance
 from ..wire import latents_from_bytes, latents_to_bytes
 from .curves import DEFAULT_EPS, GRID, gap_curve, label, nearest_index, quality
 from .features import FeatureExtractor
@@ -94,14 +96,6 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 break  # a partly written last line from an interrupted run
     return rows
-
-
-def _timed_generate(engine, items: list[Item], steps: int, guidance: float, batch: int, desc: str):
-    start = time.perf_counter()
-    latents = generate_batched(engine, items, steps=steps, guidance_scale=guidance, batch=batch, desc=desc)
-    wall = time.perf_counter() - start
-    total = sum(steps_for_strength(it.strength, steps) for it in items) or 1
-    return latents, wall / total
 
 
 def collect(
@@ -218,38 +212,40 @@ def previews_from(paths: Sequence[str | Path]) -> list[dict]:
 
 
 def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, rollout, scorer, features):
-    """Edge sweeps of a chunk of sessions: (edge rows, final_preview rows)."""
+    """Edge sweeps of a chunk of sessions: (edge rows, final_preview rows). Each session is a real
+    EdgeSession: every grid strength is planned from its head, all plans of the chunk render in
+    shared U-Net calls, and the session commits the one it continues from."""
     n = len(work)
     seeds = [session_seed(seed, split, i) for split, i, _ in work]
     rounds = [s["rounds"] for _, _, s in work]
-    prev: list[tuple[str, torch.Tensor, float, float] | None] = [None] * n  # prompt, latent, attr, clip
+    live = [EdgeSession(pair, policy=FixedStrength(), steps=steps, guidance_scale=guidance, seed=sd) for sd in seeds]
+    scores: list[tuple[float, float]] = [(0.0, 0.0)] * n  # the head round's (attribute accuracy, score)
     rows: list[dict] = []
     step_counts = [steps_for_strength(s, steps) for s in grid]
+    engine = pair.edge
     for r in range(max(len(x) for x in rounds)):
         active = [i for i in range(n) if r < len(rounds[i])]
+        prompts = [rounds[i][r]["prompt"] for i in active]
         if r == 0:
-            items = [Item(rounds[i][0]["prompt"], seeds[i]) for i in active]
-            latents, _ = _timed_generate(pair.edge, items, steps, guidance, batch, "round 1")
-            images = decode_batched(pair.edge, latents)
-            attr, clip = scorer(images, [it.prompt for it in items])
+            firsts = advance([live[i] for i in active], prompts, batch=batch, desc="round 1")
+            attr, clip = scorer([f.image for f in firsts], prompts)
             for k, i in enumerate(active):
-                prev[i] = (items[k].prompt, latents[k], attr[k], clip[k])
+                scores[i] = (attr[k], clip[k])
             continue
-        items = []
-        for i in active:
-            prompt = rounds[i][r]["prompt"]
-            items.extend(Item(prompt, seeds[i], s, None if s == 1.0 else prev[i][1]) for s in grid)
-        latents, per_step = _timed_generate(pair.edge, items, steps, guidance, batch, f"edge round {r + 1}")
-        images = decode_batched(pair.edge, latents)
-        attr, clip = scorer(images, [it.prompt for it in items])
+        plans = [live[i].plan(prompt, strength=s) for i, prompt in zip(active, prompts) for s in grid]
+        start = time.perf_counter()
+        engine.run([p.job for p in plans], desc=f"edge round {r + 1}", batch=batch)
+        generations = engine.finish_all([p.job for p in plans])
+        per_step = (time.perf_counter() - start) / (sum(p.job.num_steps for p in plans) or 1)
+        attr, clip = scorer([g.image for g in generations], [p.prompt for p in plans])
         g = len(grid)
-        for k, i in enumerate(active):
+        for k, (i, prompt) in enumerate(zip(active, prompts)):
             a, c = attr[k * g : (k + 1) * g], clip[k * g : (k + 1) * g]
-            p_prompt, p_latent = prev[i][0], prev[i][1]
+            head = live[i].current
             if rollout is None:
                 chosen = grid.index(label(gap_curve(quality(a, c)), rollout_eps, grid))
             else:  # the grid strength nearest to the policy's choice
-                chosen = nearest_index(rollout.edge_strength(p_prompt, rounds[i][r]["prompt"], p_latent), grid)
+                chosen = nearest_index(rollout.edge_strength(head.prompt, prompt, head.latents), grid)
             split, index, _ = work[i]
             rows.append(
                 {
@@ -260,21 +256,23 @@ def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, 
                     "seed": seeds[i],
                     "rollout_strength": grid[chosen],
                     "edit": rounds[i][r].get("edit"),
-                    "previous_prompt": p_prompt,
-                    "prompt": rounds[i][r]["prompt"],
+                    "previous_prompt": head.prompt,
+                    "prompt": prompt,
                     "strengths": grid,
                     "attribute_accuracy": a,
                     "clip_score": c,
                     "unet_steps": step_counts,
                     "seconds": [per_step * cnt for cnt in step_counts],
-                    "features": features.edge(p_prompt, rounds[i][r]["prompt"], p_latent).tolist(),
-                    "previous_latents": encode_latents(p_latent),
+                    "features": features.edge(head.prompt, prompt, head.latents).tolist(),
+                    "previous_latents": encode_latents(head.latents),
                 }
             )
-            prev[i] = (rounds[i][r]["prompt"], latents[k * g + chosen], a[chosen], c[chosen])
+            live[i].commit(plans[k * g + chosen], generations[k * g + chosen])
+            scores[i] = (a[chosen], c[chosen])
     previews = []
     for i in range(n):
         split, index, _ = work[i]
+        head = live[i].current
         previews.append(
             {
                 "kind": "final_preview",
@@ -282,24 +280,29 @@ def _edge_chunk(pair, work, *, steps, guidance, grid, seed, batch, rollout_eps, 
                 "session": index,
                 "round": len(rounds[i]),
                 "seed": seeds[i],
-                "prompt": prev[i][0],
-                "attribute_accuracy": prev[i][2],
-                "clip_score": prev[i][3],
-                "latents": encode_latents(prev[i][1]),
+                "prompt": head.prompt,
+                "attribute_accuracy": scores[i][0],
+                "clip_score": scores[i][1],
+                "latents": encode_latents(head.latents),
             }
         )
     return rows, previews
 
 
 def _cloud_chunk(pair, previews, *, steps, guidance, grid, batch, scorer, features) -> list[dict]:
-    """The cloud refines each final preview (fp16, as it crosses the wire) at every grid strength."""
-    items = []
-    for p in previews:
-        wire = decode_latents(p["latents"])
-        items.extend(Item(p["prompt"], p["seed"], s, None if s == 1.0 else wire) for s in grid)
-    latents, per_step = _timed_generate(pair.cloud, items, steps, guidance, batch, "cloud")
-    images = decode_batched(pair.edge, [latents_from_bytes(latents_to_bytes(x)) for x in latents])
-    attr, clip = scorer(images, [it.prompt for it in items])
+    """The cloud refines each final preview (fp16, as it crosses the wire) at every grid strength,
+    through the in-process refiner's contract, `batch` refinements per U-Net call."""
+    requests = [
+        RefineRequest(prompt=p["prompt"], strength=s, steps=steps, seed=p["seed"], guidance_scale=guidance,
+                      latents=latents_to_bytes(decode_latents(p["latents"])))
+        for p in previews for s in grid
+    ]
+    start = time.perf_counter()
+    results = CloudRefiner(pair.cloud).refine_all(requests, batch=batch)
+    per_step = (time.perf_counter() - start) / (sum(r.unet_steps for r in results) or 1)
+    finals = [latents_from_bytes(r.payload) for r in results]
+    images = [img for k in range(0, len(finals), 64) for img in pair.edge.decode(torch.cat(finals[k : k + 64]))]
+    attr, clip = scorer(images, [r.prompt for r in requests])
     g = len(grid)
     step_counts = [steps_for_strength(s, steps) for s in grid]
     rows = []

@@ -271,7 +271,7 @@ class OraclePolicy:
 
     def __init__(self, sweeps: str | Path | list[str | Path] | None = None, *, edge_eps: float = DEFAULT_EPS,
                  cloud_eps: float = DEFAULT_EPS, score_weight: float = 1.0) -> None:
-        from .collect import read_rows  # collect imports the benchmark harness: load it only when needed
+        from .collect import read_rows  # collect imports the session and cloud modules: load it only when needed
 
         paths = [sweeps] if isinstance(sweeps, (str, Path)) else list(sweeps or [])
         if not paths:
