@@ -22,9 +22,9 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-# Skip the slow end-to-end tests while iterating.
+# Skip the slow end-to-end tests and the fault suite while iterating.
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not faults"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
