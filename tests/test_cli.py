@@ -222,3 +222,5 @@ def test_policy_specs_on_demo_and_errors_from_the_registry(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rounds"][1]["strength"] == 0.5 and report["final"]["strength"] == 0.25
+    assert main([*args, "--finalize", "regenerate"]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["final"]["strength"] == 1.0

@@ -159,3 +159,19 @@ def test_latent_hand_off_matches_image_hand_off_within_vae_error(embedded_pair):
     vae_error = np.abs(np.asarray(round_trip, dtype=np.float32) - np.asarray(preview.image, dtype=np.float32)).mean()
     hand_off_gap = np.abs(finals[0] - finals[1]).mean()
     assert hand_off_gap <= 2 * vae_error + 1.0, (hand_off_gap, vae_error)
+
+
+def test_finalize_refines_or_regenerates(untrained_pair):
+    from diffusionx import InvalidInputError
+    from diffusionx.policies import FixedStrength
+    from diffusionx.session import EdgeSession
+
+    session = EdgeSession(untrained_pair, policy=FixedStrength(0.6, 0.3), steps=4)
+    session.generate("a red circle on the left")
+    assert session.finalize().strength == 0.3  # refine: the policy's strength, keeps the preview
+    regenerated = session.finalize(mode="regenerate")
+    assert regenerated.strength == 1.0 and regenerated.unet_steps == 4 and regenerated.refined
+    with pytest.raises(InvalidInputError, match="finalize mode"):
+        session.finalize(mode="redo")
+    with pytest.raises(InvalidInputError, match="strength 1"):
+        session.finalize(mode="regenerate", strength=0.5)

@@ -614,3 +614,15 @@ def test_a_reloaded_page_gets_its_rounds_back_after_a_restart(untrained_pair, br
         submit(page, PROMPTS[2], 3)  # and it goes on
     finally:
         ui.stop()
+
+
+def test_finalize_mode_from_the_api(untrained_pair):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(UIState(untrained_pair, steps=3)))
+    sid = client.post("/api/session").json()["id"]
+    client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0]})
+    refined = client.post(f"/api/s/{sid}/finalize", json={"mode": "refine"}).json()["final"]
+    regenerated = client.post(f"/api/s/{sid}/finalize", json={"mode": "regenerate"}).json()["final"]
+    assert refined["strength"] == 0.5 and regenerated["strength"] == 1.0
+    assert client.post(f"/api/s/{sid}/finalize", json={"mode": "redo"}).status_code == 422

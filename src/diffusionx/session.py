@@ -32,6 +32,7 @@ from .policies import FixedStrength, StrengthPolicy
 from .wire import image_to_png, latents_from_bytes, latents_to_bytes
 
 ROUND_MODES = ("fresh", "sdedit", "controlled", "auto")
+FINALIZE_MODES = ("refine", "regenerate")  # keep the approved preview, or a new cloud image of the prompt
 
 
 @dataclass
@@ -327,10 +328,13 @@ class EdgeSession:
         return self._append(new, out.trace)
 
     # ----- finalize -----------------------------------------------------------------------
-    def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None) -> FinalResult:
-        """Send the head round to the cloud for refinement. If the cloud fails, the result is the
-        preview itself, marked refined=False with the reason: the user never loses their image."""
-        plan = self.finalize_request(strength=strength, load=load)
+    def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None,
+                 mode: str = "refine") -> FinalResult:
+        """Send the head round to the cloud. `mode` "refine" keeps the approved preview (the
+        policy's cloud strength, or `strength`); "regenerate" asks the cloud for a new image of the
+        prompt from the preview's seed (strength 1). If the cloud fails, the result is the preview
+        itself, marked refined=False with the reason: the user never loses their image."""
+        plan = self.finalize_request(strength=strength, load=load, mode=mode)
         try:
             result = self.cloud.refine(plan.request)
         except InvalidInputError:
@@ -339,12 +343,20 @@ class EdgeSession:
             return self.receive(plan, error=err)
         return self.receive(plan, result)
 
-    def finalize_request(self, *, strength: float | None = None, load: dict[str, Any] | None = None) -> FinalizePlan:
-        """The refinement request for the head round, at `strength` or the policy's: what crosses
-        the wire (latents when edge and cloud share a latent space, else a PNG)."""
+    def finalize_request(self, *, strength: float | None = None, load: dict[str, Any] | None = None,
+                         mode: str = "refine") -> FinalizePlan:
+        """The refinement request for the head round, at `strength` or the policy's (mode refine)
+        or 1 (mode regenerate): what crosses the wire (latents when edge and cloud share a latent
+        space, else a PNG)."""
+        if mode not in FINALIZE_MODES:
+            raise InvalidInputError(f"finalize mode must be one of {', '.join(FINALIZE_MODES)}, got {mode!r}")
         source = self.current
         if source is None:
             raise InvalidInputError("nothing to finalize yet: generate a preview first")
+        if mode == "regenerate":
+            if strength not in (None, 1.0):
+                raise InvalidInputError("regenerate is strength 1; pass no strength, or use mode refine")
+            strength = 1.0
         if strength is None:
             strength = self.policy.cloud_strength(source.prompt, source.latents, load)
         strength = check_strength(strength)

@@ -44,7 +44,7 @@ def run(args) -> int:
     for prompt in DEMO_PROMPTS:
         r = session.generate(prompt, progress=True)
         save_round(r, out / f"round_{r.index:02d}.png", pair)
-    final = session.finalize()
+    final = session.finalize(mode=args.finalize)
     save_final(final, out / "final.png", pair, session)
     wall = time.perf_counter() - start
     write_session_outputs(session, final, out, pair, wall)

@@ -112,6 +112,9 @@ def session_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--cloud-strength", type=strength, default=0.5, help="cloud refinement strength")
     policy_option(group)
     cloud_url_options(group)
+    group.add_argument("--finalize", choices=("refine", "regenerate"), default="refine",
+                       help="refine keeps the approved preview (the cloud strength); regenerate asks the cloud for "
+                            "a new image of the prompt (strength 1)")
     group.add_argument("--require-cloud", action="store_true",
                        help="exit 1 when the cloud could not refine the final (default: keep the preview, exit 0)")
 

@@ -16,7 +16,8 @@ commands:
   /seed N      the seed of the next rounds
   /policy      the strength policy; /policy SPEC sets it (fixed-C, fixed-E-C, learned, load-aware, ...)
   /help        this list
-  /final       the cloud refines the current round: final.png, strip.png, report.json
+  /final [M]   the cloud finalizes the current round (M: refine keeps it, regenerate makes a new
+               image of the prompt): final.png, strip.png, report.json
   /quit        end (also Ctrl-D); Ctrl-C cancels only a round that is rendering"""
 
 EXAMPLES = """
@@ -108,8 +109,12 @@ def run(args) -> int:
                 elif len(parts) != 1:
                     raise InvalidInputError("usage: /policy or /policy SPEC (e.g. fixed-0.6-0.5, learned)")
                 print(f"policy {policy_name}")
-            elif line == "/final":
-                final = session.finalize()
+            elif line.split()[0] == "/final":
+                parts = line.split()
+                mode = parts[1] if len(parts) == 2 else args.finalize
+                if len(parts) > 2 or mode not in ("refine", "regenerate"):
+                    raise InvalidInputError("usage: /final [refine|regenerate]")
+                final = session.finalize(mode=mode)
                 path = save_final(final, out / "final.png", pair, session)
                 state = "refined by the cloud" if final.refined else f"NOT refined ({final.reason})"
                 print(f"final ({state}, strength {final.strength:.2f}): {path}")

@@ -716,6 +716,7 @@ def create_app(state: UIState) -> FastAPI:
         strength = body.get("strength")
         strength = None if strength in (None, "") else check_strength(strength)
         spec = body.get("policy") or None
+        mode = body.get("mode") or "refine"
         with state.busy(tab, "finalize"):
             tab.notes = []
             if spec is not None:
@@ -731,10 +732,10 @@ def create_app(state: UIState) -> FastAPI:
             start = time.perf_counter()
             if state.cloud is None:  # the in-process cloud model shares this machine: take turns
                 with state.render(tab, state.pair.cloud, "finalizing"):
-                    final = tab.edge.finalize(strength=strength, load=load)
+                    final = tab.edge.finalize(strength=strength, load=load, mode=mode)
             else:  # the cloud renders elsewhere; the edge only decodes
                 tab.progress.phase = "finalizing"
-                final = tab.edge.finalize(strength=strength, load=load)
+                final = tab.edge.finalize(strength=strength, load=load, mode=mode)
             tab.final_info = _final_view(tab, final, time.perf_counter() - start)
             state.persist(tab)
         return _state(state, tab)

@@ -290,7 +290,7 @@ async function finalize() {
     startProgress("sending to the cloud…");
   }
   try {
-    const state = await sessionCall("POST", "/finalize", { policy: $("policy").value });
+    const state = await sessionCall("POST", "/finalize", { policy: $("policy").value, mode: $("finalize-mode").value });
     if (mine) showMessage("");  // e.g. "a Finalize is already running" from a second press: it is done now
     render(state);
   } catch (err) {
