@@ -49,7 +49,8 @@ class Server:
         env["DIFFUSIONX_STATE_DIR"] = str(tmp_path / "state")
         command = [
             sys.executable, "-m", "diffusionx.cli", "serve", "--model", "untrained", "--insecure",
-            "--host", "127.0.0.1", "--port", str(port), "--threads", "1", "--store", str(self.store), *extra,
+            "--host", "127.0.0.1", "--port", str(port), "--threads", "1", "--device", "cpu",
+            "--store", str(self.store), *extra,
         ]  # fmt: skip
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -233,19 +234,21 @@ def test_sigterm_drain_is_seen_finishes_in_flight_work_and_ends_in_time(tmp_path
 def test_sigterm_with_stalled_clients_and_unfinishable_work_ends_by_the_deadline(tmp_path, servers):
     port = free_port()
     drain_s = 3.0
-    server = start(servers, tmp_path, port, "--drain-seconds", f"{drain_s:g}", name="deadline")
-    outcome = {}
+    args = ("--drain-seconds", f"{drain_s:g}", "--max-batch", "1", "--max-concurrent", "8")
+    server = start(servers, tmp_path, port, *args, name="deadline")
+    answers: dict[int, object] = {}
 
-    def too_long() -> None:  # more U-Net steps than the deadline leaves time for
-        body = refine_body(5, strength=1.0, steps=100, guidance=7.5)
+    def too_long(i: int) -> None:  # one at a time, 100 guided steps each: far more than 3 s of work
+        body = refine_body(i, strength=1.0, steps=100, guidance=7.5)
         try:
-            outcome["r"] = httpx.post(server.url + "/v1/refine", json=body, timeout=60)
+            answers[i] = httpx.post(server.url + "/v1/refine", json=body, timeout=60)
         except httpx.TransportError as err:
-            outcome["r"] = err
+            answers[i] = err
 
-    thread = threading.Thread(target=too_long)
-    thread.start()
-    wait_for(lambda: server.load()["unet_calls"] >= 1, 120, "the refinement to be under way")
+    threads = [threading.Thread(target=too_long, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: server.load()["unet_calls"] >= 1 and server.load()["queue_depth"] == 3, 120, "the work")
     stalled = stalled_clients(port)
     time.sleep(0.2)
     signalled = time.monotonic()
@@ -255,17 +258,22 @@ def test_sigterm_with_stalled_clients_and_unfinishable_work_ends_by_the_deadline
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running {drain_s + 10:g} s after SIGTERM (deadline {drain_s:g} s)\n{server.log()}")
     took = time.monotonic() - signalled
-    thread.join(30)
+    for thread in threads:
+        thread.join(30)
     for sock in stalled:
         sock.close()
     assert took < drain_s + 1.0, f"exit {took:.1f} s after SIGTERM\n{server.log()}"
-    # the refinement that could not finish was answered while there was time: retry elsewhere
-    answer = outcome["r"]
-    assert isinstance(answer, httpx.Response), answer
-    assert answer.status_code == 503 and answer.json()["error"]["code"] == "draining", answer.text
-    assert int(answer.headers["retry-after"]) >= 1
-    print(f"\nSIGTERM, --drain-seconds {drain_s:g}, 2 stalled clients and a refinement that cannot finish: "
-          f"exit after {took:.1f} s, the refinement answered 503 draining")  # fmt: skip
+    # what could not finish was answered while there was time (retry elsewhere), never dropped
+    codes = []
+    for answer in answers.values():
+        assert isinstance(answer, httpx.Response), f"{answer!r}\n{server.log()}"
+        assert answer.status_code in (200, 503), answer.text
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "draining" and int(answer.headers["retry-after"]) >= 1
+        codes.append(answer.status_code)
+    assert len(codes) == 4 and 503 in codes
+    print(f"\nSIGTERM, --drain-seconds {drain_s:g}, 2 stalled clients and 4 refinements that cannot all finish: "
+          f"exit after {took:.1f} s; answers {sorted(codes)}")  # fmt: skip
 
 
 # ----- 3. 64 concurrent sessions, one kill -9 mid-load, restart: 0 lost, 0 computed twice ---------

@@ -193,25 +193,25 @@ def test_a_drain_is_seen_and_ends_when_the_work_is_done(untrained_pair):
     engine = untrained_pair.cloud
     running = serve(engine, drain_timeout_s=30.0)
     service = running.server.config.app.state.service
-    result = {}
-    slow = threading.Thread(
-        target=lambda: result.update(
-            r=httpx.post(running.url + "/v1/refine", json=body(engine, strength=1.0, steps=40), timeout=120)
-        )
+    # a client uploading its body slowly when the drain begins
+    uploading = socket.create_connection(address(running))
+    uploading.sendall(
+        b"POST /v1/refine HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 5000\r\n\r\n{"prompt": "a red'
     )
+    result = {}
+    slow = threading.Thread(  # 100 guided U-Net steps: seconds, even on a fast CPU
+        target=lambda: result.update(
+            r=httpx.post(running.url + "/v1/refine", json=body(engine, strength=1.0, steps=100, guidance=7.5),
+                         timeout=120)
+        )
+    )  # fmt: skip
     slow.start()
     try:
         deadline = time.monotonic() + 60
         while service.refiner.load().running == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        # a client uploading its body slowly when the drain begins
-        uploading = socket.create_connection(address(running))
-        uploading.sendall(
-            b"POST /v1/refine HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 5000\r\n\r\n{"prompt": "a red'
-        )
-        time.sleep(0.3)
         started = time.monotonic()
         running.server.begin_drain()  # what SIGTERM does (a signal cannot reach a server thread)
         health = httpx.get(running.url + "/v1/health", timeout=10)
@@ -223,7 +223,7 @@ def test_a_drain_is_seen_and_ends_when_the_work_is_done(untrained_pair):
         assert uploading.recv(65536).startswith(b"HTTP/1.1 503")  # at once, not at the deadline
         uploading.close()
         slow.join(120)
-        assert result["r"].status_code == 200 and result["r"].json()["unet_steps"] == 40
+        assert result["r"].status_code == 200 and result["r"].json()["unet_steps"] == 100
         running.thread.join(30)
         assert not running.thread.is_alive()
         assert time.monotonic() - started < 30
