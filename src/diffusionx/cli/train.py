@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--budget-minutes", type=float, help="embedded, pair: fit the step counts to this wall-clock budget")
     p.add_argument("--device", default="cpu", help="embedded, pair: cpu or cuda[:N] (larger batches)")
     p.add_argument("--smoke", action="store_true", help="embedded, pair: a few steps on tiny data (checks a setup)")
+    p.add_argument("--cloud-share", type=options.strength, metavar="F",
+                   help="pair: share of the steps in which the cloud and text encoder train (default: the recipe's)")
     p.set_defaults(func=run)
 
 
@@ -49,9 +51,15 @@ def run(args) -> int:
 
         if args.smoke and not args.export_to:
             raise InvalidInputError("a smoke run needs --export-to DIR: it must not replace the pair it starts from")
+        config = SMOKE_DISTILL_CONFIG if args.smoke else None
+        if args.cloud_share is not None:
+            from dataclasses import replace
+
+            from ..training.distill import default_config
+
+            config = replace(config or default_config(args.device), cloud_share=args.cloud_share)
         summary = distill_pair(out, resume_from=args.resume_from, export_to=args.export_to,
-                               budget_minutes=args.budget_minutes, device=args.device, keep=args.keep,
-                               config=SMOKE_DISTILL_CONFIG if args.smoke else None)
+                               budget_minutes=args.budget_minutes, device=args.device, keep=args.keep, config=config)
         before, after = summary["validation_before"], summary["validation_after"]
         print(f"validation attribute accuracy (edge / cloud): before {before['edge']['attribute_accuracy']:.3f} / "
               f"{before['cloud']['attribute_accuracy']:.3f}, after {after['edge']['attribute_accuracy']:.3f} / "

@@ -158,8 +158,11 @@ class StepBudget:
     """
 
     def __init__(self, total: int, deadline: float | None, locked: bool = False, measure_after: int = 8,
-                 cost_factor: float = 1.0, recheck: int = 50):
+                 cost_factor: float = 1.0, recheck: int = 50, project=None):
         self.cost_factor = cost_factor  # mean cost of a step / cost of the measured (first) steps
+        # project(step, seconds_left, seconds_per_step) -> total: a run whose steps do not all cost
+        # the same (train pair's two phases) says how many fit; the default assumes equal steps.
+        self.project = project
         self.total = total
         self.deadline = deadline
         self.locked = locked or deadline is None
@@ -179,10 +182,13 @@ class StepBudget:
         if step - self._s0 < window:
             return
         per_step = (now - self._t0) / (step - self._s0)
-        if not self.locked:
-            per_step *= self.cost_factor
         left = max(0.0, self.deadline - now)
-        projected = max(step + 1, step + int(left / per_step))
+        if self.project is not None:
+            projected = max(step + 1, int(self.project(step, left, per_step)))
+        else:
+            if not self.locked:
+                per_step *= self.cost_factor
+            projected = max(step + 1, step + int(left / per_step))
         self.total = min(self.total, projected)
         self.locked = True
         self._t0, self._s0 = now, step

@@ -48,6 +48,7 @@ from .data import render_all, to_tensor_images
 from .embedded import SEED, default_assets_dir
 
 KEEP_POLICIES = ("improved", "always")
+PHASE2_COST = 0.35  # a phase-2 step (edge only, teacher forward) / a phase-1 step, measured on CPU
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ GPU_DISTILL_CONFIG = replace(DistillConfig(), images=60000, batch=256, lr_cloud=
                              eval_prompts=128, curve_every=400, curve_prompts=64)
 SMOKE_DISTILL_CONFIG = replace(DistillConfig(), images=24, batch=4, steps=4, ckpt_every=2, log_every=1,
                                eval_prompts=4, eval_steps=2, warmup=1, curve_every=2, curve_prompts=2, curve_steps=2)
+
+
+def default_config(device: str) -> DistillConfig:
+    return GPU_DISTILL_CONFIG if device.startswith("cuda") else DistillConfig()
 
 
 # ---------------------------------------------------------------- the pair being trained
@@ -333,7 +338,7 @@ def distill_pair(
         raise RuntimeError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu")
     if budget_minutes is not None and budget_minutes <= 0:
         raise InvalidInputError(f"--budget-minutes must be positive, got {budget_minutes}")
-    cfg = config or (GPU_DISTILL_CONFIG if device.startswith("cuda") else DistillConfig())
+    cfg = config or default_config(device)
     source = resolve_source(resume_from)
     dest = Path(export_to) if export_to else source
     out = Path(out_dir)
@@ -392,9 +397,19 @@ def distill_pair(
     if state.get("done"):
         summary = state["summary"]
         return summary
-    # Phase 2 steps cost about a third of phase 1's: the budget's measured step is a phase-1 step.
-    cost = cfg.cloud_share + (1 - cfg.cloud_share) * 0.35
-    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), cost_factor=cost,
+    # Phase 2 steps cost about a third of phase 1's (PHASE2_COST): the step count that fits the
+    # deadline depends on which phase the measured steps were in and on how many of each are left.
+    share = cfg.cloud_share
+
+    def project(step: int, seconds_left: float, seconds_per_step: float) -> float:
+        in_phase1 = step < share * budget.total
+        unit = seconds_per_step if in_phase1 else seconds_per_step / PHASE2_COST  # seconds of a phase-1 step
+        units = seconds_left / unit
+        if in_phase1:  # (share*T - step) phase-1 steps + (1-share)*T phase-2 steps fit in `units`
+            return (units + step) / (share + PHASE2_COST * (1 - share))
+        return step + units / PHASE2_COST
+
+    budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), project=project,
                         measure_after=cfg.budget_measure_steps)
     bar = tqdm(total=budget.total, initial=state["step"], desc="distill", disable=not progress, mininterval=5.0,
                dynamic_ncols=True)
