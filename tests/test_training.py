@@ -18,6 +18,25 @@ def test_cosine_lr_and_budget():
     assert b.total == 1000 and b.locked
 
 
+def test_budget_projects_a_run_whose_steps_cost_differently(monkeypatch):
+    import diffusionx.training.common as common
+
+    clock = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: clock[0])
+    seen = []
+
+    def project(step, seconds_left, seconds_per_step):
+        seen.append((step, seconds_left, seconds_per_step))
+        return step + seconds_left / (0.5 * seconds_per_step)  # the remaining steps are twice as cheap
+
+    b = StepBudget(10_000, deadline=1000.0 + 100.0, measure_after=4, project=project)
+    for step in range(1, 6):  # one second per measured step
+        b.observe(step)
+        clock[0] += 1.0
+    assert b.locked and seen[-1][2] == pytest.approx(1.0)
+    assert b.total == int(seen[-1][0] + seen[-1][1] / 0.5)  # the projection, not step + left / per_step
+
+
 def test_ema_update_is_the_moving_average():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # float params + an int buffer
