@@ -59,46 +59,69 @@ def sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeats: int, device: torch.device | None = None) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn, device: torch.device | None = None) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
-def calibrate(pair: ModelPair, repeats: int = 5, guidance_scale: float = 7.5) -> dict[str, dict[str, float]]:
-    """Seconds per U-Net step (batch 1, with CFG), per text encode and per VAE decode/encode,
-    measured on this machine for the edge and the cloud model."""
-    out = {}
+CALIBRATED = ("unet_step_s", "text_encode_s", "decode_s", "vae_encode_s")
+
+
+def calibrate(pair: ModelPair, repeats: int = 15, guidance_scale: float = 7.5) -> dict[str, Any]:
+    """Seconds per U-Net step (batch 1, with CFG: what one user's session costs), per text encode
+    and per VAE decode/encode, for the edge and the cloud model.
+
+    Timed interleaved: each repeat times every operation of the edge, then of the cloud, so that a
+    machine getting busier or quieter during the calibration shifts both models alike. Each time is
+    the fastest repeat (other work on the machine only ever adds time, so the fastest is the one
+    closest to the model's own cost; the latency model maps it to a deployment), `median` the
+    medians, `noise` each operation's spread (interquartile range / median): how loaded the
+    machine was. `edge_to_cloud_step` is the median per-repeat ratio of the two U-Net step times."""
+    ops: dict[str, dict[str, Any]] = {}
     for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
         emb = engine.encode_prompt("a large red circle on the left on a blue background")
         latents = torch.randn(engine.latent_shape(), generator=torch.Generator().manual_seed(0))
         latents = latents.to(engine.device, engine.dtype)
-        dev = engine.device
+        image = engine.decode(latents)[0]
 
         def one_step(engine=engine, emb=emb, latents=latents):
             job = engine.start(emb, seed=0, steps=1, guidance_scale=guidance_scale)
             job.latents = latents
             engine.step([job])
 
-        def encode_text(engine=engine):
-            engine._encode_text("a small blue star at the top right")  # uncached on purpose
+        def encode_text(engine=engine):  # prompt + negative prompt, uncached on purpose
+            engine._encode_text("a small blue star at the top right")
+            engine._encode_text("")
 
-        decode = engine.decode
-        image = decode(latents)[0]
-        out[role] = {
-            "unet_step_s": _median_time(one_step, repeats, dev),
-            "text_encode_s": 2 * _median_time(encode_text, repeats, dev),  # prompt + negative prompt
-            "decode_s": _median_time(lambda decode=decode, latents=latents: decode(latents), repeats, dev),
-            "vae_encode_s": _median_time(lambda engine=engine, image=image: engine.encode_image(image), repeats,
-                                         dev),
+        ops[role] = {
+            "unet_step_s": one_step,
+            "text_encode_s": encode_text,
+            "decode_s": lambda engine=engine, latents=latents: engine.decode(latents),
+            "vae_encode_s": lambda engine=engine, image=image: engine.encode_image(image),
         }
+        for fn in ops[role].values():
+            fn()  # warm-up
+    samples: dict[str, dict[str, list[float]]] = {role: {op: [] for op in CALIBRATED} for role in ops}
+    for _ in range(repeats):
+        for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
+            for op in CALIBRATED:
+                samples[role][op].append(_timed(ops[role][op], engine.device))
+    out: dict[str, Any] = {role: {op: min(v) for op, v in samples[role].items()} for role in samples}
+    out["median"] = {role: {op: statistics.median(v) for op, v in samples[role].items()} for role in samples}
+    out["noise"] = {role: {op: _spread(v) for op, v in samples[role].items()} for role in samples}
+    ratios = [e / c for e, c in zip(samples["edge"]["unet_step_s"], samples["cloud"]["unet_step_s"])]
+    out["edge_to_cloud_step"] = statistics.median(ratios)
+    out["repeats"] = repeats
     return out
+
+
+def _spread(values: list[float]) -> float:
+    q1, q3 = np.percentile(values, [25, 75])
+    median = statistics.median(values)
+    return float((q3 - q1) / median) if median else 0.0
 
 
 # ----- batched generation ----------------------------------------------------------------------

@@ -59,12 +59,18 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{timed['cloud']['source']} [{timed['cloud']['status']}] (the latency model uses these; "
         "quality comes from the models above).",
         "",
-        "| model | U-Net step (s) | text encode (s) | VAE decode (s) |",
-        "|---|---|---|---|",
+        "| model | U-Net step (s) | text encode (s) | VAE decode (s) | timing noise (U-Net step IQR / median) |",
+        "|---|---|---|---|---|",
     ]
     for role in ("edge", "cloud"):
         c = calib[role]
-        lines.append(f"| {role} | {c['unet_step_s']:.4f} | {c['text_encode_s']:.4f} | {c['decode_s']:.4f} |")
+        noise = calib.get("noise", {}).get(role, {}).get("unet_step_s")
+        lines.append(f"| {role} | {c['unet_step_s']:.4f} | {c['text_encode_s']:.4f} | {c['decode_s']:.4f} | "
+                     f"{'n/a (from a file)' if noise is None else f'{noise:.0%}'} |")
+    if "repeats" in calib:
+        lines += ["", f"Timed interleaved (edge, cloud, edge, ...), {calib['repeats']} repeats; each time is the "
+                      "fastest repeat (other work only adds time). A noise above ~20% means the machine was busy: "
+                      "compare methods within one run, or pass `--calibration FILE`."]
     lines += ["", "## Measured vs modelled", ""]
     for kind, items in report["measured_vs_modelled"].items():
         lines.append(f"**{kind}**")
