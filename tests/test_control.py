@@ -206,11 +206,44 @@ def test_reweight_changes_the_output(edge, previous):
 
 # ----- session modes ------------------------------------------------------------------------
 def test_auto_rule():
-    assert auto_mode("a red circle", "a red circle")[0] == "controlled"
-    assert auto_mode("a red circle on the left", "a blue circle on the left")[0] == "controlled"
-    assert auto_mode("a red circle", "a small red circle")[0] == "controlled"
-    assert auto_mode("a red circle on the left", "a red circle on the right")[0] == "sdedit"
-    assert auto_mode("a red circle on the left", "three green hearts over a black sea")[0] == "fresh"
+    words = {}  # no measured table: the word rule
+    assert auto_mode("a red circle", "a red circle", words)[0] == "controlled"
+    assert auto_mode("a red circle on the left", "a blue circle on the left", words)[0] == "controlled"
+    assert auto_mode("a red circle", "a small red circle", words)[0] == "controlled"
+    assert auto_mode("a red circle on the left", "a red circle on the right", words)[0] == "sdedit"
+    assert auto_mode("a red circle on the left", "three green hearts over a black sea", words)[0] == "fresh"
+
+
+def test_auto_mode_follows_the_measured_table_per_edit_kind():
+    from diffusionx.control.bench import choose_modes
+    from diffusionx.control.rounds import edit_kind
+
+    assert edit_kind("a red circle on the left", "a blue circle on the left") == "change_attribute"
+    assert edit_kind("a circle", "a red circle") == "add_detail"
+    assert edit_kind("a red circle", "a red circle and a blue star") == "add_object"
+    assert edit_kind("a red circle on white", "a red circle on black") == "change_background"
+    assert edit_kind("a photo of a cat", "a photo of a dog") is None
+
+    def cell(psnr, right):
+        return {"unedited_psnr": psnr, "edited_right": right}
+
+    result = {"by_kind": {
+        "change_attribute": {"edits": 8, "fresh": cell(20, 0.6), "sdedit": cell(24, 0.6), "p2p": cell(28, 0.58),
+                             "p2p_blend": cell(27, 0.6)},  # control keeps more and still edits: control
+        "add_object": {"edits": 8, "fresh": cell(20, 0.6), "sdedit": cell(24, 0.6), "p2p": cell(24.5, 0.3),
+                       "p2p_blend": cell(24, 0.3)},  # control keeps no more: SDEdit
+        "change_background": {"edits": 8, "fresh": cell(15, 0.9), "sdedit": cell(25, 0.2), "p2p": cell(30, 0.1),
+                              "p2p_blend": cell(30, 0.1)},  # neither makes the edit: fresh
+        "reword": {"edits": 0},
+    }}
+    table = choose_modes(result)
+    assert {k: v["mode"] for k, v in table.items()} == {
+        "change_attribute": "controlled", "add_object": "sdedit", "change_background": "fresh"}
+    assert table["change_attribute"]["method"] == "p2p"
+    assert auto_mode("a red circle on the left", "a blue circle on the left", table)[0] == "controlled"
+    assert auto_mode("a red circle on white", "a red circle on black", table)[0] == "fresh"
+    # a kind the table has no row for, or prompts outside the world: the word rule
+    assert auto_mode("a red circle on the left", "a red circle on the right", table)[0] == "sdedit"
 
 
 def test_session_modes(untrained_pair):

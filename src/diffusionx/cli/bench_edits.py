@@ -33,4 +33,7 @@ def register(sub) -> None:
     p.add_argument("--sessions", metavar="FILE",
                    help="JSONL of sessions to take the edits from (rounds may be plain strings; "
                         "default: the embedded world's test split)")
+    p.add_argument("--write-auto-modes", action="store_true",
+                   help="store the mode that paid per edit kind where the `auto` round mode reads it "
+                        "(src/diffusionx/assets/control/auto_modes.json)")
     p.set_defaults(func=options.lazy("diffusionx.control.bench", "cmd_bench_edits"))

@@ -47,7 +47,7 @@ from ..world import generate_sessions
 from ..world.scene import POSITION_XY, SIZE_FRACTION, Scene
 from .attention import ControlConfig
 from .controller import RoundSpec, controlled_generate
-from .rounds import auto_mode
+from .rounds import auto_mode, changed_objects, infer_kind
 
 METHODS = ("fresh", "sdedit", "p2p", "p2p_blend")
 EDIT_KINDS = ("add_detail", "drop_detail", "change_attribute", "change_background", "add_object", "remove_object",
@@ -71,32 +71,6 @@ class RoundEdit:
     scene: Scene
 
 
-def _changed_objects(prev: Scene, new: Scene) -> tuple[list, list]:
-    gone = [o for o in prev.objects if o not in new.objects]
-    came = [o for o in new.objects if o not in prev.objects]
-    return gone, came
-
-
-def infer_kind(prev: Scene, new: Scene) -> str | None:
-    """The edit kind of an unlabelled pair of scenes (plain-string sessions)."""
-    gone, came = _changed_objects(prev, new)
-    if prev.background != new.background:
-        return "change_background" if not gone and not came else None
-    if not gone and not came:
-        return "reword"
-    if not gone:
-        return "add_object"
-    if not came:
-        return "remove_object"
-    if len(gone) == len(came) == 1:
-        a, b = gone[0], came[0]
-        named = [f for f in ("color", "size", "position") if (getattr(a, f) is None) != (getattr(b, f) is None)]
-        if a.shape == b.shape and named:
-            return "add_detail" if getattr(b, named[0]) is not None else "drop_detail"
-        return "change_attribute"
-    return None
-
-
 def object_box(obj, size: int, margin: float = BOX_MARGIN) -> tuple[int, int, int, int]:
     """Pixel box (x0, y0, x1, y1) of a placed object, grown by `margin` of the width. An object
     without a size counts as large (the bigger box is the safe one)."""
@@ -110,7 +84,7 @@ def unedited_mask(edit: RoundEdit, size: int = 64) -> np.ndarray | None:
     """True where the edit should leave the image alone; None when that region is unknown (an
     edited object without a position) or empty."""
     prev, new = edit.previous_scene, edit.scene
-    gone, came = _changed_objects(prev, new)
+    gone, came = changed_objects(prev, new)
     if prev.background != new.background:
         if gone or came or not new.objects or any(o.position is None for o in new.objects):
             return None
@@ -186,7 +160,7 @@ def edit_checks(edit: RoundEdit) -> tuple[list[tuple], list[tuple]]:
     """(edited checks, untouched checks), each (position, attribute, value): the edited part as
     the new prompt names it, and every named attribute the edit leaves alone."""
     prev, new = edit.previous_scene, edit.scene
-    gone, came = _changed_objects(prev, new)
+    gone, came = changed_objects(prev, new)
     edited: list[tuple] = []
     for obj in came:
         edited.append((obj.position, "present", True))
@@ -365,6 +339,45 @@ def bench_edits(
     return result
 
 
+def choose_modes(result: dict, psnr_margin: float = 1.0, right_margin: float = 0.05) -> dict[str, dict]:
+    """Per edit kind, the round mode that pays, from a bench-edits result: control when it keeps
+    the unedited region better than SDEdit (by `psnr_margin` dB) and still makes the edit about as
+    often as fresh generation (within `right_margin`); else SDEdit when it makes the edit as often;
+    else fresh generation."""
+    def makes_the_edit(summary: dict, method: str) -> bool:
+        fresh, right = summary["fresh"]["edited_right"], summary[method]["edited_right"]
+        return fresh is None or right is None or right >= fresh - right_margin
+
+    chosen = {}
+    for kind, summary in result["by_kind"].items():
+        if not summary["edits"]:
+            continue
+        control = _best_controlled(summary)
+        sdedit_psnr = summary["sdedit"]["unedited_psnr"] or 0.0
+        if (summary[control]["unedited_psnr"] or 0.0) >= sdedit_psnr + psnr_margin and makes_the_edit(summary, control):
+            mode, method = "controlled", control
+        elif makes_the_edit(summary, "sdedit"):
+            mode, method = "sdedit", "sdedit"
+        else:
+            mode, method = "fresh", "fresh"
+        chosen[kind] = {"mode": mode, "method": method, "edits": summary["edits"],
+                        "unedited_psnr": summary[method]["unedited_psnr"],
+                        "edited_right": summary[method]["edited_right"]}
+    return chosen
+
+
+def write_auto_modes(result: dict, path: str | Path | None = None) -> Path:
+    """Store `choose_modes(result)` where `auto_mode` reads it (default: the shipped table)."""
+    from .rounds import AUTO_MODES_PATH
+
+    path = Path(path or AUTO_MODES_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"by_kind": choose_modes(result), "model": result.get("model", {}).get("pair"), "side": result["side"],
+           "steps": result["steps"], "source": "diffusionx bench-edits --write-auto-modes"}
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
 def _best_controlled(summary: dict) -> str:
     """The controlled method (with or without the blend) that keeps the unedited region best."""
     scores = {m: summary[m]["unedited_psnr"] or -1.0 for m in ("p2p", "p2p_blend")}
@@ -440,4 +453,8 @@ def cmd_bench_edits(args) -> int:
     print(f"model: {args.side} {getattr(pair, f'{args.side}_info').label}")
     print(results_table(result))
     print(f"wrote {args.out}/edits.json, results.md and edits_grid.png")
+    if args.write_auto_modes:
+        path = write_auto_modes(result)
+        modes = ", ".join(f"{k}: {v['mode']}" for k, v in choose_modes(result).items())
+        print(f"auto mode per edit kind ({modes}) written to {path}")
     return 0

@@ -1,11 +1,25 @@
 """Which kind of round an edit gets: the documented `auto` rule (docs/control.md).
 
-The predictor issue may replace it; it only looks at the words of the two prompts.
+When both prompts are in the embedded world's vocabulary, the edit's kind (add or drop a detail,
+change an attribute or the background, add or remove an object, reword) picks the mode
+`diffusionx bench-edits --write-auto-modes` measured to pay for that kind on the shipped pair
+(`assets/control/auto_modes.json`); otherwise, and for kinds it did not measure, the word rule
+below decides.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from .prompts import align_words, parse_weights, split_words
+
+if TYPE_CHECKING:
+    from ..world.scene import Scene
+
+AUTO_MODES_PATH = Path(__file__).resolve().parent.parent / "assets" / "control" / "auto_modes.json"
 
 MODES = ("fresh", "sdedit", "controlled", "auto")
 # Words that move things: a layout edit that attention injection would fight.
@@ -14,13 +28,64 @@ LAYOUT_WORDS = frozenset(
 )
 
 
-def auto_mode(previous_prompt: str, prompt: str) -> tuple[str, str]:
+def changed_objects(prev: Scene, new: Scene) -> tuple[list, list]:
+    """(objects the edit removed, objects it added): a changed object is in both lists."""
+    gone = [o for o in prev.objects if o not in new.objects]
+    came = [o for o in new.objects if o not in prev.objects]
+    return gone, came
+
+
+def infer_kind(prev: Scene, new: Scene) -> str | None:
+    """The edit kind of an unlabelled pair of scenes (plain-string sessions)."""
+    gone, came = changed_objects(prev, new)
+    if prev.background != new.background:
+        return "change_background" if not gone and not came else None
+    if not gone and not came:
+        return "reword"
+    if not gone:
+        return "add_object"
+    if not came:
+        return "remove_object"
+    if len(gone) == len(came) == 1:
+        a, b = gone[0], came[0]
+        named = [f for f in ("color", "size", "position") if (getattr(a, f) is None) != (getattr(b, f) is None)]
+        if a.shape == b.shape and named:
+            return "add_detail" if getattr(b, named[0]) is not None else "drop_detail"
+        return "change_attribute"
+    return None
+
+
+@lru_cache(maxsize=4)
+def measured_modes(path: str | None = None) -> dict[str, Any]:
+    """The per-kind modes bench-edits measured ({} when there is no table)."""
+    file = Path(path) if path else AUTO_MODES_PATH
+    try:
+        return json.loads(file.read_text()).get("by_kind", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def edit_kind(previous_prompt: str, prompt: str) -> str | None:
+    """The edit kind between two prompts of the embedded world (None outside its vocabulary)."""
+    from ..world.captions import parse_prompt
+
+    try:
+        before, after = parse_prompt(parse_weights(previous_prompt)[0]), parse_prompt(parse_weights(prompt)[0])
+    except Exception:
+        return None
+    if before is None or after is None:
+        return None
+    return infer_kind(before, after)
+
+
+def auto_mode(previous_prompt: str, prompt: str, table: dict[str, Any] | None = None) -> tuple[str, str]:
     """(mode, reason) for an edit from `previous_prompt` to `prompt`:
 
     - same words (perhaps new emphasis) -> controlled (keeps the picture, applies any reweight);
     - more than half of the words changed -> fresh (a new idea);
     - a position / layout word changed, added or removed -> sdedit (the layout must move);
-    - otherwise (words swapped, inserted or removed: an appearance edit) -> controlled.
+    - otherwise (words swapped, inserted or removed: an appearance edit) -> the mode measured to
+      pay for the edit's kind (`table`, default the shipped one), else controlled.
     """
     source = split_words(parse_weights(previous_prompt)[0])
     target = split_words(parse_weights(prompt)[0])
@@ -33,4 +98,9 @@ def auto_mode(previous_prompt: str, prompt: str) -> tuple[str, str]:
         return "fresh", "most words changed: a new idea"
     if LAYOUT_WORDS & (set(changed_src) | set(changed_tgt)):
         return "sdedit", "a position word changed: the layout must move"
+    table = measured_modes() if table is None else table
+    kind = edit_kind(previous_prompt, prompt) if table else None
+    if kind in table:
+        chosen = table[kind]
+        return chosen["mode"], f"{kind.replace('_', ' ')}: {chosen['method']} measured best for this kind (bench-edits)"
     return "controlled", "an appearance edit: keep the composition"
