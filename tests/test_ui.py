@@ -523,9 +523,9 @@ def test_a_corrupt_or_unknown_stored_session_is_a_404_not_a_500(untrained_pair, 
 
 
 def test_the_memory_bound_is_a_cache_and_old_stored_sessions_are_evicted(untrained_pair, tmp_path, monkeypatch):
-    from diffusionx.ui import app as ui_app
+    from diffusionx.ui import state as ui_state
 
-    monkeypatch.setattr(ui_app, "MAX_SESSIONS", 2)
+    monkeypatch.setattr(ui_state, "MAX_SESSIONS", 2)
     now = [1_000_000.0]
     path = tmp_path / "ui.sqlite3"
     state = stored_state(untrained_pair, path, store={"clock": lambda: now[0]})
@@ -553,7 +553,7 @@ def test_cli_state_option_default_file_and_memory(untrained_pair, tmp_path, monk
     import diffusionx.models
     from diffusionx.cli import build_parser
     from diffusionx.errors import InvalidInputError
-    from diffusionx.ui import app as ui_app
+    from diffusionx.ui import state as ui_state
     from diffusionx.ui.app import build_state
 
     monkeypatch.setattr(diffusionx.models, "load_pair", lambda *a, **k: untrained_pair)
@@ -584,7 +584,7 @@ def test_cli_state_option_default_file_and_memory(untrained_pair, tmp_path, monk
     restarted = ui_client(build_state(parse([*base, "--state", "memory"])))
     gone = restarted.get(f"/api/s/{sid}")
     assert gone.status_code == 404 and "no longer on the server" in gone.json()["error"]
-    monkeypatch.setattr(ui_app, "MAX_SESSIONS", 1)
+    monkeypatch.setattr(ui_state, "MAX_SESSIONS", 1)
     client.post("/api/session")
     assert client.get(f"/api/s/{sid}").status_code == 404  # beyond the bound, dropped for good
 
