@@ -209,6 +209,9 @@ def test_tune_picks_the_fastest_floor_that_meets_the_target():
     cloud_only = {"attribute_accuracy": 0.66, "clip_score": 82.0}
     assert finals_ok({"attribute_accuracy": 0.655, "clip_score": 81.5}, cloud_only, 0.01)
     assert not finals_ok({"attribute_accuracy": 0.64, "clip_score": 82.0}, cloud_only, 0.01)
+    close = {"attribute_accuracy": 0.655, "clip_score": 81.5, "preview_fidelity": {"psnr_db": 18.0}}
+    assert finals_ok(close, cloud_only, 0.01) and not finals_ok(close, cloud_only, 0.01, fidelity_floor=20.0)
+    assert finals_ok({**close, "preview_fidelity": {"psnr_db": 21.0}}, cloud_only, 0.01, fidelity_floor=20.0)
 
 
 def test_bench_policy_specs():

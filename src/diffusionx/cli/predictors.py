@@ -107,6 +107,8 @@ def register(sub) -> None:
     u.add_argument("--preview-tolerance", type=float, default=0.02,
                    help="previews of rounds 2+ within this (relative) of regenerating from scratch")
     u.add_argument("--final-tolerance", type=float, default=0.01, help="finals within this (relative) of cloud-only")
+    u.add_argument("--fidelity-floor", type=float, default=0.0, metavar="DB",
+                   help="finals at least this PSNR from the last preview (0: no floor), e.g. 20")
     u.add_argument("--profile", default="laptop-gpu", help="device profile for the latency the choice minimizes")
     u.add_argument("--batch", type=int, default=64, help="sessions per U-Net call")
     u.add_argument("--write", action="store_true", help="write the chosen floors into the predictors' manifest")

@@ -188,6 +188,7 @@ def cmd_tune(args) -> int:
         edge_eps=args.edge_eps,
         preview_tolerance=args.preview_tolerance,
         final_tolerance=args.final_tolerance,
+        fidelity_floor=args.fidelity_floor,
         profile=get_profile(args.profile),
         workload=workload,
         steps=args.steps,

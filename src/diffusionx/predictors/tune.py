@@ -16,7 +16,8 @@ per-transition sweep rows cannot show) on sessions that are not the test split, 
    `preview_tolerance` (relative, attribute accuracy and CLIP score) of regenerating every round
    from scratch (`fixed-1-1`);
 2. cloud floors with that edge setting: keep the fastest whose finals are within
-   `final_tolerance` of cloud-only.
+   `final_tolerance` of cloud-only and still the image the user approved: PSNR(last preview,
+   final) of at least `fidelity_floor` dB (the benchmark's preview fidelity; 0 = no floor).
 
 Where no candidate meets a target, the safest one (highest floor, then smallest eps) is kept and
 the report says so. The choice is written to the predictors' manifest as `policy_defaults`;
@@ -52,8 +53,12 @@ def previews_ok(m: dict[str, Any], scratch: dict[str, Any], tolerance: float) ->
     )
 
 
-def finals_ok(m: dict[str, Any], cloud_only: dict[str, Any], tolerance: float) -> bool:
-    return all(_within(m[k], cloud_only[k], tolerance) for k in ("attribute_accuracy", "clip_score"))
+def finals_ok(m: dict[str, Any], cloud_only: dict[str, Any], tolerance: float, fidelity_floor: float = 0.0) -> bool:
+    quality = all(_within(m[k], cloud_only[k], tolerance) for k in ("attribute_accuracy", "clip_score"))
+    if not fidelity_floor:
+        return quality
+    psnr = (m.get("preview_fidelity") or {}).get("psnr_db")
+    return quality and psnr is not None and psnr >= fidelity_floor
 
 
 def pick(candidates: dict[Any, dict[str, Any]], ok, safest=max) -> tuple[Any, bool]:
@@ -79,6 +84,7 @@ def tune_policy(
     edge_eps: list[float] = (DEFAULT_EPS,),
     preview_tolerance: float = 0.02,
     final_tolerance: float = 0.01,
+    fidelity_floor: float = 0.0,
     profile=None,
     workload: str = "",
     steps: int = 20,
@@ -123,7 +129,7 @@ def tune_policy(
     if rest:
         second = run_bench(pair, sessions, rest, profile, out / "cloud_floors", **common)["methods"]
         by_cloud.update({c: second[_name(eps, min_edge, c)] for c in set(cloud_floors) - {top_cloud}})
-    min_cloud, finals_met = pick(by_cloud, lambda m: finals_ok(m, cloud_only, final_tolerance))
+    min_cloud, finals_met = pick(by_cloud, lambda m: finals_ok(m, cloud_only, final_tolerance, fidelity_floor))
 
     keys = ("session_latency_mean_s", "cloud_unet_seconds_per_session", "edge_unet_steps_per_session",
             "attribute_accuracy", "clip_score", "edited_preview_attribute_accuracy", "edited_preview_clip_score")
@@ -133,12 +139,15 @@ def tune_policy(
         "finals_within_tolerance": finals_met,
         "preview_tolerance": preview_tolerance,
         "final_tolerance": final_tolerance,
+        "fidelity_floor_db": fidelity_floor,
         "sessions": {"n": len(sessions), "source": workload, "seed": seed},
         "references": {"cloud-only": {k: cloud_only.get(k) for k in keys}, SCRATCH: {k: scratch.get(k) for k in keys}},
         "edge_settings": [
             {"edge_eps": e, "min_edge": f, **{k: m.get(k) for k in keys}} for (e, f), m in sorted(by_edge.items())
         ],
-        "cloud_floors": {str(c): {k: m.get(k) for k in keys} for c, m in sorted(by_cloud.items())},
+        "cloud_floors": {str(c): {**{k: m.get(k) for k in keys},
+                                  "preview_psnr_db": (m.get("preview_fidelity") or {}).get("psnr_db")}
+                         for c, m in sorted(by_cloud.items())},
     }
     (out / "tune.json").write_text(json.dumps(summary, indent=1))
     if write:
@@ -151,6 +160,7 @@ def tune_policy(
             "tuned_on": f"{len(sessions)} sessions ({workload})",
             "preview_tolerance": preview_tolerance,
             "final_tolerance": final_tolerance,
+            "fidelity_floor_db": fidelity_floor,
         }
         path.write_text(json.dumps(manifest, indent=1))
     return summary
