@@ -57,8 +57,18 @@ def body(engine, **kw) -> dict:
     }
 
 
+def assert_one_fp16_step(got: torch.Tensor, want: torch.Tensor) -> None:
+    """`got` (fp16 from the wire) is `want` (fp32) rounded to fp16, up to one fp16 step: batching
+    changes float rounding, which may move a value across a rounding boundary."""
+    torch.testing.assert_close(got, as_fp16(want), atol=1e-4, rtol=2**-10)
+
+
+def as_fp16(latents: torch.Tensor) -> torch.Tensor:
+    return latents_from_bytes(latents_to_bytes(latents))
+
+
 def reference(engine, req: RefineRequest) -> torch.Tensor:
-    """The request run alone through the engine, in fp32 (CloudRefiner would round to fp16)."""
+    """The request run alone through the engine, in fp32 (the answer is rounded to fp16)."""
     return engine.generate(
         req.prompt,
         seed=req.seed,
@@ -92,7 +102,7 @@ def test_batched_result_equals_unbatched_at_mixed_strengths(untrained_pair, batc
     batch_calls = len(counter.batches)
     for req, result in zip(requests, results):
         assert result.largest_batch >= 2, "the requests should have shared U-Net calls"
-        torch.testing.assert_close(latents_from_bytes(result.payload), reference(engine, req), atol=1e-4, rtol=0)
+        assert_one_fp16_step(latents_from_bytes(result.payload), reference(engine, req))
     assert batch_calls < sum(r.unet_steps for r in results)  # 5 + 3 + 2 steps in fewer calls
 
 
@@ -108,7 +118,7 @@ def test_late_request_joins_mid_flight_and_leaves_first(untrained_pair, batcher)
     result = short.result(timeout=60)
     assert not long.done(), "the short request should finish while the long one still runs"
     assert result.largest_batch == 2
-    torch.testing.assert_close(latents_from_bytes(result.payload), reference(engine, short_request), atol=1e-4, rtol=0)
+    assert_one_fp16_step(latents_from_bytes(result.payload), reference(engine, short_request))
     assert long.result(timeout=60).unet_steps == 12
 
 
@@ -117,9 +127,10 @@ def test_strength_zero_and_bad_input(untrained_pair, batcher):
     req = request(engine, strength=0.0)
     result = batcher.refine(req)
     assert result.unet_steps == 0
-    torch.testing.assert_close(latents_from_bytes(result.payload), latents_from_bytes(req.latents))
-    with pytest.raises(InvalidInputError, match="shape"):
-        batcher.refine(request(engine, latents=latents_to_bytes(torch.zeros(1, 4, 8, 8))))
+    # the input as it is on the wire by default: fp16
+    torch.testing.assert_close(latents_from_bytes(result.payload), as_fp16(latents_from_bytes(req.latents)))
+    with pytest.raises(InvalidInputError, match="shape"):  # 36x36 pixels: not a multiple of 16
+        batcher.refine(request(engine, latents=latents_to_bytes(torch.zeros(1, 4, 9, 9))))
     assert batcher.load().failed == 1  # and the worker is still alive:
     assert batcher.refine(request(engine, strength=0.25)).unet_steps == 1
 
@@ -143,6 +154,19 @@ def test_png_requests_finishing_together_share_one_decode(untrained_pair, batche
         want = np.asarray(Image.open(io.BytesIO(CloudRefiner(engine).refine(req).payload))).astype(int)
         got = np.asarray(Image.open(io.BytesIO(result.payload))).astype(int)
         assert np.abs(got - want).max() <= 1
+
+
+def test_requests_of_other_sizes_share_the_loop_not_the_u_net_call(untrained_pair, batcher, count_unet_calls):
+    """Any size the model takes (here 64x64 and 96x96 pixels): one U-Net call per latent shape."""
+    engine = untrained_pair.cloud
+    larger = latents_to_bytes(torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(5)))
+    requests = [request(engine, strength=1.0, steps=6, seed=2), request(engine, strength=0.9, steps=6, latents=larger)]
+    counter = count_unet_calls(engine.unet)
+    results = [f.result(timeout=120) for f in [batcher.submit(r) for r in requests]]
+    assert set(counter.batches) == {1} and all(r.largest_batch == 1 for r in results)
+    for req, result in zip(requests, results):  # alone in each call: the in-process bytes
+        assert result.payload == CloudRefiner(engine).refine(req).payload
+    assert latents_from_bytes(results[1].payload).shape == (1, 4, 24, 24)
 
 
 def test_a_crashed_worker_fails_its_requests_instead_of_hanging(untrained_pair):
@@ -196,8 +220,8 @@ def test_round_trip_equals_in_process_refinement(untrained_pair, http):
     torch.testing.assert_close(
         latents_from_bytes(base64.b64decode(data["payload"])), latents_from_bytes(expected), atol=1e-3, rtol=0
     )  # at most one fp16 rounding step apart
-    fp32 = http.post("/v1/refine", json=body(engine, seed=7, strength=0.75)).json()  # fp32 in -> fp32 out
-    assert len(base64.b64decode(fp32["payload"])) > len(base64.b64decode(data["payload"]))
+    fp32 = http.post("/v1/refine", json=body(engine, seed=7, strength=0.75)).json()  # fp32 in -> fp16 out
+    assert len(base64.b64decode(fp32["payload"])) == len(base64.b64decode(data["payload"]))
     assert data["unet_steps"] == 3 and data["cost"]["unet_steps"] == 3 and data["cost"]["unet_compute_s"] > 0
     assert set(data["timings"]) >= {"queue_s", "unet_s", "decode_s", "total_s"}
 
@@ -220,6 +244,37 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.mark.parametrize("case", ["fp16", "fp32", "png in", "png out", "96x96 latents", "96x96 png"])
+def test_the_server_answers_the_in_process_bytes(untrained_pair, http, case):
+    """One refine contract: the same request through CloudRefiner and through the batching server
+    gives the same payload bytes (fp16 latents whatever the request's precision; any size the
+    model takes, not only its own)."""
+    engine = untrained_pair.cloud
+    larger = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(5))
+    change = {
+        "fp16": {"latents": latent_bytes(engine, 3, "fp16")},
+        "fp32": {"latents": latent_bytes(engine, 3, "fp32")},
+        "png in": {"latents": None, "image_png": image_to_png(Image.new("RGB", (64, 64), (200, 30, 30)))},
+        "png out": {"return_format": "png"},
+        "96x96 latents": {"latents": latents_to_bytes(larger)},
+        "96x96 png": {"latents": None, "image_png": image_to_png(Image.new("RGB", (96, 96))), "return_format": "png"},
+    }[case]
+    req = request(engine, seed=8, **change)
+    wire = {
+        "latent": None if req.latents is None else _b64(req.latents),
+        "image": None if req.image_png is None else _b64(req.image_png),
+        "return_format": req.return_format,
+    }
+    response = http.post("/v1/refine", json=body(engine, seed=8, **wire))
+    assert response.status_code == 200, response.text
+    payload = base64.b64decode(response.json()["payload"])
+    assert payload == CloudRefiner(engine).refine(req).payload
+    if case == "96x96 latents":
+        assert latents_from_bytes(payload).shape == (1, 4, 24, 24)
+    if case == "96x96 png":
+        assert Image.open(io.BytesIO(payload)).size == (96, 96)
+
+
 @pytest.mark.parametrize(
     "change, status, fragment",
     [
@@ -235,10 +290,10 @@ def _b64(data: bytes) -> str:
         ({"image": "aGVsbG8="}, 422, "exactly one"),
         ({"latent": "not base64!"}, 400, "base64"),
         ({"latent": _b64(b"\x00" * 64)}, 400, "safetensors"),
-        ({"latent": _b64(latents_to_bytes(torch.zeros(1, 4, 8, 8)))}, 422, "shape"),
+        ({"latent": _b64(latents_to_bytes(torch.zeros(1, 4, 9, 9)))}, 422, "shape"),  # 36x36 pixels
         ({"latent": _b64(latents_to_bytes(torch.zeros(1, 3, 16, 16)))}, 422, "shape"),
         ({"latent": None, "image": _b64(b"GIF89a....")}, 400, "PNG"),
-        ({"latent": None, "image": _b64(image_to_png(Image.new("RGB", (32, 32))))}, 422, "64x64"),
+        ({"latent": None, "image": _b64(image_to_png(Image.new("RGB", (40, 40))))}, 422, "multiples of 16"),
         ({"seed": -1}, 422, "seed"),
     ],
 )

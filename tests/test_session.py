@@ -130,7 +130,7 @@ def test_cloud_refiner_rejects_bad_requests(untrained_pair):
     for request, message in [
         (RefineRequest("a", 0.5, latents=None), "exactly one"),
         (RefineRequest("a", 0.5, latents=b"not safetensors"), "safetensors"),
-        (RefineRequest("a", 0.5, latents=latents_to_bytes(torch.zeros(1, 4, 8, 8))), "shape"),
+        (RefineRequest("a", 0.5, latents=latents_to_bytes(torch.zeros(1, 4, 9, 9))), "shape"),  # 36x36 px
         (RefineRequest("a", 2.0, latents=good), "strength"),
         (RefineRequest("", 0.5, latents=good), "empty"),
         (RefineRequest("a", 0.5, image_png=b"\x89PNG broken"), "PNG"),

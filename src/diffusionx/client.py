@@ -31,10 +31,9 @@ from typing import Any, Self
 
 import httpx
 
-from .cloud import RefineRequest, RefineResult, _read_png
+from .cloud import RefineRequest, RefineResult, result_problem
 from .engine import Timing
 from .errors import DiffusionXError, InvalidInputError
-from .wire import latent_value_problem, latents_from_bytes
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 FINAL_CODES = frozenset({"non_finite_result"})  # 5xx codes the server marks as not worth retrying
@@ -224,15 +223,9 @@ def _result(data: dict[str, Any]) -> RefineResult:
 
 def _checked(result: RefineResult) -> RefineResult:
     """A 200 whose payload cannot be shown (unreadable, NaN, infinite, absurd) is a failed refinement."""
-    try:
-        if result.return_format == "png":
-            _read_png(result.payload)
-            return result
-        problem = latent_value_problem(latents_from_bytes(result.payload))
-    except InvalidInputError as err:
-        raise CloudError(f"the cloud's result payload is unreadable: {err}") from None
+    problem = result_problem(result)
     if problem is not None:
-        raise CloudError(f"the cloud returned unusable latents ({problem}); not showing them")
+        raise CloudError(f"the cloud returned {problem}; not showing it")
     return result
 
 

@@ -30,7 +30,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,15 +41,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..cloud import RefineRequest, RefineResult, _read_png
+from ..cloud import CloudRefiner, RefineRequest, RefineResult, check_request, result_problem
 from ..engine import DEFAULT_SCHEDULER, SCHEDULERS, Engine
 from ..errors import InvalidInputError
-from ..wire import MAX_LATENT_ABS, NonFiniteResultError, latent_value_problem, latents_from_bytes
+from ..wire import NonFiniteResultError, PayloadError
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
 from .store import Entry, IdempotencyStore, MemoryStore, open_store, request_fingerprint
@@ -312,6 +310,9 @@ class Service:
     ):
         self.refiner = refiner
         self.engine: Engine | None = getattr(refiner, "engine", None)
+        self._contract = isinstance(refiner, BatchingRefiner) or isinstance(
+            getattr(refiner, "refiner", None), CloudRefiner
+        )  # its results come from CloudRefiner.finish
         self.tokens = set(tokens)
         # Compared as UTF-8 bytes: hmac.compare_digest raises on str with non-ASCII characters.
         self._token_bytes = [token.encode("utf-8") for token in self.tokens]
@@ -478,13 +479,11 @@ class Service:
     def _finish(self, future: Future, request_id: str, outcome: Future) -> None:
         try:
             result = future.result()
-            if result.return_format == "latent":  # whatever the refiner: never answer NaN as a success
-                try:
-                    problem = latent_value_problem(latents_from_bytes(result.payload))
-                except InvalidInputError as err:
-                    problem = f"the refiner's payload is unreadable ({err})"
-                if problem is not None:
-                    raise _non_finite(request_id, f"the refinement produced unusable latents: {problem}")
+            # A refiner outside the refine contract (whose finish checks every result): never
+            # answer its NaN as a success.
+            problem = None if self._contract else result_problem(result)
+            if problem is not None:
+                raise _non_finite(request_id, f"the refinement produced {problem}")
             outcome.set_result(_response(result, request_id, self.replica))
         except ApiError as err:
             outcome.set_exception(err)
@@ -650,12 +649,6 @@ class Service:
             raise ApiError(
                 422, "invalid_input", "send exactly one of 'latent' (base64 safetensors) or 'image' (base64 PNG)"
             )
-        latents = _b64(body.latent, "latent") if body.latent is not None else None
-        image = _b64(body.image, "image") if body.image is not None else None
-        if latents is not None:
-            self._check_latents(latents)
-        if image is not None:
-            self._check_image(image)
         request = RefineRequest(
             prompt=body.prompt,
             strength=body.strength,
@@ -663,76 +656,17 @@ class Service:
             seed=body.seed,
             guidance_scale=body.guidance,
             scheduler=body.scheduler,
-            latents=latents,
-            image_png=image,
+            latents=_b64(body.latent, "latent") if body.latent is not None else None,
+            image_png=_b64(body.image, "image") if body.image is not None else None,
             return_format=body.return_format,
         )
-        try:
-            request.validate()
+        try:  # the refine contract's own checks (the payload parsed here, once, for everything after)
+            check_request(request, self.engine)
+        except PayloadError as err:
+            raise ApiError(400 if err.code == "bad_payload" else 422, err.code, str(err)) from None
         except InvalidInputError as err:
             raise ApiError(422, "invalid_input", str(err)) from None
         return request
-
-    def _check_latents(self, data: bytes) -> None:
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            load_safetensors(data)
-        except Exception as err:
-            raise ApiError(
-                400,
-                "bad_payload",
-                f"'latent' is not a readable safetensors file ({err}); encode with diffusionx.wire.latents_to_bytes",
-            ) from None
-        try:
-            latents = latents_from_bytes(data)
-        except InvalidInputError as err:
-            raise ApiError(422, "latent_mismatch", str(err)) from None
-        problem = latent_value_problem(latents)
-        if problem is not None:
-            raise ApiError(
-                422,
-                "latent_out_of_range",
-                f"'latent' is unusable: {problem}; send finite latents within +-{MAX_LATENT_ABS:g}",
-            )
-        try:
-            if self.engine is not None:
-                self.engine.check_latents(latents)
-        except InvalidInputError as err:
-            raise ApiError(422, "latent_mismatch", str(err)) from None
-
-    def _check_image(self, data: bytes) -> None:
-        # The size is read from the header before any pixel is decoded (no decompression bombs).
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size is checked below
-                header = Image.open(io.BytesIO(data))
-            with header:
-                fmt, width, height = header.format, header.width, header.height
-        except Image.DecompressionBombError:
-            raise ApiError(422, "image_size", f"image dimensions are far beyond {self._size_text}") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ApiError(400, "bad_payload", f"image is not a readable PNG: {err}") from None
-        if fmt != "PNG":
-            raise ApiError(400, "bad_payload", f"image must be a PNG, got {fmt}")
-        if self.engine is not None:
-            size = self.engine.default_size
-            if (width, height) != (size, size):
-                raise ApiError(
-                    422,
-                    "image_size",
-                    f"image is {width}x{height}; the cloud model {self.model_name} takes {size}x{size} PNGs",
-                )
-        try:
-            _read_png(data)
-        except InvalidInputError as err:
-            raise ApiError(400, "bad_payload", str(err)) from None
-
-    @property
-    def _size_text(self) -> str:
-        if self.engine is None:
-            return "what this server takes"
-        return f"the {self.engine.default_size}x{self.engine.default_size} PNGs the cloud model takes"
 
     @property
     def model_name(self) -> str:

@@ -1,15 +1,18 @@
 """Continuous step-level batching: one thread owns the engine and runs every request's denoising.
 
-Each request becomes a `DenoiseJob`. Every iteration of the worker loop
+Each request is prepared by the refine contract (`CloudRefiner.prepare`: checks, the payload
+parsed once, the prompt encoded, the job started). Every iteration of the worker loop
 
 1. admits waiting requests (FIFO) at the step boundary until `max_batch` jobs are active,
-2. calls `engine.step(active)` once: one U-Net call advances every active job by one step, each at
-   its own timestep (requests at different strengths share the call),
-3. completes the jobs that just finished (serialize or decode, hand the result to the caller).
+2. calls `engine.step` once per latent shape among the active jobs: one U-Net call advances every
+   job of that shape by one step, each at its own timestep (requests at different strengths
+   share the call; requests at different sizes cannot, so each size gets its own call),
+3. finishes the jobs that just ended with `CloudRefiner.finish_each` (the checks of the result,
+   PNGs decoded together, the payload encoded) and hands each result to its caller.
 
 So a short request that arrives while a long one is running joins it at the next step and leaves
-as soon as it is done; nobody waits for a whole batch to finish. For the same seed a request's
-result is its unbatched result (only float rounding differs between batch sizes).
+as soon as it is done; nobody waits for a whole batch to finish. A request's result is the bytes
+`CloudRefiner.refine` gives for it, up to the float rounding between batch sizes.
 
 `BatchingRefiner` implements the `Refiner` protocol (`refine(request)` blocks) and `submit()`
 (returns a `concurrent.futures.Future`) for the HTTP server.
@@ -25,24 +28,13 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-from safetensors.torch import load as load_safetensors
-
-from ..cloud import RefineRequest, RefineResult, _read_png
-from ..engine import DenoiseJob, Engine, Timing, steps_for_strength
+from ..cloud import CloudRefiner, RefineJob, RefineRequest, RefineResult
+from ..engine import Engine, steps_for_strength
 from ..errors import InvalidInputError
-from ..wire import (
-    LATENT_KEY,
-    NonFiniteResultError,
-    check_latent_values,
-    image_to_png,
-    latent_value_problem,
-    latents_from_bytes,
-    latents_to_bytes,
-)
+from ..wire import NonFiniteResultError
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +53,9 @@ class _Work:
     future: Future
     submitted: float
     seq: int
-    job: DenoiseJob | None = None
-    timing: Timing = field(default_factory=Timing)
+    job: RefineJob | None = None
     admitted: float = 0.0
-    unet_steps: int = 0
     largest_batch: int = 0
-    wire_dtype: str = "fp16"
 
 
 @dataclass
@@ -92,12 +81,14 @@ class LoadReport:
 
 
 class BatchingRefiner:
-    """Owns `engine` on one worker thread; see the module docstring."""
+    """Owns the engine (of `engine`, or of the CloudRefiner given) on one worker thread; see the
+    module docstring."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 256, name: str = "cloud"):
+    def __init__(self, engine: Engine | CloudRefiner, *, max_batch: int = 8, max_queue: int = 256, name: str = "cloud"):
         if max_batch < 1:
             raise InvalidInputError(f"max_batch must be >= 1, got {max_batch}")
-        self.engine = engine
+        self.refiner = engine if isinstance(engine, CloudRefiner) else CloudRefiner(engine)
+        self.engine = self.refiner.engine
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self._pending: collections.deque[_Work] = collections.deque()
@@ -239,128 +230,62 @@ class BatchingRefiner:
             return
         work.admitted = time.perf_counter()
         try:
-            work.job = self._start(work)
+            work.job = self.refiner.prepare(work.request)
         except Exception as err:
             self._fail(work, err)
             return
         with self._cond:
             self._active.append(work)
-        if work.job.done and self._output_ok(work):  # strength 0: nothing to denoise
-            self._finish(work)
-
-    def _start(self, work: _Work) -> DenoiseJob:
-        request, engine, timing = work.request, self.engine, work.timing
-        if request.latents is not None:
-            # The model's own size only: every job in a batch must have the same latent shape.
-            latents = engine.check_latents(check_latent_values(latents_from_bytes(request.latents), "the latents"))
-            work.wire_dtype = _wire_dtype(request.latents)
-        else:
-            start = time.perf_counter()
-            image = _read_png(request.image_png)
-            if (image.height, image.width) != (engine.default_size, engine.default_size):
-                raise InvalidInputError(
-                    f"image is {image.width}x{image.height} pixels; model {engine.name} takes "
-                    f"{engine.default_size}x{engine.default_size}"
-                )
-            latents = engine.encode_image(image)
-            timing.vae_encode_s = time.perf_counter() - start
-        start = time.perf_counter()
-        embeddings = engine.encode_prompt(request.prompt, guidance=request.guidance_scale > 1.0)
-        timing.text_encode_s = time.perf_counter() - start
-        job = engine.start(
-            embeddings,
-            seed=request.seed,
-            steps=request.steps,
-            strength=request.strength,
-            init_latents=latents,
-            guidance_scale=request.guidance_scale,
-            scheduler=request.scheduler,
-        )
-        job.timing = timing
-        work.unet_steps = job.num_steps
-        return job
+        if work.job.job.done:  # strength 0: nothing to denoise
+            self._finish([work])
 
     def _step(self) -> None:
         with self._cond:
-            active = [w for w in self._active if w.job is not None and not w.job.done]
+            active = [w for w in self._active if w.job is not None and not w.job.job.done]
         if active:
+            by_shape: dict[tuple[int, ...], list[_Work]] = {}
+            for work in active:  # one U-Net call per latent shape: a batch is one tensor
+                by_shape.setdefault(tuple(work.job.job.latents.shape), []).append(work)
             start = time.perf_counter()
-            try:
-                self.engine.step([w.job for w in active])
-            except Exception as err:
-                log.exception("U-Net step failed for a batch of %d", len(active))
-                for work in active:
-                    self._fail(work, err)
-                return
+            for group in by_shape.values():
+                try:
+                    self.engine.step([w.job.job for w in group])
+                except Exception as err:
+                    log.exception("U-Net step failed for a batch of %d", len(group))
+                    for work in group:
+                        self._fail(work, err)
+                    continue
+                for work in group:
+                    work.largest_batch = max(work.largest_batch, len(group))
+                with self._cond:
+                    self.unet_calls += 1
+                    self.batch_sizes[len(group)] += 1
             elapsed = time.perf_counter() - start
-            for work in active:
-                work.largest_batch = max(work.largest_batch, len(active))
             with self._cond:
-                self.unet_calls += 1
-                self.batch_sizes[len(active)] += 1
                 self._step_time = elapsed if not self._step_time else 0.8 * self._step_time + 0.2 * elapsed
-        done = [work for work in active if work.job.done and self._output_ok(work)]
-        images = self._decode([work for work in done if work.request.return_format == "png"])
-        for work in done:
-            self._finish(work, images.get(id(work)))
+        self._finish([work for work in active if work.job.job.done and not work.future.done()])
 
-    def _decode(self, works: list[_Work]) -> dict[int, Any]:
-        """VAE-decode the PNG requests that finished on the same step in one call."""
+    def _finish(self, works: list[_Work]) -> None:
+        """The refine contract's `finish` for the jobs that just ended: each its result or failure."""
         if not works:
-            return {}
-        start = time.perf_counter()
-        try:
-            images = self.engine.decode(torch.cat([work.job.latents for work in works]))
-        except Exception as err:
-            for work in works:
-                self._fail(work, err)
-            return {}
-        elapsed = time.perf_counter() - start
-        for work in works:
-            work.timing.decode_s = elapsed
-        return {id(work): image for work, image in zip(works, images)}
-
-    def _finish(self, work: _Work, image: Any = None) -> None:
-        job, request, timing = work.job, work.request, work.timing
-        if work.future.done():  # failed while decoding
             return
-        try:
-            if request.return_format == "png":
-                if image is None:
-                    start = time.perf_counter()
-                    image = self.engine.decode(job.latents)[0]
-                    timing.decode_s = time.perf_counter() - start
-                payload = image_to_png(image)
-            else:
-                payload = latents_to_bytes(job.latents, work.wire_dtype)
-        except Exception as err:
-            self._fail(work, err)
-            return
-        result = ServedResult(
-            payload=payload,
-            return_format=request.return_format,
-            strength=request.strength,
-            steps=request.steps,
-            unet_steps=work.unet_steps,
-            timing=timing,
-            queue_s=work.admitted - work.submitted,
-            largest_batch=work.largest_batch,
-        )
-        with self._cond:
-            self._active.remove(work)
-            self.completed += 1
-            result.seq = self.completed
-            self._cond.notify_all()
-        work.future.set_result(result)
-
-    def _output_ok(self, work: _Work) -> bool:
-        """Non-finite or absurd latents are never a result (nor decoded into one): the request fails."""
-        problem = latent_value_problem(work.job.latents)
-        if problem is None:
-            return True
-        log.warning("refinement seq %d produced unusable latents: %s", work.seq, problem)
-        self._fail(work, NonFiniteResultError(f"the refinement produced unusable latents: {problem}"))
-        return False
+        for work, outcome in zip(works, self.refiner.finish_each([work.job for work in works])):
+            if isinstance(outcome, Exception):
+                if isinstance(outcome, NonFiniteResultError):
+                    log.warning("refinement seq %d: %s", work.seq, outcome)
+                self._fail(work, outcome)
+                continue
+            result = ServedResult(
+                **{f.name: getattr(outcome, f.name) for f in fields(RefineResult)},
+                largest_batch=work.largest_batch,
+            )
+            result.queue_s = work.admitted - work.submitted
+            with self._cond:
+                self._active.remove(work)
+                self.completed += 1
+                result.seq = self.completed
+                self._cond.notify_all()
+            work.future.set_result(result)
 
     def _fail(self, work: _Work, err: Exception) -> None:
         with self._cond:
@@ -370,11 +295,6 @@ class BatchingRefiner:
             self._cond.notify_all()
         if not work.future.done():
             work.future.set_exception(err)
-
-
-def _wire_dtype(data: bytes) -> str:
-    """Answer in the precision the client sent: fp32 in, fp32 out; fp16 otherwise."""
-    return "fp32" if load_safetensors(data)[LATENT_KEY].dtype == torch.float32 else "fp16"
 
 
 def _planned_steps(request: RefineRequest) -> int:
@@ -387,4 +307,4 @@ def _planned_steps(request: RefineRequest) -> int:
 def job_remaining(work: _Work) -> int:
     if work.job is None:
         return _planned_steps(work.request)
-    return work.job.num_steps - work.job.step_index
+    return work.job.job.num_steps - work.job.job.step_index
