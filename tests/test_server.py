@@ -304,6 +304,27 @@ def test_validation_errors(untrained_pair, http, change, status, fragment):
     assert error["status"] == status and fragment in error["message"]
 
 
+@pytest.mark.parametrize("kind", ["latent", "image"])
+def test_the_payload_is_parsed_once_per_request(untrained_pair, http, monkeypatch, kind):
+    """Validation, the idempotency fingerprint and the refinement read one parsed tensor (or image):
+    the latent used to be parsed from safetensors four times on the server."""
+    import diffusionx.wire as wire
+
+    engine = untrained_pair.cloud
+    png = image_to_png(Image.new("RGB", (64, 64), (10, 200, 10)))
+    payload = body(engine, seed=61) if kind == "latent" else body(engine, seed=61, latent=None, image=_b64(png))
+    calls = []
+    if kind == "latent":
+        parse = wire.load_safetensors
+        monkeypatch.setattr(wire, "load_safetensors", lambda data: calls.append(1) or parse(data))
+    else:
+        open_png = Image.open
+        monkeypatch.setattr(Image, "open", lambda *args, **kw: calls.append(1) or open_png(*args, **kw))
+    response = http.post("/v1/refine", json=payload, headers={"Idempotency-Key": f"parsed-once-{kind}"})
+    assert response.status_code == 200, response.text
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("side", [10000, 14000])  # 100 M pixels; 196 M (past PIL's bomb limit)
 def test_huge_png_is_refused_from_its_header(untrained_pair, http, side):
     bomb = image_to_png(Image.new("1", (side, side)))  # a small file that decodes to gigabytes

@@ -25,7 +25,6 @@ Stored results are plain data, a JSON object (`meta`) and the payload bytes: nev
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sqlite3
 import threading
@@ -100,7 +99,8 @@ class IdempotencyStore(Protocol):
 def request_fingerprint(request: Any) -> str:
     """sha256 over the parsed request (a `RefineRequest`): its fields in sorted JSON, the latent
     tensor as dtype + shape + sha256 of its bytes (not of the safetensors file, whose header may
-    be laid out differently), the image as size + sha256 of its RGB pixels (not of the PNG)."""
+    be laid out differently), the image as size + sha256 of its RGB pixels (not of the PNG). The
+    payload is the request's own parsed one (`parsed_latents` / `parsed_image`): not parsed again."""
     fields: dict[str, Any] = {
         "prompt": request.prompt,
         "strength": float(request.strength),
@@ -111,22 +111,16 @@ def request_fingerprint(request: Any) -> str:
         "return_format": request.return_format,
     }
     if request.latents is not None:
-        from safetensors.numpy import load
-
-        tensors = load(request.latents)
+        array = request.parsed_latents().contiguous().numpy()  # as sent: fp16 or fp32
         fields["latents"] = {
-            name: {
+            "latents": {
                 "dtype": str(array.dtype),
                 "shape": list(array.shape),
                 "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
             }
-            for name, array in sorted(tensors.items())
         }
     if request.image_png is not None:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(request.image_png)) as image:
-            rgb = image.convert("RGB")
+        rgb = request.parsed_image()
         fields["image"] = {"size": list(rgb.size), "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
