@@ -33,16 +33,20 @@ def ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def autoscaling_config(replicas: int, max_replicas: int, max_batch: int) -> dict[str, Any] | None:
-    """Scale on requests in flight per replica: a replica is 'full' at one batch's worth."""
+def autoscaling_config(replicas: int, max_replicas: int, max_batch: int, *, upscale_delay_s: float = 10.0,
+                       downscale_delay_s: float = 120.0, look_back_period_s: float = 10.0) -> dict[str, Any] | None:
+    """Scale on requests in flight per replica: a replica is 'full' at one batch's worth. Ray adds a
+    replica once the mean in flight over `look_back_period_s` stays above that for
+    `upscale_delay_s`, and removes one after `downscale_delay_s` below it."""
     if max_replicas <= replicas:
         return None
     return {
         "min_replicas": replicas,
         "max_replicas": max_replicas,
         "target_ongoing_requests": max_batch,
-        "upscale_delay_s": 10,
-        "downscale_delay_s": 120,
+        "upscale_delay_s": upscale_delay_s,
+        "downscale_delay_s": downscale_delay_s,
+        "look_back_period_s": look_back_period_s,
     }
 
 
@@ -61,6 +65,7 @@ def build_app(
     gpus_per_replica: float = 0.0,
     device: str = "auto",
     store: str = "memory",
+    scaling_delays: dict[str, float] | None = None,
 ):
     """A bound Ray Serve application; pass it to `serve.run`. `store`: the idempotency store every
     replica opens (what `open_store` takes)."""
@@ -97,7 +102,7 @@ def build_app(
             if not getattr(refiner, "alive", True) and not self._app.state.service.draining:
                 raise RuntimeError(f"the batching worker stopped: {getattr(refiner, 'crashed', None)!r}")
 
-    scaling = autoscaling_config(replicas, max_replicas, max_batch)
+    scaling = autoscaling_config(replicas, max_replicas, max_batch, **(scaling_delays or {}))
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
