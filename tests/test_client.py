@@ -262,3 +262,31 @@ def test_a_diverged_refinement_is_not_retried():
     with pytest.raises(CloudError, match="NaN latents"):
         client.refine(_zeros_request())
     assert len(calls) == 1
+
+
+# ----- one wire schema (server/schemas.py) ----------------------------------------------------
+def test_the_client_sends_the_servers_schema_and_checks_it_first():
+    from diffusionx.server.schemas import RefineBody
+
+    good = httpx.Response(200, json=_answer(latents_to_bytes(torch.zeros(1, 4, 16, 16))))
+    client, calls = _mock_client([good], retries=0)
+    request = RefineRequest(prompt="x", strength=0.5, seed=3, latents=latents_to_bytes(torch.zeros(1, 4, 16, 16)))
+    client.refine(request)
+    sent = RefineBody.model_validate_json(calls[0].content)  # what the server validates with
+    assert sent == RefineBody.from_request(request) and sent.to_request().latents == request.latents
+    with pytest.raises(InvalidInputError, match="scheduler"):  # refused here, before any HTTP call
+        client.refine(RefineRequest(prompt="x", strength=0.5, scheduler="plms", latents=request.latents))
+    assert len(calls) == 1
+
+
+def test_the_client_imports_without_the_servers_packages():
+    import subprocess
+    import sys
+
+    blocked = ["fastapi", "starlette", "uvicorn", "ray", "redis"]
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+        "import diffusionx.client, diffusionx.server.schemas; print('imported')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr

@@ -19,7 +19,6 @@ finalizes over HTTP. It
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import json
 import math
@@ -30,10 +29,11 @@ from collections.abc import Iterator
 from typing import Any, Self
 
 import httpx
+from pydantic import ValidationError
 
 from .cloud import RefineRequest, RefineResult, result_problem
-from .engine import Timing
 from .errors import DiffusionXError, InvalidInputError
+from .server.schemas import RefineBody, RefineResponse
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 FINAL_CODES = frozenset({"non_finite_result"})  # 5xx codes the server marks as not worth retrying
@@ -98,7 +98,10 @@ class CloudClient:
     # ----- Refiner ----------------------------------------------------------------------------
     def refine(self, request: RefineRequest, *, idempotency_key: str | None = None) -> RefineResult:
         request.validate()
-        body = json.dumps(_body(request)).encode()
+        try:  # the wire schema the server validates with (server/schemas.py)
+            body = RefineBody.from_request(request).model_dump_json(exclude_none=True).encode()
+        except ValidationError as err:
+            raise InvalidInputError(f"the request does not fit the refine API: {_problems(err)}") from None
         key = idempotency_key or uuid.uuid4().hex
         data = self._post("/v1/refine", body, key)
         return _checked(_result(data))
@@ -180,45 +183,17 @@ class CloudClient:
         return b"".join(chunks)
 
 
-def _body(request: RefineRequest) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "prompt": request.prompt,
-        "strength": request.strength,
-        "steps": request.steps,
-        "seed": request.seed,
-        "guidance": request.guidance_scale,
-        "scheduler": request.scheduler,
-        "return_format": request.return_format,
-    }
-    if request.latents is not None:
-        body["latent"] = base64.b64encode(request.latents).decode()
-    if request.image_png is not None:
-        body["image"] = base64.b64encode(request.image_png).decode()
-    return body
-
-
-def _result(data: dict[str, Any]) -> RefineResult:
+def _result(data: Any) -> RefineResult:
     try:
-        timings, cost = data["timings"], data["cost"]
-        timing = Timing(
-            text_encode_s=timings["text_encode_s"],
-            vae_encode_s=timings["vae_encode_s"],
-            unet_s=timings["unet_s"],
-            unet_compute_s=cost["unet_compute_s"],
-            decode_s=timings["decode_s"],
-            unet_calls=cost["unet_calls"],
-        )
-        return RefineResult(
-            payload=base64.b64decode(data["payload"], validate=True),
-            return_format=data["return_format"],
-            strength=data["strength"],
-            steps=data["steps"],
-            unet_steps=data["unet_steps"],
-            timing=timing,
-            queue_s=timings["queue_s"],
-        )
-    except (KeyError, TypeError, ValueError) as err:
+        return RefineResponse.model_validate(data).to_result()
+    except ValidationError as err:
+        raise CloudError(f"the cloud's response is not a refinement result ({_problems(err)})") from None
+    except ValueError as err:  # the payload is not base64
         raise CloudError(f"the cloud's response is not a refinement result ({type(err).__name__}: {err})") from None
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False))
 
 
 def _checked(result: RefineResult) -> RefineResult:

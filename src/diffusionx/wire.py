@@ -27,8 +27,9 @@ class NonFiniteResultError(DiffusionXError):
 
 class PayloadError(InvalidInputError):
     """A latent or image payload that cannot be refined. `code` says why, as the HTTP service's
-    error code: `bad_payload` (not a readable safetensors file or PNG), `latent_mismatch` (not one
-    fp16/fp32 tensor of a shape the model takes), `latent_out_of_range`, `image_size`."""
+    error code: `bad_base64`, `bad_payload` (not a readable safetensors file or PNG),
+    `latent_mismatch` (not one fp16/fp32 tensor of a shape the model takes), `latent_out_of_range`,
+    `image_size`."""
 
     def __init__(self, message: str, code: str = "bad_payload"):
         super().__init__(message)

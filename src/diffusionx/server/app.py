@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import hmac
@@ -35,28 +34,28 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..cloud import CloudRefiner, RefineRequest, RefineResult, check_request, result_problem
-from ..engine import DEFAULT_SCHEDULER, SCHEDULERS, Engine
+from ..engine import SCHEDULERS, Engine
 from ..errors import InvalidInputError
 from ..wire import NonFiniteResultError, PayloadError
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
+from .schemas import IDEMPOTENCY_KEY_MAX, ErrorResponse, RefineBody, RefineResponse, error_body
 from .store import Entry, IdempotencyStore, MemoryStore, open_store, request_fingerprint
 
 log = logging.getLogger(__name__)
 TOKENS_ENV = "DIFFUSIONX_TOKENS"
 KNOWN_PATHS = frozenset({"/v1/refine", "/v1/health", "/v1/load", "/metrics", "/openapi.json", "/docs"})
-LATENT_MEDIA_TYPE = "application/vnd.diffusionx.latents+safetensors"
 
 
 # ----- configuration ----------------------------------------------------------------------------
@@ -79,65 +78,7 @@ def load_tokens(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     return tokens
 
 
-# ----- wire schema ------------------------------------------------------------------------------
-class RefineBody(BaseModel):
-    """POST /v1/refine. Send exactly one of `latent` or `image`."""
-
-    # strict: numbers are JSON numbers ("0.5" and true are refused, not coerced); integers for
-    # steps and seed (an int is fine where a float is expected)
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(description="the final prompt")
-    strength: float = Field(ge=0.0, le=1.0, description="SDEdit strength: 0 keeps the input, 1 starts fresh")
-    steps: int = Field(20, ge=1, description="scheduler steps; the U-Net runs ceil(strength*steps) of them")
-    seed: int = Field(0, ge=0, lt=2**63)
-    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<=1: off)")
-    scheduler: Literal["ddim", "dpm++", "euler"] = DEFAULT_SCHEDULER
-    latent: str | None = Field(None, description="base64 of a safetensors file with one fp16/fp32 tensor 'latents'")
-    image: str | None = Field(None, description="base64 PNG at the model's size (when latents cannot be shared)")
-    return_format: Literal["latent", "png"] = "latent"
-
-
-class Timings(BaseModel):
-    queue_s: float
-    text_encode_s: float
-    vae_encode_s: float
-    unet_s: float
-    decode_s: float
-    total_s: float
-
-
-class Cost(BaseModel):
-    unet_steps: int
-    unet_calls: int
-    unet_compute_s: float
-
-
-class RefineResponse(BaseModel):
-    request_id: str
-    return_format: Literal["latent", "png"]
-    media_type: str
-    payload: str = Field(description="base64 of the safetensors latents or the PNG")
-    strength: float
-    steps: int
-    unet_steps: int
-    timings: Timings
-    cost: Cost
-    largest_batch: int
-    replica: str
-    seq: int
-
-
-class ErrorBody(BaseModel):
-    status: int
-    code: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
+# ----- errors -----------------------------------------------------------------------------------
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -145,8 +86,7 @@ class ApiError(Exception):
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"status": status, "code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, code, message), status_code=status, headers=headers)
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -484,7 +424,7 @@ class Service:
             problem = None if self._contract else result_problem(result)
             if problem is not None:
                 raise _non_finite(request_id, f"the refinement produced {problem}")
-            outcome.set_result(_response(result, request_id, self.replica))
+            outcome.set_result(RefineResponse.from_result(result, request_id, self.replica).model_dump())
         except ApiError as err:
             outcome.set_exception(err)
         except InvalidInputError as err:
@@ -649,21 +589,12 @@ class Service:
             raise ApiError(
                 422, "invalid_input", "send exactly one of 'latent' (base64 safetensors) or 'image' (base64 PNG)"
             )
-        request = RefineRequest(
-            prompt=body.prompt,
-            strength=body.strength,
-            steps=body.steps,
-            seed=body.seed,
-            guidance_scale=body.guidance,
-            scheduler=body.scheduler,
-            latents=_b64(body.latent, "latent") if body.latent is not None else None,
-            image_png=_b64(body.image, "image") if body.image is not None else None,
-            return_format=body.return_format,
-        )
-        try:  # the refine contract's own checks (the payload parsed here, once, for everything after)
+        try:
+            request = body.to_request()
+            # the refine contract's own checks (the payload parsed here, once, for everything after)
             check_request(request, self.engine)
         except PayloadError as err:
-            raise ApiError(400 if err.code == "bad_payload" else 422, err.code, str(err)) from None
+            raise ApiError(400 if err.code in ("bad_payload", "bad_base64") else 422, err.code, str(err)) from None
         except InvalidInputError as err:
             raise ApiError(422, "invalid_input", str(err)) from None
         return request
@@ -675,13 +606,6 @@ class Service:
     @property
     def latent_shape(self) -> list[int] | None:
         return list(self.engine.latent_shape()) if self.engine is not None else None
-
-
-def _b64(text: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_base64", f"'{field}' is not valid base64 (standard alphabet, padded)") from None
 
 
 def _key_reused() -> ApiError:
@@ -699,34 +623,6 @@ def _non_finite(request_id: str, message: str) -> ApiError:
         "non_finite_result",
         f"{message}; the model diverged on this input, so retrying it will not help (request {request_id})",
     )
-
-
-def _response(result: RefineResult, request_id: str, replica: str) -> dict[str, Any]:
-    t = result.timing
-    return {
-        "request_id": request_id,
-        "return_format": result.return_format,
-        "media_type": "image/png" if result.return_format == "png" else LATENT_MEDIA_TYPE,
-        "payload": base64.b64encode(result.payload).decode(),
-        "strength": result.strength,
-        "steps": result.steps,
-        "unet_steps": result.unet_steps,
-        "timings": {
-            "queue_s": result.queue_s,
-            "text_encode_s": t.text_encode_s,
-            "vae_encode_s": t.vae_encode_s,
-            "unet_s": t.unet_s,
-            "decode_s": t.decode_s,
-            "total_s": result.queue_s + t.total_s,
-        },
-        "cost": {"unet_steps": result.unet_steps, "unet_calls": t.unet_calls, "unet_compute_s": t.unet_compute_s},
-        "largest_batch": getattr(result, "largest_batch", 1),
-        "replica": replica,
-        "seq": getattr(result, "seq", 0),
-    }
-
-
-IDEMPOTENCY_KEY_MAX = 200
 
 
 def _check_content_type(request: Request) -> None:
