@@ -264,12 +264,12 @@ def open_serve_store(args, limits: Limits):
     """The idempotency store `diffusionx serve` uses (checked at start: a bad URL or an unreachable
     Redis is bad input, not a failure at the first request); says where it is on stderr."""
     from ..errors import InvalidInputError
-    from .app import _store_settings
+    from .service import store_settings
     from .store import open_store
 
     location = store_location(args.store, args.state_dir)
     try:
-        store = open_store(location, **_store_settings(limits))
+        store = open_store(location, **store_settings(limits))
     except Exception as err:
         raise InvalidInputError(f"cannot open the idempotency store {location}: {err}") from None
     print(

@@ -1,0 +1,614 @@
+"""The refinement service behind the HTTP app: one `Service` per app holds the refiner (a
+continuous batcher, or any blocking refiner run one at a time), the request's conversion and
+checks (the refine contract's own, `cloud.check_request`), idempotency through the store
+(claims, leases, replays), the drain, and the counters that /v1/load and /metrics report.
+
+Nothing here speaks HTTP beyond raising `ApiError`; routes.py is the FastAPI wiring around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..cloud import CloudRefiner, RefineRequest, RefineResult, check_request, result_problem
+from ..engine import Engine
+from ..errors import InvalidInputError
+from ..wire import NonFiniteResultError, PayloadError
+from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
+from .config import Limits
+from .guards import TOKENS_ENV, ApiError, Authenticator, Quota, draining_error, retry_after
+from .schemas import RefineBody, RefineResponse
+from .store import Entry, IdempotencyStore, MemoryStore, open_store, request_fingerprint
+
+log = logging.getLogger(__name__)
+KNOWN_PATHS = frozenset({"/v1/refine", "/v1/health", "/v1/load", "/metrics", "/openapi.json", "/docs"})
+
+
+def build_service(
+    refiner_or_engine: Any,
+    *,
+    tokens: set[str] | None = None,
+    insecure: bool = False,
+    max_batch: int = 8,
+    limits: Limits | None = None,
+    replica: str | None = None,
+    store: IdempotencyStore | str | os.PathLike | None = None,
+) -> Service:
+    """The service `create_app` wraps (same arguments; see there)."""
+    limits = limits or Limits()
+    tokens = set(tokens or ())
+    if not tokens and not insecure:
+        raise InvalidInputError(
+            f"no API tokens: pass --tokens FILE or set {TOKENS_ENV}=token1,token2; or, for local use only, "
+            "run with --insecure to accept unauthenticated requests"
+        )
+    if isinstance(refiner_or_engine, Engine):
+        refiner = BatchingRefiner(refiner_or_engine, max_batch=max_batch, max_queue=limits.max_queue)
+    elif hasattr(refiner_or_engine, "submit") and hasattr(refiner_or_engine, "load"):
+        refiner = refiner_or_engine
+    elif hasattr(refiner_or_engine, "refine"):
+        refiner = _SerialRefiner(refiner_or_engine)
+    else:
+        raise InvalidInputError(f"create_app needs an Engine or a Refiner, got {type(refiner_or_engine).__name__}")
+    owns_store = not hasattr(store, "claim")
+    if store is None:
+        store = MemoryStore(**store_settings(limits))
+    elif owns_store:
+        store = open_store(store, **store_settings(limits))
+    service = Service(
+        refiner,
+        tokens=tokens,
+        insecure=insecure,
+        limits=limits,
+        replica=replica or f"{socket.gethostname()}:{os.getpid()}",
+        store=store,
+        owns_store=owns_store,
+    )
+    return service
+
+
+@dataclass
+class _Local:
+    """A keyed request this process is settling: the first handler for (token, key) settles it
+    (from the store, or by computing), concurrent ones with the same key wait on `outcome`: a
+    Future of (response body, replayed from the store)."""
+
+    fingerprint: str
+    outcome: Future
+    owned: bool = False  # holds the store's pending claim: its lease is renewed until it is settled
+
+
+class _SerialRefiner:
+    """Adapts any blocking `Refiner` (e.g. CloudRefiner) to submit/load: one request at a time."""
+
+    def __init__(self, refiner: Any):
+        self.refiner = refiner
+        self.engine = getattr(refiner, "engine", None)
+        self.max_batch = 1
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="diffusionx-refiner")
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self.completed = self.failed = self.unet_calls = 0
+        self._closing = False
+        self._order: list[Future] = []  # submitted and not yet done, first come first served
+        self._running_since = 0.0
+        self._mean_s = 0.0  # moving average of one refinement's wall time
+
+    def submit(self, request: RefineRequest) -> Future:
+        request.validate()
+        if self._closing:
+            raise ServiceUnavailableError("the refiner is shutting down", 5.0)
+        with self._lock:
+            self._waiting += 1
+        submitted = time.perf_counter()
+
+        def run() -> RefineResult:
+            started = time.perf_counter()
+            with self._lock:
+                self._waiting -= 1
+                self._running_since = started
+            queue_s = started - submitted
+            try:
+                result = self.refiner.refine(request)
+            except Exception:
+                self.failed += 1
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                with self._lock:
+                    self._mean_s = elapsed if not self._mean_s else 0.8 * self._mean_s + 0.2 * elapsed
+            result.queue_s = queue_s
+            self.completed += 1
+            self.unet_calls += result.unet_steps
+            result.seq = self.completed  # type: ignore[attr-defined]
+            return result
+
+        future = self._pool.submit(run)
+        with self._lock:
+            self._order.append(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            if future in self._order:
+                self._order.remove(future)
+
+    def finish_estimate_s(self, futures: Iterable[Future]) -> float | None:
+        """Seconds until the first of these is done: its place in line times the mean refinement."""
+        wanted = set(futures)
+        with self._lock:
+            places = [i for i, f in enumerate(self._order) if f in wanted]
+            if not places or not self._mean_s:
+                return None
+            elapsed = time.perf_counter() - self._running_since if self._order and self._order[0].running() else 0.0
+            return max(0.0, (places[0] + 1) * self._mean_s - elapsed)
+
+    def load(self) -> LoadReport:
+        return LoadReport(self._waiting, 0, 1, 0.0, 0.0, self.completed, self.failed, self.unet_calls, self._closing)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._order
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> bool:
+        self._closing = True
+        self._pool.shutdown(wait=drain, cancel_futures=not drain)
+        return True
+
+
+# ----- the service ------------------------------------------------------------------------------
+class Service:
+    """State behind one app: the refiner, auth, quotas, idempotency, counters, draining."""
+
+    def __init__(
+        self,
+        refiner: Any,
+        *,
+        tokens: set[str],
+        insecure: bool,
+        limits: Limits,
+        replica: str,
+        store: IdempotencyStore,
+        owns_store: bool = True,
+    ):
+        self.refiner = refiner
+        self.engine: Engine | None = getattr(refiner, "engine", None)
+        self._contract = isinstance(refiner, BatchingRefiner) or isinstance(
+            getattr(refiner, "refiner", None), CloudRefiner
+        )  # its results come from CloudRefiner.finish
+        self.auth = Authenticator(tokens)
+        self.tokens = self.auth.tokens
+        self.insecure = insecure
+        self.limits = limits
+        self.replica = replica
+        self.quota = Quota(limits)
+        self._inflight_futures: defaultdict[str, set[Future]] = defaultdict(set)  # per identity
+        self.store = store
+        self._owns_store = owns_store
+        self.owner = f"{replica}/{uuid.uuid4().hex[:12]}"  # this process's claims in the store
+        self._local: dict[tuple[str, str], _Local] = {}  # keyed requests this process is settling
+        # Result handling (base64, NaN check, the store's write) off the refiner's worker thread;
+        # claims and waits for another replica's result in their own threads, off the event loop.
+        self._results = ThreadPoolExecutor(2, thread_name_prefix="diffusionx-results")
+        self._claims = ThreadPoolExecutor(16, thread_name_prefix="diffusionx-claims")
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self.draining = False
+        self.drain_deadline: float | None = None  # time.monotonic() by which the drain must be done
+        self.active = 0  # refinements in flight: accepted requests whose answer is not out yet
+        self.started = time.time()
+        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self.latency_buckets = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+        self.latency_counts = [0] * len(self.latency_buckets)
+        self.latency_sum = 0.0
+        self.latency_n = 0
+        self.replays = 0
+        self.client_disconnects: defaultdict[str, int] = defaultdict(int, {"/v1/refine": 0})
+        self._lock = threading.Lock()
+
+    def authenticate(self, header: str | None) -> str:
+        """The caller's identity for quotas and idempotency (401/403 unless the token is accepted)."""
+        return self.auth.identify(header)
+
+    def check_draining(self) -> None:
+        if self.draining:
+            raise draining_error()
+
+    def begin_drain(self, deadline: float | None = None) -> None:
+        """Draining from now on (health 503, new work 503); `deadline` (monotonic) bounds the
+        rest of the drain, the app's shutdown included."""
+        self.drain_deadline = deadline
+        self.draining = True
+
+    def busy(self) -> bool:
+        """Refinements in flight: accepted requests not yet answered, or work the refiner still
+        runs (e.g. for a client that hung up: its retry will want the stored result)."""
+        if self.active:
+            return True
+        idle = getattr(self.refiner, "idle", None)
+        if idle is not None:
+            return not idle
+        load = self.refiner.load()
+        return bool(load.queue_depth or load.running)
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        if path not in KNOWN_PATHS:
+            path = "other"
+        with self._lock:
+            self.requests[(path, status)] += 1
+            if path == "/v1/refine" and status == 200:
+                self.latency_sum += seconds
+                self.latency_n += 1
+                for i, bound in enumerate(self.latency_buckets):
+                    if seconds <= bound:
+                        self.latency_counts[i] += 1
+
+    def observe_disconnect(self, path: str) -> None:
+        """A client hung up before its request was read: its fault, not a server error."""
+        with self._lock:
+            self.client_disconnects[path if path in KNOWN_PATHS else "other"] += 1
+
+    def load(self) -> LoadReport:
+        return self.refiner.load()
+
+    def track(self, who: str, future: Future) -> None:
+        with self._lock:
+            self._inflight_futures[who].add(future)
+
+        def forget(_: Future) -> None:
+            with self._lock:
+                self._inflight_futures[who].discard(future)
+
+        future.add_done_callback(forget)
+
+    def until_one_finishes(self, who: str) -> float | None:
+        """When one of `who`'s refinements in flight should be done, from the queue and step times."""
+        with self._lock:
+            futures = list(self._inflight_futures.get(who, ()))
+        estimate = getattr(self.refiner, "finish_estimate_s", None)
+        return estimate(futures) if estimate is not None and futures else None
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting (503 + Retry-After) and finish every accepted request (and store it)."""
+        self.draining = True
+        if timeout is None:
+            timeout = self.limits.drain_timeout_s
+            if self.drain_deadline is not None:
+                timeout = max(0.0, self.drain_deadline - time.monotonic())
+        finished = self.refiner.close(drain=True, timeout=timeout)
+        if not finished:  # abandoned work: free its keys, so that a retry elsewhere computes at once
+            with self._lock:
+                owned = [k for k, local in self._local.items() if local.owned]
+            for who, key in owned:
+                self._release(who, key)
+        self._results.shutdown(wait=finished)
+        self._claims.shutdown(wait=False)
+        self._stop_renewing.set()
+        if self._owns_store and finished:
+            with contextlib.suppress(Exception):
+                self.store.close()
+        return finished
+
+    # ----- computing, and idempotency through the store -----------------------------------------
+    def compute(self, who: str, request: RefineRequest, request_id: str) -> Future:
+        """Quota, then the refiner: a Future of the response body (an ApiError if it failed)."""
+        self.quota.acquire(who, lambda: self.until_one_finishes(who))
+        try:
+            future = self.refiner.submit(request)
+        except ServiceUnavailableError as err:
+            self.quota.release(who)
+            raise ApiError(503, "unavailable", str(err), retry_after(err.retry_after)) from None
+        except InvalidInputError as err:
+            self.quota.release(who)
+            raise ApiError(422, "invalid_input", str(err)) from None
+        future.add_done_callback(lambda _: self.quota.release(who))
+        self.track(who, future)
+        outcome: Future = Future()
+
+        def done(f: Future) -> None:
+            try:
+                self._results.submit(self._finish, f, request_id, outcome)
+            except RuntimeError:  # shut down (a drain that timed out): finish here
+                self._finish(f, request_id, outcome)
+
+        future.add_done_callback(done)
+        return outcome
+
+    def _finish(self, future: Future, request_id: str, outcome: Future) -> None:
+        try:
+            result = future.result()
+            # A refiner outside the refine contract (whose finish checks every result): never
+            # answer its NaN as a success.
+            problem = None if self._contract else result_problem(result)
+            if problem is not None:
+                raise _non_finite(request_id, f"the refinement produced {problem}")
+            outcome.set_result(RefineResponse.from_result(result, request_id, self.replica).model_dump())
+        except ApiError as err:
+            outcome.set_exception(err)
+        except InvalidInputError as err:
+            outcome.set_exception(ApiError(422, "invalid_input", str(err)))
+        except ServiceUnavailableError as err:
+            outcome.set_exception(ApiError(503, "unavailable", str(err), retry_after(err.retry_after)))
+        except NonFiniteResultError as err:
+            outcome.set_exception(_non_finite(request_id, str(err)))
+        except Exception as err:
+            log.exception("refinement %s failed", request_id)
+            outcome.set_exception(
+                ApiError(
+                    500,
+                    "refinement_failed",
+                    f"the refinement failed on the server ({type(err).__name__}); "
+                    "retrying may help, the server log has the details",
+                )
+            )
+
+    def begin(self, who: str, key: str, request: RefineRequest) -> tuple[Future, bool]:
+        """A keyed request: (a Future of (body, replayed), joined an earlier one). Blocking (the
+        store); call it off the event loop. Raises ApiError for a key reused for another request."""
+        fingerprint = request_fingerprint(request)
+        k = (who, key)
+        with self._lock:
+            local = self._local.get(k)
+            if local is None:
+                local = self._local[k] = _Local(fingerprint, Future())
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            if local.fingerprint != fingerprint:
+                raise _key_reused()
+            return local.outcome, True
+        try:
+            self._settle(who, key, local, request)
+        except BaseException as err:
+            self._forget(k, local)
+            if not local.outcome.done():
+                local.outcome.set_exception(err)
+        return local.outcome, False
+
+    def begin_async(self, who: str, key: str, request: RefineRequest) -> asyncio.Future:
+        """`begin` in a claims thread, off the event loop (the store is blocking I/O)."""
+        return asyncio.get_running_loop().run_in_executor(self._claims, self.begin, who, key, request)
+
+    def count_replay(self) -> None:
+        with self._lock:
+            self.replays += 1
+
+    def _settle(self, who: str, key: str, local: _Local, request: RefineRequest) -> None:
+        """Claim (who, key) in the store; replay what it holds, wait for another replica that is
+        computing it (until its lease lapses), or compute it and store the result."""
+        k = (who, key)
+        deadline = time.monotonic() + self.limits.idempotency_wait_s
+        pause = 0.05
+        while True:
+            request_id = uuid.uuid4().hex
+            try:
+                claim = self.store.claim(who, key, local.fingerprint, request_id, self.owner)
+            except Exception as err:
+                log.exception("the idempotency store failed on a claim")
+                raise ApiError(
+                    503,
+                    "store_unavailable",
+                    f"the idempotency store is unavailable ({type(err).__name__})",
+                    retry_after(5),
+                ) from None
+            if claim.outcome != "new" and claim.entry.fingerprint != local.fingerprint:
+                raise _key_reused()
+            if claim.outcome == "done":
+                entry = claim.entry
+                body = {**entry.meta, "payload": base64.b64encode(entry.payload or b"").decode()}
+                local.outcome.set_result((body, True))
+                self._forget(k, local)
+                return
+            if claim.outcome == "new":
+                break
+            if time.monotonic() > deadline:  # another replica is still on it
+                raise ApiError(
+                    503,
+                    "in_progress",
+                    "another replica is computing the request with this Idempotency-Key; retry with the same key",
+                    retry_after(min(5.0, max(1.0, claim.entry.expires - time.time()))),
+                )
+            time.sleep(pause)
+            pause = min(0.5, pause * 2)
+        local.owned = True
+        self._start_renewing()
+        try:
+            computed = self.compute(who, request, request_id)
+        except BaseException:
+            self._release(who, key)
+            raise
+
+        def stored(f: Future) -> None:  # in a results thread: store, then answer, then forget
+            err = f.exception()
+            if err is None:
+                body = f.result()
+                meta = {name: value for name, value in body.items() if name != "payload"}
+                entry = Entry(
+                    local.fingerprint,
+                    request_id,
+                    self.owner,
+                    "done",
+                    time.time(),
+                    0.0,
+                    meta,
+                    base64.b64decode(body["payload"]),
+                )
+                try:
+                    if not self.store.complete(who, key, self.owner, entry):
+                        log.warning("idempotency key of %s was taken by another request; result not stored", who)
+                except Exception:
+                    log.exception("the idempotency store failed to keep result %s", request_id)
+                local.outcome.set_result((body, False))
+            else:
+                self._release(who, key)
+                local.outcome.set_exception(err)
+            self._forget(k, local)
+
+        computed.add_done_callback(stored)
+
+    def _release(self, who: str, key: str) -> None:
+        try:
+            self.store.release(who, key, self.owner)
+        except Exception:
+            log.exception("the idempotency store failed to release a claim")
+
+    def _forget(self, k: tuple[str, str], local: _Local) -> None:
+        with self._lock:
+            if self._local.get(k) is local:
+                del self._local[k]
+
+    def _start_renewing(self) -> None:
+        with self._lock:
+            if self._renewer is not None:
+                return
+            self._renewer = threading.Thread(target=self._renew, daemon=True, name="diffusionx-lease")
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        """Keep this process's claims alive while it computes them (a killed process's lapse)."""
+        while not self._stop_renewing.wait(self.store.lease_s / 3):
+            with self._lock:
+                owned = [k for k, local in self._local.items() if local.owned]
+            for who, key in owned:
+                try:
+                    self.store.renew(who, key, self.owner)
+                except Exception:
+                    log.exception("the idempotency store failed to renew a lease")
+
+    # request -> RefineRequest, validating everything that needs no model call
+    def to_request(self, body: RefineBody) -> RefineRequest:
+        limits = self.limits
+        if not body.prompt.strip():
+            raise ApiError(422, "invalid_input", "prompt is empty: send the final prompt to refine")
+        if len(body.prompt) > limits.max_prompt_chars:
+            raise ApiError(
+                422,
+                "prompt_too_long",
+                f"prompt is {len(body.prompt)} characters; this server takes at most {limits.max_prompt_chars}",
+            )
+        if body.steps > limits.max_steps:
+            raise ApiError(
+                422, "invalid_input", f"steps must be at most {limits.max_steps} on this server, got {body.steps}"
+            )
+        if (body.latent is None) == (body.image is None):
+            raise ApiError(
+                422, "invalid_input", "send exactly one of 'latent' (base64 safetensors) or 'image' (base64 PNG)"
+            )
+        try:
+            request = body.to_request()
+            # the refine contract's own checks (the payload parsed here, once, for everything after)
+            check_request(request, self.engine)
+        except PayloadError as err:
+            raise ApiError(400 if err.code in ("bad_payload", "bad_base64") else 422, err.code, str(err)) from None
+        except InvalidInputError as err:
+            raise ApiError(422, "invalid_input", str(err)) from None
+        return request
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.name if self.engine is not None else "unknown"
+
+    @property
+    def latent_shape(self) -> list[int] | None:
+        return list(self.engine.latent_shape()) if self.engine is not None else None
+
+
+def _key_reused() -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used for a different request; use a fresh key per distinct request",
+    )
+
+
+def _non_finite(request_id: str, message: str) -> ApiError:
+    log.error("refinement %s: %s", request_id, message)
+    return ApiError(
+        500,
+        "non_finite_result",
+        f"{message}; the model diverged on this input, so retrying it will not help (request {request_id})",
+    )
+
+
+def store_settings(limits: Limits) -> dict[str, Any]:
+    return {
+        "capacity_per_token": limits.idempotency_keys_per_token,
+        "window_s": limits.idempotency_window_s,
+        "lease_s": limits.idempotency_lease_s,
+    }
+
+
+def prometheus_text(service: Service) -> str:
+    load = service.load()
+    out = io.StringIO()
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        out.write(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+        for labels, value in samples:
+            out.write(f"{name}{labels} {value:g}\n" if not math.isinf(value) else f"{name}{labels} +Inf\n")
+
+    with service._lock:
+        requests = sorted(service.requests.items())
+        buckets = list(zip(service.latency_buckets, service.latency_counts))
+        lat_sum, lat_n, replays = service.latency_sum, service.latency_n, service.replays
+        disconnects = sorted(service.client_disconnects.items())
+    metric(
+        "diffusionx_http_requests_total",
+        "counter",
+        "HTTP requests by path and status",
+        [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in requests],
+    )
+    metric(
+        "diffusionx_client_disconnects_total",
+        "counter",
+        "requests whose client hung up before the body was read (not counted as HTTP requests)",
+        [(f'{{path="{p}"}}', n) for p, n in disconnects],
+    )
+    cumulative, samples = 0, []
+    for bound, count in buckets:
+        cumulative += count
+        le = "+Inf" if math.isinf(bound) else f"{bound:g}"
+        samples.append((f'_bucket{{le="{le}"}}', cumulative))
+    out.write(
+        "# HELP diffusionx_refine_seconds end-to-end latency of successful refinements\n"
+        "# TYPE diffusionx_refine_seconds histogram\n"
+    )
+    for suffix, value in samples:
+        out.write(f"diffusionx_refine_seconds{suffix} {value:g}\n")
+    out.write(f"diffusionx_refine_seconds_sum {lat_sum:g}\ndiffusionx_refine_seconds_count {lat_n}\n")
+    metric("diffusionx_refinements_completed_total", "counter", "refinements finished", [("", load.completed)])
+    metric("diffusionx_refinements_failed_total", "counter", "refinements that failed", [("", load.failed)])
+    metric(
+        "diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency store", [("", replays)]
+    )
+    metric("diffusionx_unet_calls_total", "counter", "batched U-Net calls", [("", load.unet_calls)])
+    metric("diffusionx_queue_depth", "gauge", "requests waiting for a batch slot", [("", load.queue_depth)])
+    metric("diffusionx_running_batch", "gauge", "jobs in the running batch", [("", load.running)])
+    metric("diffusionx_max_batch", "gauge", "batch size limit", [("", load.max_batch)])
+    metric("diffusionx_step_seconds", "gauge", "recent wall time of one U-Net step", [("", load.step_time_s)])
+    metric(
+        "diffusionx_estimated_wait_seconds",
+        "gauge",
+        "estimated wait before a new request's first step",
+        [("", load.estimated_wait_s)],
+    )
+    metric("diffusionx_draining", "gauge", "1 while shutting down", [("", float(load.draining))])
+    return out.getvalue()
