@@ -29,7 +29,7 @@ from .config import Limits
 from .guards import TOKENS_ENV, ApiError, load_tokens
 from .routes import create_app
 from .schemas import ErrorResponse, RefineBody, RefineResponse
-from .service import Service, _SerialRefiner, build_service, store_settings
+from .service import Service, _SerialRefiner, store_settings
 
 __all__ = [
     "TOKENS_ENV",
@@ -40,7 +40,6 @@ __all__ = [
     "RefineResponse",
     "Service",
     "_SerialRefiner",
-    "build_service",
     "create_app",
     "load_tokens",
     "store_settings",

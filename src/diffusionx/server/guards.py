@@ -113,6 +113,17 @@ class Authenticator:
         return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def required_tokens(tokens: set[str] | None, insecure: bool) -> set[str]:
+    """The tokens a server takes; none only when `insecure` says so explicitly."""
+    tokens = set(tokens or ())
+    if not tokens and not insecure:
+        raise InvalidInputError(
+            f"no API tokens: pass --tokens FILE or set {TOKENS_ENV}=token1,token2; or, for local use only, "
+            "run with --insecure to accept unauthenticated requests"
+        )
+    return tokens
+
+
 # ----- quotas -----------------------------------------------------------------------------------
 class Quota:
     """Per-token token bucket (rate) and in-flight counter (concurrency)."""

@@ -31,12 +31,13 @@ from .guards import (
     check_idempotency_key,
     error_response,
     read_body,
+    required_tokens,
     retry_after,
     validation_message,
     within_drain,
 )
 from .schemas import IDEMPOTENCY_KEY_MAX, ErrorResponse, RefineBody, RefineResponse
-from .service import Service, build_service, prometheus_text
+from .service import Service, as_refiner, default_replica, prometheus_text, service_store
 from .store import IdempotencyStore
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,17 @@ def create_app(
 
     `store`: the idempotency store: an `IdempotencyStore` (the caller's: not closed here), or what
     `open_store` takes ("memory", a SQLite file, "redis://host:port/db"); default: in memory."""
-    service = build_service(
-        refiner_or_engine,
+    limits = limits or Limits()
+    tokens = required_tokens(tokens, insecure)
+    store, owns_store = service_store(store, limits)
+    service = Service(
+        as_refiner(refiner_or_engine, max_batch=max_batch, max_queue=limits.max_queue),
         tokens=tokens,
         insecure=insecure,
-        max_batch=max_batch,
         limits=limits,
-        replica=replica,
+        replica=replica or default_replica(),
         store=store,
+        owns_store=owns_store,
     )
 
     @contextlib.asynccontextmanager

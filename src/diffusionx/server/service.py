@@ -31,7 +31,7 @@ from ..errors import InvalidInputError
 from ..wire import NonFiniteResultError, PayloadError
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
-from .guards import TOKENS_ENV, ApiError, Authenticator, Quota, draining_error, retry_after
+from .guards import ApiError, Authenticator, Quota, draining_error, retry_after
 from .schemas import RefineBody, RefineResponse
 from .store import Entry, IdempotencyStore, MemoryStore, open_store, request_fingerprint
 
@@ -39,47 +39,30 @@ log = logging.getLogger(__name__)
 KNOWN_PATHS = frozenset({"/v1/refine", "/v1/health", "/v1/load", "/metrics", "/openapi.json", "/docs"})
 
 
-def build_service(
-    refiner_or_engine: Any,
-    *,
-    tokens: set[str] | None = None,
-    insecure: bool = False,
-    max_batch: int = 8,
-    limits: Limits | None = None,
-    replica: str | None = None,
-    store: IdempotencyStore | str | os.PathLike | None = None,
-) -> Service:
-    """The service `create_app` wraps (same arguments; see there)."""
-    limits = limits or Limits()
-    tokens = set(tokens or ())
-    if not tokens and not insecure:
-        raise InvalidInputError(
-            f"no API tokens: pass --tokens FILE or set {TOKENS_ENV}=token1,token2; or, for local use only, "
-            "run with --insecure to accept unauthenticated requests"
-        )
+def as_refiner(refiner_or_engine: Any, *, max_batch: int, max_queue: int) -> Any:
+    """What the service runs: an Engine gets a continuous batcher of `max_batch`; a refiner with
+    submit/load (a BatchingRefiner) is used as it is; any blocking Refiner is run one at a time."""
     if isinstance(refiner_or_engine, Engine):
-        refiner = BatchingRefiner(refiner_or_engine, max_batch=max_batch, max_queue=limits.max_queue)
-    elif hasattr(refiner_or_engine, "submit") and hasattr(refiner_or_engine, "load"):
-        refiner = refiner_or_engine
-    elif hasattr(refiner_or_engine, "refine"):
-        refiner = _SerialRefiner(refiner_or_engine)
-    else:
-        raise InvalidInputError(f"create_app needs an Engine or a Refiner, got {type(refiner_or_engine).__name__}")
-    owns_store = not hasattr(store, "claim")
+        return BatchingRefiner(refiner_or_engine, max_batch=max_batch, max_queue=max_queue)
+    if hasattr(refiner_or_engine, "submit") and hasattr(refiner_or_engine, "load"):
+        return refiner_or_engine
+    if hasattr(refiner_or_engine, "refine"):
+        return _SerialRefiner(refiner_or_engine)
+    raise InvalidInputError(f"create_app needs an Engine or a Refiner, got {type(refiner_or_engine).__name__}")
+
+
+def service_store(store: IdempotencyStore | str | os.PathLike | None, limits: Limits) -> tuple[IdempotencyStore, bool]:
+    """(the idempotency store, whether the service owns it and closes it): the caller's
+    `IdempotencyStore`, or one opened from what `open_store` takes; in memory by default."""
     if store is None:
-        store = MemoryStore(**store_settings(limits))
-    elif owns_store:
-        store = open_store(store, **store_settings(limits))
-    service = Service(
-        refiner,
-        tokens=tokens,
-        insecure=insecure,
-        limits=limits,
-        replica=replica or f"{socket.gethostname()}:{os.getpid()}",
-        store=store,
-        owns_store=owns_store,
-    )
-    return service
+        return MemoryStore(**store_settings(limits)), True
+    if hasattr(store, "claim"):
+        return store, False  # type: ignore[return-value]
+    return open_store(store, **store_settings(limits)), True
+
+
+def default_replica() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
