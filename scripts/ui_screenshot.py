@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="the session's seed (the page's default is random)")
     parser.add_argument("--out", default="docs/ui-screenshot.png")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusionx.server.run import start_in_thread
     from diffusionx.ui.app import UIState, create_app
 
-    ui = start_in_thread(create_app(UIState(load_pair(args.model), steps=args.steps)), graceful_timeout=5)
+    ui = start_in_thread(create_app(UIState(load_pair(args.model), steps=args.steps, seed=args.seed)), graceful_timeout=5)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=["--no-sandbox"])
