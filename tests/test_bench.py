@@ -335,3 +335,36 @@ def test_evaluate_cli_on_out_of_vocabulary_sessions(tmp_path, capsys):
     assert main(args) == 0
     edge_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("edge"))
     assert edge_line.split()[2:4] == ["n/a", "n/a"]  # FID, attribute accuracy
+
+
+@pytest.mark.slow
+def test_vs_cloud_only_figures_hold_next_to_a_busy_process(tmp_path, untrained_pair):
+    """The same command twice, once while another process spins on a core: interleaved timing
+    keeps every "vs cloud-only" figure's sign and moves it by less than 5 points."""
+    import subprocess
+    import sys
+
+    from diffusionx.bench import get_profile, run_bench
+
+    sessions, workload = load_sessions(None, 3)
+    methods = default_methods([0.5])
+
+    def figures(out):
+        report = run_bench(untrained_pair, sessions, methods, get_profile("laptop-gpu"), out, workload=workload,
+                           steps=6, batch=8, score_quality=False)
+        cloud = report["methods"]["cloud-only"]["session_latency_mean_s"]
+        noise = report["calibration_measured_s"]["noise"]
+        assert set(noise) == {"edge", "cloud"} and noise["edge"]["unet_step_s"] >= 0
+        return {name: m["session_latency_mean_s"] / cloud - 1 for name, m in report["methods"].items()
+                if name != "cloud-only"}
+
+    quiet = figures(tmp_path / "quiet")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded = figures(tmp_path / "busy")
+    finally:
+        busy.kill()
+        busy.wait()
+    for name, value in quiet.items():
+        assert (value > 0) == (loaded[name] > 0), (name, value, loaded[name])
+        assert abs(value - loaded[name]) < 0.05, (name, value, loaded[name])

@@ -126,10 +126,17 @@ def test_a_stalled_body_is_a_408_and_the_connection_closes(untrained_pair):
             sock.settimeout(5)
             answer = sock.recv(65536)
             took = time.monotonic() - start
+            closed = False
+            while b'"body_timeout"' not in answer:  # headers and body may come in separate packets
+                chunk = sock.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                answer += chunk
             assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
             assert b'"body_timeout"' in answer and b"connection: close" in answer.lower()
             assert 0.7 < took < 3.0, took
-            assert closed_after(sock, 3.0) is not None
+            assert closed or closed_after(sock, 3.0) is not None
     finally:
         running.stop()
 
