@@ -335,7 +335,66 @@ def test_64_sessions_survive_a_kill_9_and_restart(tmp_path, servers):
     assert not mismatched, f"answers that are not the stored result: {mismatched}"
 
 
-# ----- 4. a bounded schemathesis run against /openapi.json: no 5xx --------------------------------
+# ----- 4. two replicas behind Ray Serve, one killed mid-load ----------------------------------------
+@pytest.mark.slow
+def test_two_ray_replicas_one_killed_mid_load_lose_nothing(tmp_path):
+    """Ray Serve restarts a killed replica; the retrying clients' requests all come back, each once
+    in the shared store, each answer the stored one."""
+    from diffusionx.server.config import Limits
+    from diffusionx.server.ray_serve import APP_NAME, build_app, ray_environment
+
+    ray_environment()
+    pytest.importorskip("ray.serve")
+    import ray
+    from ray import serve
+
+    requests, port, store = 24, free_port(), tmp_path / "shared.sqlite3"
+    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    results: dict[str, bytes] = {}
+    failures: dict[str, str] = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        limits = Limits(max_concurrent_per_token=64, idempotency_lease_s=2.0)
+        serve.run(build_app(model="untrained", insecure=True, max_batch=4, limits=limits, replicas=2, threads=1,
+                            device="cpu", store=str(store)), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+
+        def one(i: int) -> None:
+            client = retrying_client(url)
+            request = RefineRequest(prompt=PROMPT, strength=0.5, steps=20, seed=i, guidance_scale=1.0,
+                                    latents=latents(i))
+            try:
+                results[f"ray-{i}"] = client.refine(request, idempotency_key=f"ray-{i}").payload
+            except Exception as err:
+                failures[f"ray-{i}"] = f"{type(err).__name__}: {err}"
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(requests)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: store.exists() and sum(s == "done" for s, _, _ in store_rows(store).values()) >= 4, 120,
+                 "the first results")
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+        assert len(replicas) == 2, replicas
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
+        done_at_kill = sum(s == "done" for s, _, _ in store_rows(store).values())
+        for thread in threads:
+            thread.join(240)
+        rows = store_rows(store)
+        stored = sum(state == "done" for state, _, _ in rows.values())
+        mismatched = [k for k, payload in results.items() if rows.get(k, ("", "", None))[2] != payload]
+        print(f"\ntwo Ray replicas, one killed: requests {requests}, done at the kill {done_at_kill}, "
+              f"failures {len(failures)}, lost {requests - len(results)}, stored {stored}")
+        assert done_at_kill < requests, "the kill came too late to matter"
+        assert not failures, failures
+        assert len(results) == requests and stored == requests and not mismatched
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ----- 5. a bounded schemathesis run against /openapi.json: no 5xx --------------------------------
 def test_schemathesis_finds_no_server_error(untrained_pair):
     import schemathesis  # the `test` extra
     from hypothesis import HealthCheck, given, settings
