@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import os
 import signal
 import socket
@@ -394,7 +395,109 @@ def test_two_ray_replicas_one_killed_mid_load_lose_nothing(tmp_path):
         ray.shutdown()
 
 
-# ----- 5. a bounded schemathesis run against /openapi.json: no 5xx --------------------------------
+# ----- 5. network delay and loss between edge and cloud ------------------------------------------
+class LossyProxy:
+    """A TCP proxy on 127.0.0.1 that delays every chunk by `delay_s` and cuts a `loss` share of the
+    connections mid-stream (what a bad mobile link does to an HTTP exchange); `blackhole` accepts
+    and never forwards. Used instead of `tc netem`, which this machine's kernel lacks (no sch_netem:
+    "Specified qdisc kind is unknown")."""
+
+    def __init__(self, target_port: int, *, delay_s: float = 0.0, loss: float = 0.0, blackhole: bool = False,
+                 seed: int = 0):
+        import random
+
+        self.target, self.delay_s, self.loss, self.blackhole = target_port, delay_s, loss, blackhole
+        self.random = random.Random(seed)
+        self.cut = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        if self.blackhole:
+            time.sleep(30)
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        cut_after = 1 if self.random.random() < self.loss else None  # the answer's first chunk
+
+        def pump(src: socket.socket, dst: socket.socket, cutting: bool) -> None:
+            chunks = 0
+            try:
+                while data := src.recv(65536):
+                    time.sleep(self.delay_s)
+                    chunks += 1
+                    if cutting and cut_after is not None and chunks >= cut_after:
+                        self.cut += 1
+                        dst.sendall(data[: len(data) // 2])  # half a response, then the line drops
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+
+        threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
+        pump(upstream, client, True)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+def test_delay_and_loss_retry_to_a_result_and_a_dead_link_keeps_the_preview(tmp_path, servers, untrained_pair):
+    import numpy as np
+
+    from diffusionx.session import EdgeSession
+
+    server = start(servers, tmp_path, free_port(), "--idempotency-lease", "2")
+    lossy = LossyProxy(server.port, delay_s=0.05, loss=0.5, seed=3)
+    dead = LossyProxy(server.port, blackhole=True)
+    try:
+        outcomes = []
+        for i in range(6):  # through the lossy link: retried until a whole answer arrives
+            client = CloudClient(lossy.url, timeout=10, connect_timeout=2, retries=12, backoff=0.1, max_backoff=0.5,
+                                 deadline=60)
+            session = EdgeSession(untrained_pair, steps=4, seed=i, cloud=client)
+            session.generate(PROMPT)
+            final = session.finalize()
+            pixels = np.asarray(final.image)
+            outcomes.append((final.refined, client.attempts))
+            assert final.refined, final.reason
+            assert pixels.shape == (64, 64, 3) and np.isfinite(final.latents.float().numpy()).all()
+            client.close()
+        client = CloudClient(dead.url, timeout=1.0, connect_timeout=1.0, retries=5, backoff=0.1, deadline=3.0)
+        session = EdgeSession(untrained_pair, steps=4, seed=9, cloud=client)
+        preview = session.generate(PROMPT)
+        start_s = time.monotonic()
+        final = session.finalize()
+        waited = time.monotonic() - start_s
+        print(f"\nlossy link (50 ms a chunk, half the connections cut): {len(outcomes)} finals refined, "
+              f"HTTP attempts {[a for _, a in outcomes]}, connections cut {lossy.cut}; dead link: fell back to the "
+              f"preview after {waited:.1f} s")
+        assert lossy.cut > 0 and sum(a for _, a in outcomes) > len(outcomes), "no loss was retried: not tested"
+        assert not final.refined and final.image is preview.image  # the preview itself, not half an image
+        assert waited < 10, waited
+        client.close()
+    finally:
+        lossy.close()
+        dead.close()
+
+
+# ----- 6. a bounded schemathesis run against /openapi.json: no 5xx --------------------------------
 def test_schemathesis_finds_no_server_error(untrained_pair):
     import schemathesis  # the `test` extra
     from hypothesis import HealthCheck, given, settings
