@@ -174,7 +174,12 @@ def test_ctrl_c_exits_130_without_a_traceback():
     process = subprocess.Popen([sys.executable, "-m", "diffusionx.cli", "demo", "--model", "untrained", "--steps",
                                 "200", "--out", os.devnull + "_demo"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(1.5)  # past the light imports: now loading models or rendering
+    seen = []
+    while not (seen and seen[-1].startswith("models:")):  # printed once the pair is loaded: the command runs
+        line = process.stderr.readline()
+        assert line, f"the demo ended before loading its models: {seen}"
+        seen.append(line)
+    time.sleep(0.2)  # now rendering
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

@@ -16,7 +16,7 @@ from . import bench, bench_edits, demo, evaluate, generate, predictors, serve, s
 from .demo import DEMO_PROMPTS
 from .options import HelpFormatter
 
-__all__ = ["COMMANDS", "DEMO_PROMPTS", "build_parser", "main"]
+__all__ = ["COMMANDS", "DEMO_PROMPTS", "build_parser", "main", "run"]
 
 COMMANDS = (demo, session, generate, vocab, ui, serve, bench, evaluate, bench_edits, predictors, train)
 
@@ -86,3 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The `diffusionx` executable: `main`, then exit with its code. After Ctrl-C the process
+    leaves at once with 130: the interpreter's own shutdown may still be unwinding the interrupted
+    import or render, and could otherwise end the process with the signal instead of the code."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
