@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusionx.server.run import start_in_thread
     from diffusionx.ui.app import UIState, create_app
 
-    ui = start_in_thread(create_app(UIState(load_pair(args.model), steps=args.steps, seed=args.seed)), graceful_timeout=5)
+    state = UIState(load_pair(args.model), steps=args.steps, seed=args.seed)
+    ui = start_in_thread(create_app(state), graceful_timeout=5)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=["--no-sandbox"])
