@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from .._sqlite import open_wal, transaction
 
 DEFAULT_CAPACITY_PER_TOKEN = 1024
 DEFAULT_WINDOW_S = 24 * 3600.0
@@ -243,27 +244,11 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection per store, used under a lock by this process's threads; other processes
         # open their own. Autocommit, with explicit BEGIN IMMEDIATE for read-modify-write steps.
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self._db = open_wal(self.path, _SCHEMA, busy_timeout_s)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")  # durable across a crash of the process
-            self._db.executescript(_SCHEMA)
 
     def _transaction(self):
-        db = self._db
-
-        class _Tx:
-            def __enter__(self_tx):
-                db.execute("BEGIN IMMEDIATE")
-                return db
-
-            def __exit__(self_tx, kind, err, tb):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
-                return False
-
-        return _Tx()
+        return transaction(self._db)
 
     @staticmethod
     def _entry(row) -> Entry:

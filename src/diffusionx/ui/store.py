@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .._sqlite import open_wal, transaction
 from ..engine import Timing
 from ..session import FinalResult, Round
 from ..wire import image_to_png, latents_from_bytes, latents_to_bytes
@@ -204,27 +204,11 @@ class SQLiteSessionStore:
         self.max_age_s, self.clock = float(max_age_s), clock
         self.path = Path(path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self._db = open_wal(self.path, _SCHEMA, busy_timeout_s)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
 
     def _transaction(self):
-        db = self._db
-
-        class _Tx:
-            def __enter__(self_tx):
-                db.execute("BEGIN IMMEDIATE")
-                return db
-
-            def __exit__(self_tx, kind, err, tb):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
-                return False
-
-        return _Tx()
+        return transaction(self._db)
 
     def save(
         self,
