@@ -37,6 +37,26 @@ def test_budget_projects_a_run_whose_steps_cost_differently(monkeypatch):
     assert b.total == int(seen[-1][0] + seen[-1][1] / 0.5)  # the projection, not step + left / per_step
 
 
+def test_budget_gives_steps_back_after_a_busy_stretch(monkeypatch):
+    import diffusionx.training.common as common
+
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "time", lambda: clock[0])
+    b = StepBudget(100, deadline=1000.0, measure_after=4, recheck=10, cap=5000)
+    for step, seconds_per_step in enumerate([1.0] * 20 + [10.0] * 20 + [1.0] * 30):  # fast, busy, fast again
+        b.observe(step)
+        clock[0] += seconds_per_step
+        if step == 39:
+            busy_total = b.total
+    assert b.total > busy_total  # the count rose again once steps were fast
+    assert b.total <= 5000
+    b2 = StepBudget(100, deadline=10_000.0, measure_after=4)
+    for step in range(10):
+        b2.observe(step)
+        clock[0] += 0.01
+    assert b2.total == 100  # never past the cap, which defaults to the given total
+
+
 def test_ema_update_is_the_moving_average():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # float params + an int buffer

@@ -6,6 +6,7 @@ from . import options
 
 EXAMPLES = """
 diffusionx train pair --resume-from shipped --out runs/pair2 --export-to runs/pair2_export --budget-minutes 90
+diffusionx train pair --resume-from runs/pair2_export --out runs/pair3 --seed 20461 --budget-minutes 60
 diffusionx train pair --smoke --out /tmp/smoke --export-to /tmp/smoke_export
 diffusionx train embedded --out runs/embedded --budget-minutes 170 --export-to runs/export
 diffusionx train evaluator --out runs/evaluator
@@ -33,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="embedded, pair: a few steps on tiny data (checks a setup)")
     p.add_argument("--cloud-share", type=options.strength, metavar="F",
                    help="pair: share of the steps in which the cloud and text encoder train (default: the recipe's)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="pair: seed of the training scenes and noise (default: the recipe's); give each run of a "
+                        "chain its own, so it sees new scenes")
     p.set_defaults(func=run)
 
 
@@ -52,12 +56,13 @@ def run(args) -> int:
         if args.smoke and not args.export_to:
             raise InvalidInputError("a smoke run needs --export-to DIR: it must not replace the pair it starts from")
         config = SMOKE_DISTILL_CONFIG if args.smoke else None
-        if args.cloud_share is not None:
+        overrides = {k: v for k, v in (("cloud_share", args.cloud_share), ("seed", args.seed)) if v is not None}
+        if overrides:
             from dataclasses import replace
 
             from ..training.distill import default_config
 
-            config = replace(config or default_config(args.device), cloud_share=args.cloud_share)
+            config = replace(config or default_config(args.device), **overrides)
         summary = distill_pair(out, resume_from=args.resume_from, export_to=args.export_to,
                                budget_minutes=args.budget_minutes, device=args.device, keep=args.keep, config=config)
         before, after = summary["validation_before"], summary["validation_after"]

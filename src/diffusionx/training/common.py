@@ -154,16 +154,19 @@ class StepBudget:
     """Fixes a stage's total step count so that it ends by `deadline` (unix time), if one is given.
 
     The count is measured after a few steps; afterwards it is re-checked every `recheck` steps and
-    only ever lowered (when the machine got slower), so the LR schedule stays nearly consistent.
+    follows the machine both ways, up to `cap` (default: `total`): a busy stretch early in a run
+    lowers it, and the steps come back once the machine is free again. The LR schedules read the
+    count each step, so they stretch with it.
     """
 
     def __init__(self, total: int, deadline: float | None, locked: bool = False, measure_after: int = 8,
-                 cost_factor: float = 1.0, recheck: int = 50, project=None):
+                 cost_factor: float = 1.0, recheck: int = 50, project=None, cap: int | None = None):
         self.cost_factor = cost_factor  # mean cost of a step / cost of the measured (first) steps
         # project(step, seconds_left, seconds_per_step) -> total: a run whose steps do not all cost
         # the same (train pair's two phases) says how many fit; the default assumes equal steps.
         self.project = project
         self.total = total
+        self.cap = max(total, cap or total)
         self.deadline = deadline
         self.locked = locked or deadline is None
         self.measure_after = measure_after
@@ -189,7 +192,7 @@ class StepBudget:
             if not self.locked:
                 per_step *= self.cost_factor
             projected = max(step + 1, step + int(left / per_step))
-        self.total = min(self.total, projected)
+        self.total = min(self.cap, projected)
         self.locked = True
         self._t0, self._s0 = now, step
 

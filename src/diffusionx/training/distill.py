@@ -402,7 +402,7 @@ def distill_pair(
     share = cfg.cloud_share
 
     def project(step: int, seconds_left: float, seconds_per_step: float) -> float:
-        in_phase1 = step < share * budget.total
+        in_phase1 = phase_switch is None and step < share * budget.total
         unit = seconds_per_step if in_phase1 else seconds_per_step / PHASE2_COST  # seconds of a phase-1 step
         units = seconds_left / unit
         if in_phase1:  # (share*T - step) phase-1 steps + (1-share)*T phase-2 steps fit in `units`
@@ -410,7 +410,7 @@ def distill_pair(
         return step + units / PHASE2_COST
 
     budget = StepBudget(state["total"], deadline, locked=state.get("locked", False), project=project,
-                        measure_after=cfg.budget_measure_steps)
+                        measure_after=cfg.budget_measure_steps, cap=cfg.steps)
     bar = tqdm(total=budget.total, initial=state["step"], desc="distill", disable=not progress, mininterval=5.0,
                dynamic_ncols=True)
     loop = StageLoop(budget, state, bar, LossLog(out / "logs" / "distill.jsonl"), ck, log_every=cfg.log_every,
@@ -430,7 +430,9 @@ def distill_pair(
 
     while loop.running:
         step = loop.step
-        teacher_trains = step < cfg.cloud_share * budget.total
+        # Once phase 2 began it stays: a budget raised later lengthens phase 2, it does not
+        # unfreeze the teacher the edge is learning from.
+        teacher_trains = phase_switch is None and step < cfg.cloud_share * budget.total
         if not teacher_trains and phase_switch is None:
             phase_switch = step
             # The frozen teacher is the averaged one, the model that ships.
