@@ -20,6 +20,9 @@ class Limits:
     rate_per_minute: float = 120.0  # sustained requests per minute per token
     burst: int = 20  # requests a token may send at once before the rate applies
     max_queue: int = 256  # accepted requests waiting for a batch slot
+    # admission (guards.admission_refusal): refuse (429 overloaded) a refinement predicted to take
+    # longer than this end to end, rather than queue it; None: off (queue up to max_queue)
+    target_p95_s: float | None = None
     # the idempotency store (server/store.py): (token, Idempotency-Key) -> the request and its result
     idempotency_keys_per_token: int = 1024  # each token's own capacity; its oldest results go first
     idempotency_window_s: float = 24 * 3600.0  # a result is replayed for this long after it finished
@@ -66,6 +69,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=Limits.burst,
         help=f"refinements a token may send at once before --rate applies (default {Limits.burst})",
+    )
+    p.add_argument(
+        "--target-p95",
+        type=float,
+        metavar="SECONDS",
+        default=Limits.target_p95_s,
+        help="keep the p95 end-to-end time under this: a refinement predicted to take longer (the queue's "
+        "estimated wait plus its own steps) is refused with 429 and a Retry-After, unless it can start at "
+        "once (default: off, requests queue)",
     )
     p.add_argument(
         "--header-timeout",

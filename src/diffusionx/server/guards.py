@@ -1,10 +1,12 @@
 """The refine endpoint's guards: who may call (bearer tokens), how much (per-token rate and
-concurrency quotas), and what it may send (Content-Type, body size and pace, Idempotency-Key),
-each refusal an `ApiError` with its status, code and headers; and the drain's guards (new work
-503 while draining, answers cut off at the drain's deadline).
+concurrency quotas, and the admission that keeps the p95 target), and what it may send
+(Content-Type, body size and pace, Idempotency-Key), each refusal an `ApiError` with its status,
+code and headers; and the drain's guards (new work 503 while draining, answers cut off at the
+drain's deadline).
 
-Everything here runs before a request's JSON is parsed, or around waiting for its answer; the
-service (service.py) never sees a request these refuse.
+Everything here runs before a request's JSON is parsed, or around waiting for its answer, except
+the quotas and the admission, which the service (service.py) applies to a parsed request just
+before it goes to the refiner (an idempotent retry that joins or replays never reaches them).
 """
 
 from __future__ import annotations
@@ -171,6 +173,42 @@ class Quota:
     def release(self, who: str) -> None:
         with self._lock:
             self._inflight[who] -= 1
+
+
+# ----- admission: the p95 target ----------------------------------------------------------------
+def admission_refusal(target_s: float | None, wait_s: float, own_s: float) -> ApiError | None:
+    """The 429 for a refinement that would break the server's p95 target, or None to admit it.
+
+    The prediction of a refinement sent now, end to end: `wait_s` until it gets a batch slot (the
+    refiner's `LoadReport.estimated_wait_s`, its admission simulation of the work already there)
+    plus `own_s`, its own expected time in the refiner (its U-Net steps x the recent step time,
+    plus the recent refinements' time beyond their U-Net calls). Refused when
+
+        wait_s > 0  and  wait_s + own_s > target_s.
+
+    Refusing every refinement predicted over the target keeps the accepted ones under it as far
+    as the prediction holds; the 5% of a p95 is the slack for its errors (a batch that grows
+    and steps slower, the HTTP time around the refiner). A refinement that can start at once
+    (`wait_s` 0: a free slot, or no step timed yet, so no evidence of a queue) is always admitted:
+    the target bounds the queueing the server adds, and a refinement whose own steps alone take
+    longer than the target would otherwise be refused for ever.
+
+    Retry-After: the queue ahead drains in real time, so the prediction falls under the target
+    after wait_s + own_s - target_s seconds, or, for a refinement longer than the target on its
+    own, once a slot is free (after wait_s); rounded up, at least 1. An estimate: others' new
+    requests may fill the queue again meanwhile."""
+    if target_s is None or not wait_s > 0 or wait_s + own_s <= target_s:
+        return None
+    predicted = wait_s + own_s
+    after = wait_s - max(0.0, target_s - own_s)
+    return ApiError(
+        429,
+        "overloaded",
+        f"the server is too busy to answer this refinement within its p95 target of {target_s:g} s: it would "
+        f"take about {predicted:.1f} s ({wait_s:.1f} s waiting for a batch slot, {own_s:.1f} s its own); "
+        f"retry in about {math.ceil(max(1.0, after))} s",
+        retry_after(after),
+    )
 
 
 # ----- the request: headers and body ------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -37,7 +37,7 @@ from .guards import (
     within_drain,
 )
 from .schemas import IDEMPOTENCY_KEY_MAX, ErrorResponse, RefineBody, RefineResponse
-from .service import Service, as_refiner, default_replica, prometheus_text, service_store
+from .service import Service, as_refiner, default_replica, service_store
 from .store import IdempotencyStore
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def create_app(
 
 def _install_errors(app: FastAPI, service: Service) -> None:
     """Every error as the schema's JSON; unexpected ones logged with an id the client sees; the
-    request counters and latency histogram of /metrics."""
+    request counters and end-to-end latency histogram of /metrics."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -140,7 +140,7 @@ ERROR_RESPONSES = {
         (413, "body larger than the limit"),
         (415, "Content-Type is not application/json"),
         (422, "a field is out of range, or the latent/image does not fit the cloud model"),
-        (429, "per-token concurrency or rate quota; see Retry-After"),
+        (429, "per-token concurrency or rate quota, or over the server's p95 target; see Retry-After"),
         (503, "draining or queue full; see Retry-After"),
     )
 }
@@ -243,9 +243,11 @@ def _install_status(app: FastAPI, service: Service) -> None:
     async def load():
         return {**service.load().as_dict(), "replica": service.replica}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=Response)
     async def metrics():
-        return PlainTextResponse(prometheus_text(service), media_type="text/plain; version=0.0.4")
+        """Prometheus text exposition of this service's own registry (metrics.py)."""
+        body, content_type = service.metrics_text()
+        return Response(body, media_type=content_type)
 
 
 def _install_openapi(app: FastAPI, service: Service) -> None:

@@ -220,6 +220,7 @@ def limits_from_args(args) -> Limits:
             "rate_per_minute": args.rate,
             "max_body_bytes": args.max_body,
             "burst": args.burst,
+            "target_p95_s": args.target_p95,
             "header_timeout_s": args.header_timeout,
             "body_timeout_s": args.body_timeout,
             "keep_alive_s": args.keep_alive,
@@ -248,6 +249,8 @@ def check_limits(limits: Limits) -> None:
         "--idempotency-lease": limits.idempotency_lease_s,
         "--burst": limits.burst,
     }
+    if limits.target_p95_s is not None:
+        positive["--target-p95"] = limits.target_p95_s
     bad = [f"{flag} {value:g}" for flag, value in positive.items() if not value > 0]
     if bad:
         raise InvalidInputError(f"these must be > 0: {', '.join(bad)}")

@@ -1,7 +1,8 @@
 """The refinement service behind the HTTP app: one `Service` per app holds the refiner (a
 continuous batcher, or any blocking refiner run one at a time), the request's conversion and
 checks (the refine contract's own, `cloud.check_request`), idempotency through the store
-(claims, leases, replays), the drain, and the counters that /v1/load and /metrics report.
+(claims, leases, replays), the drain, the admission that keeps the p95 target, and what /v1/load
+and /metrics report (metrics.py: the Prometheus registry of this service).
 
 Nothing here speaks HTTP beyond raising `ApiError`; routes.py is the FastAPI wiring around it.
 """
@@ -11,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import logging
-import math
 import os
 import socket
 import threading
@@ -26,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cloud import CloudRefiner, RefineRequest, RefineResult, check_request, result_problem
-from ..engine import Engine
+from ..engine import Engine, steps_for_strength
 from ..errors import InvalidInputError
 from ..wire import NonFiniteResultError, PayloadError
 from .batching import BatchingRefiner, LoadReport, ServiceUnavailableError
 from .config import Limits
-from .guards import ApiError, Authenticator, Quota, draining_error, retry_after
+from .guards import ApiError, Authenticator, Quota, admission_refusal, draining_error, retry_after
+from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .schemas import RefineBody, RefineResponse
 from .store import Entry, IdempotencyStore, MemoryStore, open_store, request_fingerprint
 
@@ -77,7 +77,12 @@ class _Local:
 
 
 class _SerialRefiner:
-    """Adapts any blocking `Refiner` (e.g. CloudRefiner) to submit/load: one request at a time."""
+    """Adapts any blocking `Refiner` (e.g. CloudRefiner) to submit/load: one request at a time.
+
+    Its load report: `running` 1 while a refinement runs, `step_time_s` a moving average of one
+    U-Net step (the results' `Timing.unet_s / unet_calls`), `estimated_wait_s` until a request sent
+    now would start: the refinements in line times the mean refinement, less the running one's
+    elapsed time (at least a tenth of a mean refinement once it has run past the mean)."""
 
     def __init__(self, refiner: Any):
         self.refiner = refiner
@@ -91,6 +96,7 @@ class _SerialRefiner:
         self._order: list[Future] = []  # submitted and not yet done, first come first served
         self._running_since = 0.0
         self._mean_s = 0.0  # moving average of one refinement's wall time
+        self._step_s = 0.0  # moving average of one U-Net step's wall time
 
     def submit(self, request: RefineRequest) -> Future:
         request.validate()
@@ -116,6 +122,7 @@ class _SerialRefiner:
                 with self._lock:
                     self._mean_s = elapsed if not self._mean_s else 0.8 * self._mean_s + 0.2 * elapsed
             result.queue_s = queue_s
+            self._note_steps(result)
             self.completed += 1
             self.unet_calls += result.unet_steps
             result.seq = self.completed  # type: ignore[attr-defined]
@@ -127,10 +134,31 @@ class _SerialRefiner:
         future.add_done_callback(self._forget)
         return future
 
+    def _note_steps(self, result: RefineResult) -> None:
+        timing = getattr(result, "timing", None)
+        calls = getattr(timing, "unet_calls", 0) or 0
+        if not calls or not timing.unet_s > 0:
+            return
+        step = timing.unet_s / calls
+        with self._lock:
+            self._step_s = step if not self._step_s else 0.8 * self._step_s + 0.2 * step
+
     def _forget(self, future: Future) -> None:
         with self._lock:
             if future in self._order:
                 self._order.remove(future)
+
+    def _running_locked(self) -> bool:
+        return bool(self._order) and self._order[0].running()
+
+    def _estimate_wait_locked(self) -> float:
+        if not self._mean_s or not self._order:
+            return 0.0
+        ahead = len(self._order)
+        if not self._running_locked():
+            return ahead * self._mean_s
+        left = max(self._mean_s - (time.perf_counter() - self._running_since), 0.1 * self._mean_s)
+        return (ahead - 1) * self._mean_s + left
 
     def finish_estimate_s(self, futures: Iterable[Future]) -> float | None:
         """Seconds until the first of these is done: its place in line times the mean refinement."""
@@ -143,7 +171,18 @@ class _SerialRefiner:
             return max(0.0, (places[0] + 1) * self._mean_s - elapsed)
 
     def load(self) -> LoadReport:
-        return LoadReport(self._waiting, 0, 1, 0.0, 0.0, self.completed, self.failed, self.unet_calls, self._closing)
+        with self._lock:
+            return LoadReport(
+                queue_depth=self._waiting,
+                running=int(self._running_locked()),
+                max_batch=1,
+                step_time_s=self._step_s,
+                estimated_wait_s=self._estimate_wait_locked(),
+                completed=self.completed,
+                failed=self.failed,
+                unet_calls=self.unet_calls,
+                draining=self._closing,
+            )
 
     @property
     def idle(self) -> bool:
@@ -197,13 +236,12 @@ class Service:
         self.drain_deadline: float | None = None  # time.monotonic() by which the drain must be done
         self.active = 0  # refinements in flight: accepted requests whose answer is not out yet
         self.started = time.time()
-        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
-        self.latency_buckets = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
-        self.latency_counts = [0] * len(self.latency_buckets)
-        self.latency_sum = 0.0
-        self.latency_n = 0
-        self.replays = 0
-        self.client_disconnects: defaultdict[str, int] = defaultdict(int, {"/v1/refine": 0})
+        # /metrics: this service's own registry (metrics.py)
+        self.metrics = ServiceMetrics(
+            self.load, max_batch=getattr(refiner, "max_batch", 1) or 1, target_p95_s=limits.target_p95_s
+        )
+        self.metrics.recent.note_calls(self.load().unet_calls)
+        self.replays = 0  # retries answered from the store or by joining a computation
         self._lock = threading.Lock()
 
     def authenticate(self, header: str | None) -> str:
@@ -232,21 +270,16 @@ class Service:
         return bool(load.queue_depth or load.running)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
-        if path not in KNOWN_PATHS:
-            path = "other"
-        with self._lock:
-            self.requests[(path, status)] += 1
-            if path == "/v1/refine" and status == 200:
-                self.latency_sum += seconds
-                self.latency_n += 1
-                for i, bound in enumerate(self.latency_buckets):
-                    if seconds <= bound:
-                        self.latency_counts[i] += 1
+        """One HTTP request answered: its path (or "other"), status and end-to-end seconds."""
+        self.metrics.observe_request(path if path in KNOWN_PATHS else "other", status, seconds)
 
     def observe_disconnect(self, path: str) -> None:
         """A client hung up before its request was read: its fault, not a server error."""
-        with self._lock:
-            self.client_disconnects[path if path in KNOWN_PATHS else "other"] += 1
+        self.metrics.disconnects.labels(path if path in KNOWN_PATHS else "other").inc()
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """The /metrics body (Prometheus text exposition) and its Content-Type."""
+        return self.metrics.text(), CONTENT_TYPE_LATEST
 
     def load(self) -> LoadReport:
         return self.refiner.load()
@@ -290,9 +323,34 @@ class Service:
         return finished
 
     # ----- computing, and idempotency through the store -----------------------------------------
+    def admit(self, request: RefineRequest) -> None:
+        """The p95 target's admission (`guards.admission_refusal` has the rule): 429 `overloaded`
+        when the refiner's estimated wait for a slot plus this request's own expected time (its
+        U-Net steps x the refiner's recent step time, plus the recent refinements' mean time in
+        the refiner beyond their U-Net calls) is over `Limits.target_p95_s`. Off when that is None.
+        Only new computations come here: a retry that joins or replays its key never does."""
+        load = self.refiner.load()
+        self.metrics.recent.note_calls(load.unet_calls)
+        target = self.limits.target_p95_s
+        if target is None:
+            return
+        window = self.metrics.recent.window(load.unet_calls)
+        try:
+            steps = steps_for_strength(request.strength, request.steps)
+        except InvalidInputError:
+            steps = 0
+        own = steps * window.step_s(load.step_time_s) + window.overhead_s
+        refusal = admission_refusal(target, load.estimated_wait_s, own)
+        if refusal is not None:
+            self.metrics.refusals.inc()
+            raise refusal
+
     def compute(self, who: str, request: RefineRequest, request_id: str) -> Future:
-        """Quota, then the refiner: a Future of the response body (an ApiError if it failed)."""
+        """Admission (the p95 target), quota, then the refiner: a Future of the response body (an
+        ApiError if it failed)."""
+        self.admit(request)
         self.quota.acquire(who, lambda: self.until_one_finishes(who))
+        submitted = time.perf_counter()
         try:
             future = self.refiner.submit(request)
         except ServiceUnavailableError as err:
@@ -306,15 +364,18 @@ class Service:
         outcome: Future = Future()
 
         def done(f: Future) -> None:
+            elapsed = time.perf_counter() - submitted
             try:
-                self._results.submit(self._finish, f, request_id, outcome)
+                self._results.submit(self._finish, f, request_id, outcome, elapsed)
             except RuntimeError:  # shut down (a drain that timed out): finish here
-                self._finish(f, request_id, outcome)
+                self._finish(f, request_id, outcome, elapsed)
 
         future.add_done_callback(done)
         return outcome
 
-    def _finish(self, future: Future, request_id: str, outcome: Future) -> None:
+    def _finish(self, future: Future, request_id: str, outcome: Future, elapsed_s: float = 0.0) -> None:
+        """The refiner's outcome as the response body (or its ApiError) on `outcome`; a computed
+        result is in the metrics (`elapsed_s`: from its submission to its result) before that."""
         try:
             result = future.result()
             # A refiner outside the refine contract (whose finish checks every result): never
@@ -322,7 +383,9 @@ class Service:
             problem = None if self._contract else result_problem(result)
             if problem is not None:
                 raise _non_finite(request_id, f"the refinement produced {problem}")
-            outcome.set_result(RefineResponse.from_result(result, request_id, self.replica).model_dump())
+            body = RefineResponse.from_result(result, request_id, self.replica).model_dump()
+            self._observe_result(result, elapsed_s)
+            outcome.set_result(body)
         except ApiError as err:
             outcome.set_exception(err)
         except InvalidInputError as err:
@@ -341,6 +404,13 @@ class Service:
                     "retrying may help, the server log has the details",
                 )
             )
+
+    def _observe_result(self, result: RefineResult, elapsed_s: float) -> None:
+        try:
+            calls = self.refiner.load().unet_calls
+            self.metrics.observe_result(result, max(0.0, elapsed_s - result.queue_s), calls)
+        except Exception:  # metrics never cost an answer
+            log.exception("could not record the metrics of a refinement")
 
     def begin(self, who: str, key: str, request: RefineRequest) -> tuple[Future, bool]:
         """A keyed request: (a Future of (body, replayed), joined an earlier one). Blocking (the
@@ -372,7 +442,8 @@ class Service:
 
     def count_replay(self) -> None:
         with self._lock:
-            self.replays += 1
+            self.replays += 1  # also read by tests; /metrics has the counter
+        self.metrics.replays.inc()
 
     def _settle(self, who: str, key: str, local: _Local, request: RefineRequest) -> None:
         """Claim (who, key) in the store; replay what it holds, wait for another replica that is
@@ -537,61 +608,3 @@ def store_settings(limits: Limits) -> dict[str, Any]:
         "window_s": limits.idempotency_window_s,
         "lease_s": limits.idempotency_lease_s,
     }
-
-
-def prometheus_text(service: Service) -> str:
-    load = service.load()
-    out = io.StringIO()
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        out.write(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
-        for labels, value in samples:
-            out.write(f"{name}{labels} {value:g}\n" if not math.isinf(value) else f"{name}{labels} +Inf\n")
-
-    with service._lock:
-        requests = sorted(service.requests.items())
-        buckets = list(zip(service.latency_buckets, service.latency_counts))
-        lat_sum, lat_n, replays = service.latency_sum, service.latency_n, service.replays
-        disconnects = sorted(service.client_disconnects.items())
-    metric(
-        "diffusionx_http_requests_total",
-        "counter",
-        "HTTP requests by path and status",
-        [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in requests],
-    )
-    metric(
-        "diffusionx_client_disconnects_total",
-        "counter",
-        "requests whose client hung up before the body was read (not counted as HTTP requests)",
-        [(f'{{path="{p}"}}', n) for p, n in disconnects],
-    )
-    cumulative, samples = 0, []
-    for bound, count in buckets:
-        cumulative += count
-        le = "+Inf" if math.isinf(bound) else f"{bound:g}"
-        samples.append((f'_bucket{{le="{le}"}}', cumulative))
-    out.write(
-        "# HELP diffusionx_refine_seconds end-to-end latency of successful refinements\n"
-        "# TYPE diffusionx_refine_seconds histogram\n"
-    )
-    for suffix, value in samples:
-        out.write(f"diffusionx_refine_seconds{suffix} {value:g}\n")
-    out.write(f"diffusionx_refine_seconds_sum {lat_sum:g}\ndiffusionx_refine_seconds_count {lat_n}\n")
-    metric("diffusionx_refinements_completed_total", "counter", "refinements finished", [("", load.completed)])
-    metric("diffusionx_refinements_failed_total", "counter", "refinements that failed", [("", load.failed)])
-    metric(
-        "diffusionx_idempotent_replays_total", "counter", "retries answered from the idempotency store", [("", replays)]
-    )
-    metric("diffusionx_unet_calls_total", "counter", "batched U-Net calls", [("", load.unet_calls)])
-    metric("diffusionx_queue_depth", "gauge", "requests waiting for a batch slot", [("", load.queue_depth)])
-    metric("diffusionx_running_batch", "gauge", "jobs in the running batch", [("", load.running)])
-    metric("diffusionx_max_batch", "gauge", "batch size limit", [("", load.max_batch)])
-    metric("diffusionx_step_seconds", "gauge", "recent wall time of one U-Net step", [("", load.step_time_s)])
-    metric(
-        "diffusionx_estimated_wait_seconds",
-        "gauge",
-        "estimated wait before a new request's first step",
-        [("", load.estimated_wait_s)],
-    )
-    metric("diffusionx_draining", "gauge", "1 while shutting down", [("", float(load.draining))])
-    return out.getvalue()
