@@ -234,11 +234,14 @@ def test_auto_mode_follows_the_measured_table_per_edit_kind():
                        "p2p_blend": cell(24, 0.3)},  # control keeps no more: SDEdit
         "change_background": {"edits": 8, "fresh": cell(15, 0.9), "sdedit": cell(25, 0.2), "p2p": cell(30, 0.1),
                               "p2p_blend": cell(30, 0.1)},  # neither makes the edit: fresh
+        "remove_object": {"edits": 8, "fresh": cell(15, 0.8), "sdedit": cell(22, 0.3), "p2p": cell(24, 0.8),
+                          "local": cell(30, 0.8)},  # two controlled methods pay: the one that keeps more
         "reword": {"edits": 0},
     }}
     table = choose_modes(result)
     assert {k: v["mode"] for k, v in table.items()} == {
-        "change_attribute": "controlled", "add_object": "sdedit", "change_background": "fresh"}
+        "change_attribute": "controlled", "add_object": "sdedit", "change_background": "fresh",
+        "remove_object": "local"}
     assert table["change_attribute"]["method"] == "p2p"
     assert auto_mode("a red circle on the left", "a blue circle on the left", table)[0] == "controlled"
     assert auto_mode("a red circle on white", "a red circle on black", table)[0] == "fresh"

@@ -135,6 +135,24 @@ class AttentionHook(Protocol):
 
 
 @dataclass
+class KeptRegion:
+    """A local edit's region outside the mask: after every step it is reset to the input latent
+    noised to the next timestep with the job's own noise (the input itself after the last), so
+    the picture there ends exactly as it was. The blend of diffusers' StableDiffusionInpaintPipeline
+    with a plain 4-channel U-Net (Blended Latent Diffusion)."""
+
+    mask: torch.Tensor  # (1 or n, 1, h, w) in [0, 1]: 1 regenerates, 0 keeps `reference`
+    reference: torch.Tensor  # the input latents
+    noise: torch.Tensor  # the noise the job started from
+
+    def blend(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, next_index: int) -> torch.Tensor:
+        kept = self.reference
+        if next_index < len(timesteps):
+            kept = scheduler.add_noise(self.reference, self.noise, timesteps[next_index : next_index + 1])
+        return torch.lerp(kept, latents, self.mask)  # exact at 0 and 1 (lerp's two-sided formula)
+
+
+@dataclass
 class DenoiseJob:
     latents: torch.Tensor  # (n, C, h, w), usually n=1; replaced step by step
     embeddings: PromptEmbeddings  # cond / uncond with n rows to match
@@ -142,6 +160,7 @@ class DenoiseJob:
     scheduler: Any
     timesteps: torch.Tensor  # the timesteps this job still walks, in order
     hook: AttentionHook | None = None
+    kept: KeptRegion | None = None  # a local edit: the part of the input that must not change
     step_index: int = 0
     timing: Timing = field(default_factory=Timing)
     seed: int = 0  # what `Engine.finish` reports; set by `start`
@@ -342,9 +361,13 @@ class Engine:
         height: int | None = None,
         width: int | None = None,
         hook: AttentionHook | None = None,
+        edit_mask: torch.Tensor | None = None,
     ) -> DenoiseJob:
         """Prepare a job: noise the input latent to the strength's first timestep (or draw fresh
-        noise for strength 1 / no input) exactly as diffusers' pipelines do for the same seed."""
+        noise for strength 1 / no input) exactly as diffusers' pipelines do for the same seed.
+
+        `edit_mask` ((1, 1, h, w) at latent size, 1 = regenerate) makes it a local edit of
+        `init_latents`: outside the mask the input is kept (`KeptRegion`), at any strength."""
         seed, steps, strength = check_seed(seed), check_steps(steps), check_strength(strength)
         if not isinstance(guidance_scale, (int, float)) or not 0.0 <= guidance_scale <= 50.0:
             raise InvalidInputError(f"guidance_scale must be a number in [0, 50], got {guidance_scale!r}")
@@ -353,6 +376,8 @@ class Engine:
         shape = self.latent_shape(height, width)
         if init_latents is not None:
             init_latents = self.check_latents(init_latents, height, width)
+        if edit_mask is not None:
+            edit_mask = self._check_mask(edit_mask, init_latents, shape)
         if (guidance_scale > 1.0) != (embeddings.uncond is not None):
             raise InvalidInputError("embeddings were encoded for a different guidance setting")
 
@@ -360,9 +385,10 @@ class Engine:
         sched.set_timesteps(steps, device=self.device)
         generator = torch.Generator("cpu").manual_seed(seed)
         n_run = steps_for_strength(strength, steps)
+        noise = None
         if strength == 1.0:
-            latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-            latents = latents * sched.init_noise_sigma
+            noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+            latents = noise * sched.init_noise_sigma
             timesteps = sched.timesteps
         elif n_run == 0:
             latents, timesteps = init_latents.clone(), sched.timesteps[:0]
@@ -373,8 +399,24 @@ class Engine:
                 sched.set_begin_index(begin)
             noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
             latents = sched.add_noise(init_latents, noise, timesteps[:1])
-        return DenoiseJob(latents, embeddings, float(guidance_scale), sched, timesteps, hook=hook, seed=seed,
-                          steps=steps, strength=strength)
+        kept = None
+        if edit_mask is not None and noise is not None:
+            kept = KeptRegion(edit_mask, init_latents, noise)
+        return DenoiseJob(latents, embeddings, float(guidance_scale), sched, timesteps, hook=hook, kept=kept,
+                          seed=seed, steps=steps, strength=strength)
+
+    def _check_mask(self, mask: Any, init_latents: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        if init_latents is None:
+            raise InvalidInputError("a local edit (edit_mask) needs the input latents it keeps outside the mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 \
+                or tuple(mask.shape[-2:]) != tuple(shape[-2:]):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise InvalidInputError(f"edit_mask must be a (1, 1, {shape[-2]}, {shape[-1]}) tensor at latent size, "
+                                    f"got {got}")
+        mask = mask.to(self.device, self.dtype)
+        if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+            raise InvalidInputError("edit_mask values must be in [0, 1] (1 = regenerate, 0 = keep)")
+        return mask
 
     @torch.no_grad()
     def step(self, jobs: list[DenoiseJob]) -> None:
@@ -410,6 +452,8 @@ class Engine:
             t = job.timesteps[job.step_index]
             job.latents = job.scheduler.step(noise, t, job.latents, return_dict=False)[0]
             job.step_index += 1
+            if job.kept is not None:
+                job.latents = job.kept.blend(job.latents, job.scheduler, job.timesteps, job.step_index)
             job.timing.unet_s += elapsed
             job_rows = job.latents.shape[0] * (2 if job.uses_guidance else 1)
             job.timing.unet_compute_s += elapsed * job_rows / sum(sample.shape[0] for sample in samples)
@@ -484,6 +528,7 @@ class Engine:
         height: int | None = None,
         width: int | None = None,
         hook: AttentionHook | None = None,
+        edit_mask: torch.Tensor | None = None,
     ) -> DenoiseJob:
         """Encode the prompt and start the job `generate` would run (its text-encode time recorded)."""
         timing = Timing()
@@ -491,7 +536,8 @@ class Engine:
         embeddings = self.encode_prompt(prompt, negative_prompt, guidance=guidance_scale > 1.0)
         timing.text_encode_s = time.perf_counter() - start
         job = self.start(embeddings, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
-                         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width, hook=hook)
+                         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width, hook=hook,
+                         edit_mask=edit_mask)
         job.timing = timing
         return job
 
@@ -537,10 +583,12 @@ class Engine:
         hook: AttentionHook | None = None,
         decode: bool = True,
         progress: bool = False,
+        edit_mask: torch.Tensor | None = None,
     ) -> Generation:
-        """Text-to-image (strength 1) or SDEdit from `init_latents` (strength < 1), with timings."""
+        """Text-to-image (strength 1) or SDEdit from `init_latents` (strength < 1), with timings;
+        with `edit_mask`, a local edit that keeps `init_latents` outside the mask."""
         job = self.prepare(prompt, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, scheduler=scheduler,
-                           height=height, width=width, hook=hook)
+                           height=height, width=width, hook=hook, edit_mask=edit_mask)
         self.run([job], progress=progress)
         return self.finish(job, decode=decode)

@@ -31,7 +31,7 @@ from .models import ModelPair
 from .policies import FixedStrength, StrengthPolicy
 from .wire import image_to_png, latents_from_bytes, latents_to_bytes
 
-ROUND_MODES = ("fresh", "sdedit", "controlled", "auto")
+ROUND_MODES = ("fresh", "sdedit", "controlled", "local", "auto")
 FINALIZE_MODES = ("refine", "regenerate")  # keep the approved preview, or a new cloud image of the prompt
 
 
@@ -43,7 +43,7 @@ class Round:
     strength: float  # 1.0 = fresh generation
     steps: int
     unet_steps: int
-    mode: str  # "fresh" | "sdedit" | "controlled"
+    mode: str  # "fresh" | "sdedit" | "controlled" | "local"
     parent: int | None  # the round whose latent this one started from
     latents: torch.Tensor
     image: Image.Image
@@ -192,8 +192,10 @@ class EdgeSession:
         `mode` picks how the round relates to the head round: "fresh" (from noise), "sdedit"
         (re-noise the head's latent to `strength` or the policy's), "controlled" (Prompt-to-Prompt:
         re-walk the head round's trajectory with the new prompt under attention control; it keeps
-        the head's seed and strength) or "auto" (`control.auto_mode`'s rule from the word edit).
-        None keeps the plain behaviour: the policy's strength, 1.0 meaning fresh.
+        the head's seed and strength), "local" (regenerate only where the edit lands, found as
+        DiffEdit does, and keep the head's latent everywhere else; `strength` inside the region,
+        default 1) or "auto" (`control.auto_mode`'s rule from the word edit). None keeps the plain
+        behaviour: the policy's strength, 1.0 meaning fresh.
         """
         if mode is not None and mode not in ROUND_MODES:
             raise InvalidInputError(f"mode must be one of {', '.join(ROUND_MODES)}, got {mode!r}")
@@ -207,6 +209,10 @@ class EdgeSession:
             if hook is not None:
                 raise InvalidInputError("a controlled round brings its own attention hook; pass no hook")
             return self._controlled(prompt, previous, progress)
+        if mode == "local" and previous is not None:
+            if hook is not None:
+                raise InvalidInputError("a local round takes no attention hook; pass no hook")
+            return self._local(prompt, previous, seed, strength, progress)
         if mode == "fresh":
             strength = 1.0  # asked to start over
         if self.control_cache or hook is not None:
@@ -312,8 +318,8 @@ class EdgeSession:
         spec = self._specs.get(previous.index)
         if spec is None:
             raise InvalidInputError(
-                f"round {previous.index} was made with a custom hook and cannot be replayed; "
-                "pick fresh or sdedit for this round"
+                f"round {previous.index} was made with a custom hook or as a local edit and cannot be re-walked; "
+                "pick fresh, sdedit or local for this round"
             )
         trace = self._trace[1] if self._trace is not None and self._trace[0] == previous.index else None
         out = controlled_generate(
@@ -326,6 +332,25 @@ class EdgeSession:
             prompt, spec.seed, spec.strength, spec.init_latents, source=spec, config=self.control
         )
         return self._append(new, out.trace)
+
+    def _local(self, prompt: str, previous: Round, seed: int, strength: float | None, progress: bool) -> Round:
+        """Regenerate the region the edit changes (`control.mask.local_edit_mask`) and keep the
+        head's latent elsewhere; the mask's U-Net calls are charged to the round."""
+        from .control.mask import LOCAL_STRENGTH, MASK_UNET_CALLS, local_edit_mask
+
+        strength = check_strength(LOCAL_STRENGTH if strength is None else strength)
+        start = time.perf_counter()
+        mask = local_edit_mask(self.pair.edge, previous.latents, previous.prompt, prompt, seed=seed)
+        mask_s = time.perf_counter() - start
+        job = self.pair.edge.prepare(prompt, seed=seed, steps=self.steps, strength=strength,
+                                     init_latents=previous.latents, guidance_scale=self.guidance_scale,
+                                     scheduler=self.scheduler, edit_mask=mask)
+        job.timing.unet_s += mask_s
+        job.timing.unet_compute_s += mask_s
+        job.timing.unet_calls += MASK_UNET_CALLS
+        self.pair.edge.run([job], progress=progress)
+        new = self._round_from(prompt, seed, strength, previous.index, self.pair.edge.finish(job), "local")
+        return self._append(new, None)
 
     # ----- finalize -----------------------------------------------------------------------
     def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None,
@@ -434,6 +459,8 @@ class EdgeSession:
                 raise InvalidInputError(f"round {i} is numbered {r.index}; rounds must be 1, 2, ... in order")
             if r.parent is not None and not 1 <= r.parent < i:
                 raise InvalidInputError(f"round {i} names parent {r.parent!r}, which is not an earlier round")
+            if r.mode == "local":
+                continue  # a masked round cannot be re-walked by a controlled one
             if r.mode == "controlled":
                 source = specs.get(r.parent) if r.parent is not None else None
                 if source is not None:

@@ -7,7 +7,22 @@ from . import options
 EXAMPLES = """
 diffusionx bench-edits --n 48
 diffusionx bench-edits --side cloud --policy fixed-0.5 --out outputs/bench-edits-cloud
+diffusionx bench-edits --n 35 --methods fresh,sdedit,local --local-strength 0.9
 """
+
+METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local")  # control.bench.METHODS, without importing torch
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    import argparse
+
+    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or "fresh" not in chosen or "sdedit" not in chosen:
+        raise argparse.ArgumentTypeError(
+            f"methods are a comma-separated list of {', '.join(METHODS)} that includes fresh and sdedit "
+            f"(the references); got {text!r}")
+    return chosen
 
 
 def fraction(text: str) -> float:
@@ -16,9 +31,10 @@ def fraction(text: str) -> float:
 
 def register(sub) -> None:
     p = options.command(sub, "bench-edits", "round-to-round edits: what each method keeps of the unedited region",
-                        EXAMPLES, description="Fresh re-generation, SDEdit and Prompt-to-Prompt (with and without "
-                                              "local blend) on every edit kind: unedited-region PSNR / SSIM, edited "
-                                              "attribute right, untouched attributes kept (docs/control.md).")
+                        EXAMPLES, description="Fresh re-generation, SDEdit, Prompt-to-Prompt (with and without "
+                                              "local blend) and local edits (DiffEdit mask) on every edit kind: "
+                                              "unedited-region PSNR / SSIM, edited attribute right, untouched "
+                                              "attributes kept (docs/control.md).")
     options.model_options(p, overrides=False)
     p.add_argument("--n", type=options.positive_int, default=96, help="number of round edits")
     options.out_option(p, "outputs/bench-edits", "output folder: edits.json, results.md, edits_grid.png")
@@ -28,6 +44,10 @@ def register(sub) -> None:
     group.add_argument("--cross-steps", type=fraction, help="share of the steps with cross-attention injected")
     group.add_argument("--self-steps", type=fraction, help="share of the steps with self-attention injected")
     group.add_argument("--blend-threshold", type=fraction, help="attention share above which a pixel is edited")
+    p.add_argument("--methods", type=method_list, default=METHODS, metavar="LIST",
+                   help=f"comma-separated methods to measure (default all: {','.join(METHODS)})")
+    p.add_argument("--local-strength", type=options.strength, default=1.0, metavar="F",
+                   help="the local edit's strength inside its mask (default 1: the region is regenerated)")
     p.add_argument("--side", choices=("edge", "cloud"), default="edge",
                    help="the model that runs the rounds (the edge is where edits happen)")
     p.add_argument("--sessions", metavar="FILE",

@@ -11,7 +11,10 @@ each method:
 - ``sdedit``: SDEdit from the previous round's latent at the policy's strength;
 - ``p2p``: Prompt-to-Prompt: the previous round's trajectory re-walked under the new prompt with
   its attention injected (replace / refine / reweight as the word edit calls for), no local blend;
-- ``p2p_blend``: the same with the local blend (only where the edited words attend changes).
+- ``p2p_blend``: the same with the local blend (only where the edited words attend changes);
+- ``local``: a local edit: DiffEdit's mask of what the edit changes (`control.mask.edit_mask`,
+  from the previous latent and the two prompts), regenerated at `local_strength` inside it while
+  the previous latent is kept outside it (`Engine.start(edit_mask=...)`).
 
 Scores, per edit and as means per edit kind and method:
 
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..metrics.image import mean_ci95, psnr, ssim
@@ -47,9 +51,12 @@ from ..world import generate_sessions
 from ..world.scene import POSITION_XY, SIZE_FRACTION, Scene
 from .attention import ControlConfig
 from .controller import RoundSpec, controlled_generate
+from .mask import LOCAL_STRENGTH
 from .rounds import auto_mode, changed_objects, infer_kind
 
-METHODS = ("fresh", "sdedit", "p2p", "p2p_blend")
+METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local")
+CONTROLLED = ("p2p", "p2p_blend", "local")  # the methods that control what the edit may change
+MODE_OF = {"p2p": "controlled", "p2p_blend": "controlled", "local": "local"}  # the session's round mode
 EDIT_KINDS = ("add_detail", "drop_detail", "change_attribute", "change_background", "add_object", "remove_object",
               "reword")
 BARS = {
@@ -58,6 +65,9 @@ BARS = {
     "kept": "controlled >= 0.95",
 }
 BOX_MARGIN = 0.06  # of the image width: model images are not pixel-exact renders
+# Identical pixels have infinite PSNR; they count as one gray level of error everywhere (48.1 dB),
+# so a method that keeps a region exactly is averaged in, not dropped.
+PSNR_CEILING = 10 * np.log10(255.0**2)
 
 
 @dataclass
@@ -227,9 +237,12 @@ def bench_edits(
     side: str = "edge",
     sessions: list[dict] | None = None,
     batch: int = 16,
+    local_strength: float = LOCAL_STRENGTH,
+    methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:
-    """Measure every method on `n` round edits; writes edits.json, results.md, edits_grid.png.
-    `policy` picks SDEdit's strength (default: fixed 0.6); `side` the model that runs the rounds."""
+    """Measure `methods` (default all) on `n` round edits; writes edits.json, results.md and
+    edits_grid.png. `policy` picks SDEdit's strength (default: fixed 0.6); `side` the model that
+    runs the rounds; `local_strength` the local edit's."""
     from tqdm.auto import tqdm
 
     from ..metrics import get_evaluator
@@ -240,6 +253,11 @@ def bench_edits(
     evaluator = evaluator or get_evaluator()
     if side not in ("edge", "cloud"):
         raise ValueError(f"side must be 'edge' or 'cloud', got {side!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "fresh" not in methods or "sdedit" not in methods:
+        raise ValueError(f"methods must include fresh and sdedit (the references) and come from {', '.join(METHODS)}; "
+                         f"got {', '.join(methods)}")
+    methods = tuple(m for m in METHODS if m in methods)
     engine = pair.edge if side == "edge" else pair.cloud
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +266,7 @@ def bench_edits(
         raise ValueError("no measurable round edits (edited objects need a named position)")
     start = time.perf_counter()
     guidance = guidance_scale > 1.0
-    seconds: dict[str, float] = dict.fromkeys(("previous", *METHODS), 0.0)
+    seconds: dict[str, float] = dict.fromkeys(("previous", *methods), 0.0)
 
     def batched(kind: str, make_job) -> list[torch.Tensor]:
         t = time.perf_counter()
@@ -269,7 +287,20 @@ def bench_edits(
         engine.encode_prompt(e.prompt, guidance=guidance), seed=seed, steps=steps, strength=strengths[i],
         init_latents=previous[i] if strengths[i] < 1.0 else None, guidance_scale=guidance_scale))
     latents: dict[str, list[torch.Tensor]] = {"previous": previous, "fresh": fresh, "sdedit": sdedit}
+    masks: list[torch.Tensor] = []
+    if "local" in methods:
+        from .mask import local_edit_mask
+
+        t = time.perf_counter()
+        masks = [local_edit_mask(engine, previous[i], e.previous_prompt, e.prompt, seed=seed)
+                 for i, e in enumerate(edits)]
+        seconds["local"] += time.perf_counter() - t
+        latents["local"] = batched("local", lambda i, e: engine.start(
+            engine.encode_prompt(e.prompt, guidance=guidance), seed=seed, steps=steps, strength=local_strength,
+            init_latents=previous[i], guidance_scale=guidance_scale, edit_mask=masks[i]))
     for method, blend in (("p2p", False), ("p2p_blend", True)):
+        if method not in methods:
+            continue
         method_config = replace(config, local_blend=blend)
         latents[method] = []
         t = time.perf_counter()
@@ -279,7 +310,7 @@ def bench_edits(
             latents[method].append(out_gen.latents)
         seconds[method] += time.perf_counter() - t
     images = {k: [np.asarray(engine.decode(z)[0]) for z in v] for k, v in latents.items()}
-    order = ("previous", *METHODS)
+    order = ("previous", *methods)
     m = len(edits)
     preds = evaluator.predict_attributes(np.stack([img for k in order for img in images[k]]))
     pred = {k: preds[j * m : (j + 1) * m] for j, k in enumerate(order)}
@@ -295,11 +326,15 @@ def bench_edits(
             "sdedit_strength": strengths[i], "unedited_fraction": float(mask.mean()),
             "untouched_checks": len(untouched), "previously_right": len(base), "methods": {},
         }
-        for method in METHODS:
+        if masks:  # how much the local edit regenerated, and how much of the region to keep it spared
+            edit_region = F.interpolate(masks[i].float(), size=mask.shape, mode="nearest")[0, 0].cpu().numpy() > 0.5
+            row["local_mask"] = {"area": float(edit_region.mean()),
+                                 "spares_unedited": float((~edit_region)[mask].mean())}
+        for method in methods:
             a, b, p = images["previous"][i], images[method][i], pred[method][i]
             row["methods"][method] = {
-                "unedited_psnr": psnr(a, b, mask), "unedited_ssim": ssim(a, b, mask),
-                "psnr": psnr(a, b), "ssim": ssim(a, b),
+                "unedited_psnr": min(psnr(a, b, mask), PSNR_CEILING), "unedited_ssim": ssim(a, b, mask),
+                "psnr": min(psnr(a, b), PSNR_CEILING), "ssim": ssim(a, b),
                 "edited_right": (all(_read(p, c[0], c[1]) == c[2] for c in edited) if edited else None),
                 "kept": (sum(_read(p, c[0], c[1]) == c[2] for c in base) / len(base)) if base else None,
             }
@@ -307,7 +342,7 @@ def bench_edits(
 
     def summarize(rows: list[dict]) -> dict[str, Any]:
         summary: dict[str, Any] = {"edits": len(rows)}
-        for method in METHODS:
+        for method in methods:
             cells = [r["methods"][method] for r in rows]
             summary[method] = {
                 key: _mean([c[key] for c in cells]) for key in ("unedited_psnr", "unedited_ssim", "psnr", "ssim")
@@ -328,7 +363,8 @@ def bench_edits(
         "bars": BARS,
         "cost": {k: {"seconds_per_edit": v / m} for k, v in seconds.items()},
         "model": pair.describe() if hasattr(pair, "describe") else str(pair),
-        "side": side, "steps": steps, "seed": seed, "config": config.__dict__,
+        "side": side, "steps": steps, "seed": seed, "config": config.__dict__, "methods": list(methods),
+        "local_strength": local_strength if "local" in methods else None,
         "seconds": time.perf_counter() - start,
         "per_edit": per_edit,
     }
@@ -340,10 +376,11 @@ def bench_edits(
 
 
 def choose_modes(result: dict, psnr_margin: float = 1.0, right_margin: float = 0.05) -> dict[str, dict]:
-    """Per edit kind, the round mode that pays, from a bench-edits result: control when it keeps
-    the unedited region better than SDEdit (by `psnr_margin` dB) and still makes the edit about as
-    often as fresh generation (within `right_margin`); else SDEdit when it makes the edit as often;
-    else fresh generation."""
+    """Per edit kind, the round mode that pays, from a bench-edits result: of the controlled methods
+    (attention control, local edit) that keep the unedited region better than SDEdit (by
+    `psnr_margin` dB) and still make the edit about as often as fresh generation (within
+    `right_margin`), the one that keeps it best; else SDEdit when it makes the edit as often; else
+    fresh generation."""
     def makes_the_edit(summary: dict, method: str) -> bool:
         fresh, right = summary["fresh"]["edited_right"], summary[method]["edited_right"]
         return fresh is None or right is None or right >= fresh - right_margin
@@ -352,10 +389,12 @@ def choose_modes(result: dict, psnr_margin: float = 1.0, right_margin: float = 0
     for kind, summary in result["by_kind"].items():
         if not summary["edits"]:
             continue
-        control = _best_controlled(summary)
         sdedit_psnr = summary["sdedit"]["unedited_psnr"] or 0.0
-        if (summary[control]["unedited_psnr"] or 0.0) >= sdedit_psnr + psnr_margin and makes_the_edit(summary, control):
-            mode, method = "controlled", control
+        paying = [m for m in CONTROLLED if m in summary and makes_the_edit(summary, m)
+                  and (summary[m]["unedited_psnr"] or 0.0) >= sdedit_psnr + psnr_margin]
+        if paying:
+            method = max(paying, key=lambda m: summary[m]["unedited_psnr"])
+            mode = MODE_OF[method]
         elif makes_the_edit(summary, "sdedit"):
             mode, method = "sdedit", "sdedit"
         else:
@@ -378,14 +417,17 @@ def write_auto_modes(result: dict, path: str | Path | None = None) -> Path:
     return path
 
 
-def _best_controlled(summary: dict) -> str:
-    """The controlled method (with or without the blend) that keeps the unedited region best."""
-    scores = {m: summary[m]["unedited_psnr"] or -1.0 for m in ("p2p", "p2p_blend")}
-    return max(scores, key=scores.get)
+def _best_controlled(summary: dict) -> str | None:
+    """The controlled method measured here that keeps the unedited region best (None: none ran)."""
+    scores = {m: summary[m]["unedited_psnr"] or -1.0 for m in CONTROLLED if m in summary}
+    return max(scores, key=scores.get) if scores else None
 
 
 def _meets_bars(summary: dict) -> bool:
-    c = summary[_best_controlled(summary)]
+    best = _best_controlled(summary)
+    if best is None:
+        return False
+    c = summary[best]
     sd, fresh = summary["sdedit"], summary["fresh"]
     return bool(
         c["unedited_psnr"] is not None and sd["unedited_psnr"] is not None
@@ -405,7 +447,7 @@ def results_table(result: dict) -> str:
         if not summary["edits"]:
             lines.append(f"| {kind} | 0 | | | | | | | | |")
             continue
-        for method in METHODS:
+        for method in result.get("methods", METHODS):
             s = summary[method]
             lines.append(
                 f"| {kind} | {summary['edits']} | {method} | {cell(s['unedited_psnr'], '.1f')} | "
@@ -449,7 +491,8 @@ def cmd_bench_edits(args) -> int:
             )
     pair = load_pair(args.model)
     result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config,
-                         policy=policy, side=args.side, sessions=sessions)
+                         policy=policy, side=args.side, sessions=sessions, local_strength=args.local_strength,
+                         methods=args.methods)
     print(f"model: {args.side} {getattr(pair, f'{args.side}_info').label}")
     print(results_table(result))
     print(f"wrote {args.out}/edits.json, results.md and edits_grid.png")

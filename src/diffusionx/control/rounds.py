@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 AUTO_MODES_PATH = Path(__file__).resolve().parent.parent / "assets" / "control" / "auto_modes.json"
 
-MODES = ("fresh", "sdedit", "controlled", "auto")
+MODES = ("fresh", "sdedit", "controlled", "local", "auto")
 # Words that move things: a layout edit that attention injection would fight.
 LAYOUT_WORDS = frozenset(
     {"left", "right", "top", "bottom", "center", "centre", "middle", "upper", "lower", "side", "corner"}

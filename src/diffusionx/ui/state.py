@@ -393,6 +393,8 @@ def describe_round(r: Round) -> str:
         return f"{source} at strength {r.strength:.2f} (SDEdit)"
     if r.mode == "controlled":
         return f"attention-controlled, {source} at strength {r.strength:.2f}"
+    if r.mode == "local":
+        return f"local edit {source}: regenerated where the edit lands (strength {r.strength:.2f}), the rest kept"
     return f"{r.mode}, {source} at strength {r.strength:.2f}"
 
 
@@ -529,6 +531,9 @@ def replay_session(state: UIState, tab: TabSession, doc: Any) -> list[str]:
                 edge.back(parent)
             if mode == "controlled" and "controlled" in state.modes and parent is not None:
                 edge.generate(prompt, mode="controlled")  # re-walks the parent's trajectory (its seed, strength)
+                continue
+            if mode == "local" and "local" in state.modes and parent is not None:
+                edge.generate(prompt, mode="local", seed=seed, strength=strength)  # the mask is seeded too
                 continue
             edge.generate(prompt, strength=strength, seed=seed)
             if mode == "controlled":

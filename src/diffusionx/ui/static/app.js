@@ -348,6 +348,7 @@ async function init() {
     const modeWords = {
       auto: "auto (from the word edit)", fresh: "fresh, from noise", sdedit: "SDEdit from the selected round",
       controlled: "attention-controlled (keeps the layout)",
+      local: "local edit (keeps everything the edit does not touch)",
     };
     for (const m of dx.config.modes || []) {
       const option = document.createElement("option");
