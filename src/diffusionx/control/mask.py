@@ -102,8 +102,9 @@ def local_edit_mask(engine: Engine, latents: torch.Tensor, previous_prompt: str,
     if edit_kind(previous_prompt, prompt) == "change_background":
         from ..world.captions import parse_prompt
 
-        scene = parse_prompt(prompt)
-        backdrop = f"a {scene.background} background"
-        objects = edit_mask(engine, latents, backdrop, previous_prompt, seed=seed, grow=2)
-        return 1.0 - objects
+        before = parse_prompt(previous_prompt)
+        if before is not None and before.background is not None and before.objects:
+            backdrop = f"a {before.background} background"
+            objects = edit_mask(engine, latents, backdrop, previous_prompt, seed=seed, grow=2)
+            return 1.0 - objects
     return edit_mask(engine, latents, previous_prompt, prompt, seed=seed)
