@@ -169,6 +169,31 @@ def test_requests_of_other_sizes_share_the_loop_not_the_u_net_call(untrained_pai
     assert latents_from_bytes(results[1].payload).shape == (1, 4, 24, 24)
 
 
+def test_requests_are_prepared_off_the_step_loop_and_a_bad_one_fails_alone(untrained_pair):
+    import threading
+
+    refiner = BatchingRefiner(untrained_pair.cloud, max_batch=2)
+    prepare, threads = refiner.refiner.prepare, []
+
+    def recording(req):
+        threads.append(threading.current_thread().name)
+        if req.seed == 2:
+            raise InvalidInputError("this one cannot be prepared")
+        return prepare(req)
+
+    refiner.refiner.prepare = recording
+    try:
+        futures = [refiner.submit(request(untrained_pair.cloud, seed=i)) for i in range(5)]
+        with pytest.raises(InvalidInputError, match="cannot be prepared"):
+            futures[2].result(timeout=120)
+        done = [f.result(timeout=120) for k, f in enumerate(futures) if k != 2]
+        assert len(done) == 4 and refiner.failed == 1 and refiner.completed == 4
+        assert set(threads) == {refiner._preparer.name}  # text encoding and parsing: not the stepping thread
+        assert refiner.load().queue_depth == 0 and refiner.idle
+    finally:
+        assert refiner.close()
+
+
 def test_a_crashed_worker_fails_its_requests_instead_of_hanging(untrained_pair):
     refiner = BatchingRefiner(untrained_pair.cloud, max_batch=2)
 

@@ -1,9 +1,11 @@
 """Continuous step-level batching: one thread owns the engine and runs every request's denoising.
 
 Each request is prepared by the refine contract (`CloudRefiner.prepare`: checks, the payload
-parsed once, the prompt encoded, the job started). Every iteration of the worker loop
+parsed once, the prompt encoded, the job started) on a thread of its own, ahead of the step loop
+(at most `max_batch` requests ahead), so text encoding and payload parsing stay off the U-Net's
+critical path. Every iteration of the worker loop
 
-1. admits waiting requests (FIFO) at the step boundary until `max_batch` jobs are active,
+1. admits prepared requests (FIFO) at the step boundary until `max_batch` jobs are active,
 2. calls `engine.step` once per latent shape among the active jobs: one U-Net call advances every
    job of that shape by one step, each at its own timestep (requests at different strengths
    share the call; requests at different sizes cannot, so each size gets its own call),
@@ -91,7 +93,8 @@ class BatchingRefiner:
         self.engine = self.refiner.engine
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
-        self._pending: collections.deque[_Work] = collections.deque()
+        self._incoming: collections.deque[_Work] = collections.deque()  # accepted, not yet prepared
+        self._pending: collections.deque[_Work] = collections.deque()  # prepared, waiting for a slot
         self._active: list[_Work] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -103,7 +106,10 @@ class BatchingRefiner:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._step_time = 0.0
         self.crashed: BaseException | None = None
+        self._prepared_all = threading.Event()  # the preparer has stopped: nothing more will arrive
+        self._preparer = threading.Thread(target=self._prepare_loop, name=f"diffusionx-{name}-preparer", daemon=True)
         self._thread = threading.Thread(target=self._loop, name=f"diffusionx-{name}-batcher", daemon=True)
+        self._preparer.start()
         self._thread.start()
 
     # ----- public -----------------------------------------------------------------------------
@@ -114,12 +120,12 @@ class BatchingRefiner:
         with self._cond:
             if self._closing:
                 raise ServiceUnavailableError("the refiner is shutting down; retry on another instance", 5.0)
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(self._incoming) >= self.max_queue:
                 raise ServiceUnavailableError(
                     f"the queue is full ({self.max_queue} waiting); retry later",
                     max(1.0, self._estimate_wait_locked()),
                 )
-            self._pending.append(_Work(request, future, time.perf_counter(), next(self._seq)))
+            self._incoming.append(_Work(request, future, time.perf_counter(), next(self._seq)))
             self._cond.notify_all()
         return future
 
@@ -129,7 +135,7 @@ class BatchingRefiner:
     def load(self) -> LoadReport:
         with self._cond:
             return LoadReport(
-                queue_depth=len(self._pending),
+                queue_depth=len(self._pending) + len(self._incoming),
                 running=len(self._active),
                 max_batch=self.max_batch,
                 step_time_s=self._step_time,
@@ -143,7 +149,7 @@ class BatchingRefiner:
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._active
+            return not self._incoming and not self._pending and not self._active
 
     def close(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop accepting. With `drain`, finish every accepted request first; otherwise fail the
@@ -151,12 +157,16 @@ class BatchingRefiner:
         with self._cond:
             self._closing = True
             if not drain:
-                while self._pending:
-                    work = self._pending.popleft()
-                    work.future.set_exception(ServiceUnavailableError("the refiner shut down before this ran"))
+                for queue in (self._incoming, self._pending):
+                    while queue:
+                        work = queue.popleft()
+                        if not work.future.done():
+                            work.future.set_exception(ServiceUnavailableError("the refiner shut down before this ran"))
             self._cond.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._preparer.join(timeout)
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive() and not self._preparer.is_alive()
 
     def finish_estimate_s(self, futures: Iterable[Future]) -> float | None:
         """Seconds until the first of these accepted requests is done (the admission simulation of
@@ -168,7 +178,7 @@ class BatchingRefiner:
             finishes = [job_remaining(w) for w in self._active if w.future in wanted]
             slots = [job_remaining(w) for w in self._active] + [0] * (self.max_batch - len(self._active))
             heapq.heapify(slots)
-            for work in self._pending:
+            for work in self._waiting_locked():
                 done_at = heapq.heappop(slots) + _planned_steps(work.request)
                 heapq.heappush(slots, done_at)
                 if work.future in wanted:
@@ -178,11 +188,15 @@ class BatchingRefiner:
         return float(min(finishes) * step)
 
     # ----- estimates --------------------------------------------------------------------------
+    def _waiting_locked(self) -> list[_Work]:
+        """Every accepted request not yet in the batch, in admission order."""
+        return [*self._pending, *self._incoming]
+
     def _estimate_wait_locked(self) -> float:
         """Simulate admission: each slot frees when its job's remaining steps are done."""
         slots = [job_remaining(w) for w in self._active] + [0] * (self.max_batch - len(self._active))
         heapq.heapify(slots)
-        for work in self._pending:
+        for work in self._waiting_locked():
             free_at = heapq.heappop(slots)
             heapq.heappush(slots, free_at + _planned_steps(work.request))
         step = self._step_time or 0.0
@@ -196,44 +210,73 @@ class BatchingRefiner:
 
     def _loop(self) -> None:
         try:
-            self._run()
-        except BaseException as err:  # a bug in the loop: fail everything rather than hang callers
-            log.exception("the batching worker crashed")
+            self._guarded(self._run, "batching worker")
+        finally:
+            self._stopped.set()
+
+    def _guarded(self, loop, what: str) -> None:
+        try:
+            loop()
+        except BaseException as err:  # a bug in a loop: fail everything rather than hang callers
+            log.exception("the %s crashed", what)
             self.crashed = err
             with self._cond:
                 self._closing = True
-                waiting = list(self._pending) + list(self._active)
+                waiting = [*self._incoming, *self._pending, *self._active]
+                self._incoming.clear()
                 self._pending.clear()
                 self._active.clear()
+                self._cond.notify_all()
             for work in waiting:
                 if not work.future.done():
-                    work.future.set_exception(ServiceUnavailableError(f"the refiner's worker crashed: {err!r}", 5.0))
+                    work.future.set_exception(ServiceUnavailableError(f"the refiner's {what} crashed: {err!r}", 5.0))
+
+    def _prepare_loop(self) -> None:
+        try:
+            self._guarded(self._prepare_all, "preparer")
         finally:
-            self._stopped.set()
+            with self._cond:
+                self._prepared_all.set()
+                self._cond.notify_all()
+
+    def _prepare_all(self) -> None:
+        """Prepare accepted requests in order, at most `max_batch` ahead of the batch."""
+        while True:
+            with self._cond:
+                while not self._closing and (not self._incoming or len(self._pending) >= self.max_batch):
+                    self._cond.wait()
+                if not self._incoming:
+                    return  # closing, and everything accepted was prepared
+                work = self._incoming.popleft()
+            if not work.future.set_running_or_notify_cancel():
+                continue
+            try:
+                work.job = self.refiner.prepare(work.request)
+            except Exception as err:
+                self._fail(work, err)
+                continue
+            with self._cond:
+                self._pending.append(work)
+                self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._active and not self._closing:
+                while not self._pending and not self._active and not self._prepared_all.is_set():
                     self._cond.wait()
-                if self._closing and not self._pending and not self._active:
+                if self._prepared_all.is_set() and not self._pending and not self._active:
                     return
                 admit = []
                 while self._pending and len(self._active) + len(admit) < self.max_batch:
                     admit.append(self._pending.popleft())
+                if admit:
+                    self._cond.notify_all()  # the preparer may go on
             for work in admit:
                 self._admit(work)
             self._step()
 
     def _admit(self, work: _Work) -> None:
-        if not work.future.set_running_or_notify_cancel():
-            return
         work.admitted = time.perf_counter()
-        try:
-            work.job = self.refiner.prepare(work.request)
-        except Exception as err:
-            self._fail(work, err)
-            return
         with self._cond:
             self._active.append(work)
         if work.job.job.done:  # strength 0: nothing to denoise
