@@ -89,3 +89,16 @@ def test_local_round_in_a_session(untrained_pair, count_unet_calls):
     with pytest.raises(InvalidInputError, match="re-walked"):
         session.generate("a green circle on the left", mode="controlled")  # a masked round has no trajectory
     assert len(session.rounds) == 3  # the refused round lost nothing
+
+
+def test_a_given_blend_mask_keeps_the_source_outside_it(edge, previous):
+    from diffusionx.control import RoundSpec, controlled_generate
+
+    h, w = previous.shape[-2:]
+    half = torch.zeros(1, 1, h, w)
+    half[..., : w // 2] = 1.0
+    out = controlled_generate(edge, "a blue circle on the left", RoundSpec(PREV, seed=3), steps=STEPS,
+                              blend_mask=half, decode=False)
+    assert torch.equal(out.mask, half)
+    assert torch.equal(out.latents[..., w // 2 :], previous[..., w // 2 :])  # the re-walked source, exactly
+    assert not torch.allclose(out.latents[..., : w // 2], previous[..., : w // 2])

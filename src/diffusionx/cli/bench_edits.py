@@ -10,7 +10,8 @@ diffusionx bench-edits --side cloud --policy fixed-0.5 --out outputs/bench-edits
 diffusionx bench-edits --n 35 --methods fresh,sdedit,local --local-strength 0.9
 """
 
-METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local")  # control.bench.METHODS, without importing torch
+# control.bench.METHODS, without importing torch
+METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local", "p2p_local")
 
 
 def method_list(text: str) -> tuple[str, ...]:

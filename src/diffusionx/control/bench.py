@@ -14,7 +14,10 @@ each method:
 - ``p2p_blend``: the same with the local blend (only where the edited words attend changes);
 - ``local``: a local edit: DiffEdit's mask of what the edit changes (`control.mask.edit_mask`,
   from the previous latent and the two prompts), regenerated at `local_strength` inside it while
-  the previous latent is kept outside it (`Engine.start(edit_mask=...)`).
+  the previous latent is kept outside it (`Engine.start(edit_mask=...)`);
+- ``p2p_local``: Prompt-to-Prompt with the local blend's mask taken from DiffEdit (the same as
+  ``local``'s) instead of from attention: the re-walk makes the edit, the source's latents are
+  kept outside the mask.
 
 Scores, per edit and as means per edit kind and method:
 
@@ -54,9 +57,10 @@ from .controller import RoundSpec, controlled_generate
 from .mask import LOCAL_STRENGTH
 from .rounds import auto_mode, changed_objects, infer_kind
 
-METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local")
-CONTROLLED = ("p2p", "p2p_blend", "local")  # the methods that control what the edit may change
-MODE_OF = {"p2p": "controlled", "p2p_blend": "controlled", "local": "local"}  # the session's round mode
+METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local", "p2p_local")
+CONTROLLED = ("p2p", "p2p_blend", "local", "p2p_local")  # the methods that control what the edit may change
+MODE_OF = {"p2p": "controlled", "p2p_blend": "controlled", "local": "local",
+           "p2p_local": "controlled-local"}  # the session's round mode
 EDIT_KINDS = ("add_detail", "drop_detail", "change_attribute", "change_background", "add_object", "remove_object",
               "reword")
 BARS = {
@@ -288,25 +292,30 @@ def bench_edits(
         init_latents=previous[i] if strengths[i] < 1.0 else None, guidance_scale=guidance_scale))
     latents: dict[str, list[torch.Tensor]] = {"previous": previous, "fresh": fresh, "sdedit": sdedit}
     masks: list[torch.Tensor] = []
-    if "local" in methods:
+    if "local" in methods or "p2p_local" in methods:
         from .mask import local_edit_mask
 
         t = time.perf_counter()
         masks = [local_edit_mask(engine, previous[i], e.previous_prompt, e.prompt, seed=seed)
                  for i, e in enumerate(edits)]
-        seconds["local"] += time.perf_counter() - t
+        mask_s = time.perf_counter() - t
+        for method in ("local", "p2p_local"):
+            if method in methods:
+                seconds[method] += mask_s
+    if "local" in methods:
         latents["local"] = batched("local", lambda i, e: engine.start(
             engine.encode_prompt(e.prompt, guidance=guidance), seed=seed, steps=steps, strength=local_strength,
             init_latents=previous[i], guidance_scale=guidance_scale, edit_mask=masks[i]))
-    for method, blend in (("p2p", False), ("p2p_blend", True)):
+    for method, blend in (("p2p", False), ("p2p_blend", True), ("p2p_local", False)):
         if method not in methods:
             continue
         method_config = replace(config, local_blend=blend)
         latents[method] = []
         t = time.perf_counter()
-        for e in tqdm(edits, desc=method, disable=not progress):
+        for i, e in enumerate(tqdm(edits, desc=method, disable=not progress)):
             out_gen = controlled_generate(engine, e.prompt, RoundSpec(e.previous_prompt, seed=seed), steps=steps,
-                                          config=method_config, guidance_scale=guidance_scale, decode=False)
+                                          config=method_config, guidance_scale=guidance_scale, decode=False,
+                                          blend_mask=masks[i] if method == "p2p_local" else None)
             latents[method].append(out_gen.latents)
         seconds[method] += time.perf_counter() - t
     images = {k: [np.asarray(engine.decode(z)[0]) for z in v] for k, v in latents.items()}

@@ -90,8 +90,10 @@ class Branch:
         record_steps: int = 0,
         keep_trace: bool = False,
         blend: set[str] | None = None,
+        blend_mask: torch.Tensor | None = None,
     ):
         self.engine, self.job, self.router = engine, job, router
+        self.blend_mask = blend_mask  # a given local-blend mask (e.g. DiffEdit's) instead of attention's
         self.edit, self.source = edit, source
         self.config = config or ControlConfig()
         n = job.num_steps
@@ -111,8 +113,8 @@ class Branch:
         # Local blend: the edit lands only where the changed (or emphasised) words attend, in
         # either prompt; everywhere else the source's latents are kept. An identity edit changes
         # no word, so it keeps the source everywhere (and so reproduces it exactly).
-        self.blending = source is not None and edit is not None and self.config.local_blend
-        if self.blending and edit is not None:
+        self.blending = source is not None and edit is not None and (self.config.local_blend or blend_mask is not None)
+        if self.blending and edit is not None and blend_mask is None:
             if self.config.blend_words:
                 self.blend_src = _blend_positions(tok, edit.source_prompt, self.config.blend_words)
                 self.blend_tgt = _blend_positions(tok, edit.target_prompt, self.config.blend_words)
@@ -158,7 +160,7 @@ class Branch:
                 src = self.source.steps[i]
         self._source_latents = None if src is None else src.latents
         record = StepRecord()
-        needs_maps = self.blending or self.keep_trace or self.provide_maps
+        needs_maps = (self.blending and self.blend_mask is None) or self.keep_trace or self.provide_maps
         self.router.ctx = CallContext(
             step=i,
             num_steps=self.job.num_steps,
@@ -195,6 +197,11 @@ class Branch:
         self.post_step()
 
     def _blend(self, record: StepRecord, src: StepRecord, step: int) -> None:
+        if self.blend_mask is not None:  # a given mask: the source's latents everywhere outside it
+            if src.latents is not None and step >= self.blend_from:
+                self.last_mask = self.blend_mask
+                self.job.latents = torch.lerp(src.latents, self.job.latents, self.blend_mask.to(src.latents))
+            return
         if src.blend_map is None or record.blend_map is None or src.latents is None:
             return
         self._src_acc = src.blend_map if self._src_acc is None else self._src_acc + src.blend_map
@@ -299,6 +306,7 @@ def controlled_generate(
     init_latents: torch.Tensor | None = None,
     height: int | None = None,
     width: int | None = None,
+    blend_mask: torch.Tensor | None = None,
 ) -> ControlledGeneration:
     """Generate `prompt` under attention control from the round `source` describes.
 
@@ -307,7 +315,9 @@ def controlled_generate(
     own trace (for `record_steps` steps, default the config's injection window) for the next.
 
     With `source=None` this is a plain round (seed / strength / init_latents as given) that
-    only records, so the next round can use its trace.
+    only records, so the next round can use its trace. `blend_mask` ((1, 1, h, w), 1 = edit) is
+    the local blend's mask given outright (e.g. `control.mask.local_edit_mask`'s) instead of the
+    one the changed words' attention draws.
     """
     config = config or ControlConfig()
     timing = Timing()
@@ -353,7 +363,7 @@ def controlled_generate(
             rec_self = config.window(config.self_steps, n) if keep_trace else 0
         branch = Branch(
             engine, job, router, edit=edit, source=src, config=config,
-            record_steps=rec, keep_trace=keep_trace, blend=layers,
+            record_steps=rec, keep_trace=keep_trace, blend=layers, blend_mask=blend_mask,
         )
         branch.record_self_steps = rec_self if rec_self is not None else rec
         return branch
