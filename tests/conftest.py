@@ -64,3 +64,37 @@ def count_unet_calls():
     yield attach
     for counter in counters:
         counter.close()
+
+
+class LocalServe:
+    """A local Ray instance with Serve's HTTP proxy on a free loopback port (`ray_serve`)."""
+
+    def __init__(self, ray, serve, port: int):
+        self.ray, self.serve, self.port = ray, serve, port
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    """One local Ray + Serve for a test module: loopback only, 2 CPUs, a small object store, shut
+    down when the module ends so nothing outlives it. Each test deploys its own app with
+    `serve.run`."""
+    import socket
+
+    from diffusionx.server.ray_serve import ray_environment
+
+    ray_environment()  # before ray is imported: loopback traffic, no auth token under ~/.ray
+    pytest.importorskip("ray.serve")
+    import ray
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield LocalServe(ray, serve, port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -338,27 +338,20 @@ def test_64_sessions_survive_a_kill_9_and_restart(tmp_path, servers):
 
 # ----- 4. two replicas behind Ray Serve, one killed mid-load ----------------------------------------
 @pytest.mark.slow
-def test_two_ray_replicas_one_killed_mid_load_lose_nothing(tmp_path):
+def test_two_ray_replicas_one_killed_mid_load_lose_nothing(tmp_path, ray_serve):
     """Ray Serve restarts a killed replica; the retrying clients' requests all come back, each once
     in the shared store, each answer the stored one."""
     from diffusionx.server.config import Limits
-    from diffusionx.server.ray_serve import APP_NAME, build_app, ray_environment
+    from diffusionx.server.ray_serve import APP_NAME, build_app
 
-    ray_environment()
-    pytest.importorskip("ray.serve")
-    import ray
-    from ray import serve
-
-    requests, port, store = 24, free_port(), tmp_path / "shared.sqlite3"
-    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray, serve, url = ray_serve.ray, ray_serve.serve, ray_serve.url
+    requests, store = 24, tmp_path / "shared.sqlite3"
     results: dict[str, bytes] = {}
     failures: dict[str, str] = {}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         limits = Limits(max_concurrent_per_token=64, idempotency_lease_s=2.0)
         serve.run(build_app(model="untrained", insecure=True, max_batch=4, limits=limits, replicas=2, threads=1,
                             device="cpu", store=str(store)), name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
 
         def one(i: int) -> None:
             client = retrying_client(url)
@@ -391,8 +384,7 @@ def test_two_ray_replicas_one_killed_mid_load_lose_nothing(tmp_path):
         assert not failures, failures
         assert len(results) == requests and stored == requests and not mismatched
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(APP_NAME)
 
 
 # ----- 5. network delay and loss between edge and cloud ------------------------------------------

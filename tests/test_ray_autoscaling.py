@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import socket
 import threading
 import time
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from diffusionx.server.config import Limits
-from diffusionx.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, build_app, ray_environment
+from diffusionx.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, build_app
 from diffusionx.wire import latents_to_bytes
 
 pytestmark = pytest.mark.slow
@@ -33,24 +32,14 @@ def _wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def test_load_adds_a_replica_and_idleness_removes_it(untrained_pair):
-    ray_environment()
-    pytest.importorskip("ray.serve")
-    import ray
-    from ray import serve
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+def test_load_adds_a_replica_and_idleness_removes_it(untrained_pair, ray_serve):
+    serve, url = ray_serve.serve, ray_serve.url
     stop = threading.Event()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(model="untrained", insecure=True, max_batch=1, limits=Limits(max_concurrent_per_token=64),
                         replicas=1, max_replicas=2, threads=1,
                         scaling_delays={"upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "look_back_period_s": 2.0})
         serve.run(app, name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
         assert _running_replicas(serve) == 1
         latent = base64.b64encode(latents_to_bytes(torch.randn(untrained_pair.cloud.latent_shape()))).decode()
 
@@ -73,5 +62,4 @@ def test_load_adds_a_replica_and_idleness_removes_it(untrained_pair):
         assert _wait_for(lambda: _running_replicas(serve) == 1, timeout=120), "idleness did not remove the replica"
     finally:
         stop.set()
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(APP_NAME)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from diffusionx.server.config import Limits
-from diffusionx.server.ray_serve import APP_NAME, build_app, ray_environment
+from diffusionx.server.ray_serve import APP_NAME, build_app
 from diffusionx.wire import latents_from_bytes, latents_to_bytes
 
 pytestmark = pytest.mark.slow
@@ -20,28 +19,13 @@ PROMPT = "a large blue square at the bottom on a yellow background"
 
 
 @pytest.fixture(scope="module")
-def ray_url(tmp_path_factory):
-    ray_environment()
-    pytest.importorskip("ray.serve")
-    import ray
-    from ray import serve
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        limits = Limits(max_concurrent_per_token=16)  # one token sends all 12 at once
-        store = str(tmp_path_factory.mktemp("ray-state") / "idempotency.sqlite3")  # both replicas share it
-        app = build_app(
-            model="untrained", tokens={TOKEN}, max_batch=4, limits=limits, replicas=2, threads=1, store=store
-        )
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def ray_url(ray_serve, tmp_path_factory):
+    limits = Limits(max_concurrent_per_token=16)  # one token sends all 12 at once
+    store = str(tmp_path_factory.mktemp("ray-state") / "idempotency.sqlite3")  # both replicas share it
+    app = build_app(model="untrained", tokens={TOKEN}, max_batch=4, limits=limits, replicas=2, threads=1, store=store)
+    ray_serve.serve.run(app, name=APP_NAME, route_prefix="/")
+    yield ray_serve.url
+    ray_serve.serve.delete(APP_NAME)
 
 
 def _latents(engine, n: int) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ DEMO_PROMPTS = (
 
 EXAMPLES = """
 diffusionx demo
-diffusionx demo --out outputs/demo --edge-strength 0.5 --cloud-strength 0.4
+diffusionx demo --out outputs/demo --edge-strength 0.5 --cloud-strength 0.4 --round-mode sdedit
 diffusionx demo --cloud-url http://127.0.0.1:8000 --token $TOKEN --require-cloud
 """
 
@@ -29,7 +29,7 @@ def register(sub) -> None:
     options.model_options(p)
     options.session_options(p)
     options.out_option(p, "outputs/demo", "output folder")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, round_mode="auto")  # the demo shows the product: each edit its measured mode
 
 
 def run(args) -> int:
@@ -42,7 +42,7 @@ def run(args) -> int:
     policy = options.make_policy(args)
     session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=cloud_client(args))
     for prompt in DEMO_PROMPTS:
-        r = session.generate(prompt, progress=True)
+        r = session.generate(prompt, progress=True, mode=args.round_mode)
         save_round(r, out / f"round_{r.index:02d}.png", pair)
     final = session.finalize(mode=args.finalize)
     save_final(final, out / "final.png", pair, session)

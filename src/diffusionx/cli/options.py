@@ -110,6 +110,10 @@ def session_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("session")
     group.add_argument("--edge-strength", type=strength, default=0.6, help="round-to-round SDEdit strength")
     group.add_argument("--cloud-strength", type=strength, default=0.5, help="cloud refinement strength")
+    group.add_argument("--round-mode", choices=("fresh", "sdedit", "controlled", "local", "auto"),
+                       help="how each round after the first relates to the one before (docs/control.md): auto "
+                            "picks the measured mode per edit (demo's default); session's default: SDEdit at the "
+                            "policy's strength")
     policy_option(group)
     cloud_url_options(group)
     group.add_argument("--finalize", choices=("refine", "regenerate"), default="refine",

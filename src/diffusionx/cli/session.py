@@ -122,7 +122,7 @@ def run(args) -> int:
                 raise InvalidInputError(f"unknown command {line.split()[0]}; /help lists them")
             else:
                 try:
-                    r = session.generate(line, progress=True)
+                    r = session.generate(line, progress=True, mode=args.round_mode)
                 except KeyboardInterrupt:
                     print("round cancelled (the session is as it was; Ctrl-D or /quit ends it)")
                     continue
