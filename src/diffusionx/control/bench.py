@@ -59,8 +59,8 @@ from .rounds import auto_mode, changed_objects, infer_kind
 
 METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local", "p2p_local")
 CONTROLLED = ("p2p", "p2p_blend", "local", "p2p_local")  # the methods that control what the edit may change
-MODE_OF = {"p2p": "controlled", "p2p_blend": "controlled", "local": "local",
-           "p2p_local": "controlled-local"}  # the session's round mode
+# The session's round mode of each controlled method it has (p2p_local is measured, not a mode).
+MODE_OF = {"p2p": "controlled", "p2p_blend": "controlled", "local": "local"}
 EDIT_KINDS = ("add_detail", "drop_detail", "change_attribute", "change_background", "add_object", "remove_object",
               "reword")
 BARS = {
@@ -399,7 +399,7 @@ def choose_modes(result: dict, psnr_margin: float = 1.0, right_margin: float = 0
         if not summary["edits"]:
             continue
         sdedit_psnr = summary["sdedit"]["unedited_psnr"] or 0.0
-        paying = [m for m in CONTROLLED if m in summary and makes_the_edit(summary, m)
+        paying = [m for m in MODE_OF if m in summary and makes_the_edit(summary, m)
                   and (summary[m]["unedited_psnr"] or 0.0) >= sdedit_psnr + psnr_margin]
         if paying:
             method = max(paying, key=lambda m: summary[m]["unedited_psnr"])
