@@ -43,6 +43,17 @@ def test_kept_region_is_the_input_exactly_and_a_full_mask_is_plain_sdedit(edge, 
     assert not torch.allclose(out[..., : w // 2], previous[..., : w // 2])  # edited
 
 
+def test_free_steps_let_the_whole_picture_move_first_and_still_keep_the_outside(edge, previous):
+    h, w = previous.shape[-2:]
+    half = torch.zeros(1, 1, h, w)
+    half[..., : w // 2] = 1.0
+    held = _run(edge, previous, half, 1.0)
+    free = edge.generate("a blue circle on the left", seed=5, steps=STEPS, strength=1.0, init_latents=previous,
+                         edit_mask=half, free_steps=2, decode=False).latents
+    assert torch.equal(free[..., w // 2 :], previous[..., w // 2 :])  # the last step blends all the same
+    assert not torch.equal(free[..., : w // 2], held[..., : w // 2])  # the region formed with the whole picture
+
+
 def test_a_bad_mask_is_refused_with_what_to_pass(edge, previous):
     h, w = previous.shape[-2:]
     with pytest.raises(InvalidInputError, match="latent size"):

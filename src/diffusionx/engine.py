@@ -144,8 +144,11 @@ class KeptRegion:
     mask: torch.Tensor  # (1 or n, 1, h, w) in [0, 1]: 1 regenerates, 0 keeps `reference`
     reference: torch.Tensor  # the input latents
     noise: torch.Tensor  # the noise the job started from
+    free_steps: int = 0  # steps run on the whole picture before the blend begins (its layout forms)
 
     def blend(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, next_index: int) -> torch.Tensor:
+        if next_index <= self.free_steps and next_index < len(timesteps):
+            return latents
         kept = self.reference
         if next_index < len(timesteps):
             kept = scheduler.add_noise(self.reference, self.noise, timesteps[next_index : next_index + 1])
@@ -362,12 +365,15 @@ class Engine:
         width: int | None = None,
         hook: AttentionHook | None = None,
         edit_mask: torch.Tensor | None = None,
+        free_steps: int = 0,
     ) -> DenoiseJob:
         """Prepare a job: noise the input latent to the strength's first timestep (or draw fresh
         noise for strength 1 / no input) exactly as diffusers' pipelines do for the same seed.
 
         `edit_mask` ((1, 1, h, w) at latent size, 1 = regenerate) makes it a local edit of
-        `init_latents`: outside the mask the input is kept (`KeptRegion`), at any strength."""
+        `init_latents`: outside the mask the input is kept (`KeptRegion`), at any strength; the
+        first `free_steps` steps run on the whole picture before the blend begins (the last step
+        always blends, so the outside still ends as the input)."""
         seed, steps, strength = check_seed(seed), check_steps(steps), check_strength(strength)
         if not isinstance(guidance_scale, (int, float)) or not 0.0 <= guidance_scale <= 50.0:
             raise InvalidInputError(f"guidance_scale must be a number in [0, 50], got {guidance_scale!r}")
@@ -401,7 +407,7 @@ class Engine:
             latents = sched.add_noise(init_latents, noise, timesteps[:1])
         kept = None
         if edit_mask is not None and noise is not None:
-            kept = KeptRegion(edit_mask, init_latents, noise)
+            kept = KeptRegion(edit_mask, init_latents, noise, free_steps=max(0, int(free_steps)))
         return DenoiseJob(latents, embeddings, float(guidance_scale), sched, timesteps, hook=hook, kept=kept,
                           seed=seed, steps=steps, strength=strength)
 
@@ -529,6 +535,7 @@ class Engine:
         width: int | None = None,
         hook: AttentionHook | None = None,
         edit_mask: torch.Tensor | None = None,
+        free_steps: int = 0,
     ) -> DenoiseJob:
         """Encode the prompt and start the job `generate` would run (its text-encode time recorded)."""
         timing = Timing()
@@ -537,7 +544,7 @@ class Engine:
         timing.text_encode_s = time.perf_counter() - start
         job = self.start(embeddings, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
                          guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width, hook=hook,
-                         edit_mask=edit_mask)
+                         edit_mask=edit_mask, free_steps=free_steps)
         job.timing = timing
         return job
 
@@ -584,11 +591,12 @@ class Engine:
         decode: bool = True,
         progress: bool = False,
         edit_mask: torch.Tensor | None = None,
+        free_steps: int = 0,
     ) -> Generation:
         """Text-to-image (strength 1) or SDEdit from `init_latents` (strength < 1), with timings;
         with `edit_mask`, a local edit that keeps `init_latents` outside the mask."""
         job = self.prepare(prompt, seed=seed, steps=steps, strength=strength, init_latents=init_latents,
                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, scheduler=scheduler,
-                           height=height, width=width, hook=hook, edit_mask=edit_mask)
+                           height=height, width=width, hook=hook, edit_mask=edit_mask, free_steps=free_steps)
         self.run([job], progress=progress)
         return self.finish(job, decode=decode)

@@ -25,6 +25,7 @@ from .engine import (
     check_seed,
     check_steps,
     check_strength,
+    steps_for_strength,
 )
 from .errors import InvalidInputError, RoundNotFoundError
 from .models import ModelPair
@@ -336,7 +337,7 @@ class EdgeSession:
     def _local(self, prompt: str, previous: Round, seed: int, strength: float | None, progress: bool) -> Round:
         """Regenerate the region the edit changes (`control.mask.local_edit_mask`) and keep the
         head's latent elsewhere; the mask's U-Net calls are charged to the round."""
-        from .control.mask import LOCAL_STRENGTH, MASK_UNET_CALLS, local_edit_mask
+        from .control.mask import LOCAL_FREE_STEPS, LOCAL_STRENGTH, MASK_UNET_CALLS, local_edit_mask
 
         strength = check_strength(LOCAL_STRENGTH if strength is None else strength)
         start = time.perf_counter()
@@ -344,7 +345,8 @@ class EdgeSession:
         mask_s = time.perf_counter() - start
         job = self.pair.edge.prepare(prompt, seed=seed, steps=self.steps, strength=strength,
                                      init_latents=previous.latents, guidance_scale=self.guidance_scale,
-                                     scheduler=self.scheduler, edit_mask=mask)
+                                     scheduler=self.scheduler, edit_mask=mask,
+                                     free_steps=round(LOCAL_FREE_STEPS * steps_for_strength(strength, self.steps)))
         job.timing.unet_s += mask_s
         job.timing.unet_compute_s += mask_s
         job.timing.unet_calls += MASK_UNET_CALLS

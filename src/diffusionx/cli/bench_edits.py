@@ -49,6 +49,9 @@ def register(sub) -> None:
                    help=f"comma-separated methods to measure (default all: {','.join(METHODS)})")
     p.add_argument("--local-strength", type=options.strength, default=1.0, metavar="F",
                    help="the local edit's strength inside its mask (default 1: the region is regenerated)")
+    p.add_argument("--local-free-steps", type=options.strength, default=None, metavar="F",
+                   help="share of the local edit's steps run on the whole picture before the blend holds the "
+                        "rest (default: the session's)")
     p.add_argument("--side", choices=("edge", "cloud"), default="edge",
                    help="the model that runs the rounds (the edge is where edits happen)")
     p.add_argument("--sessions", metavar="FILE",

@@ -49,12 +49,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from ..engine import steps_for_strength
 from ..metrics.image import mean_ci95, psnr, ssim
 from ..world import generate_sessions
 from ..world.scene import POSITION_XY, SIZE_FRACTION, Scene
 from .attention import ControlConfig
 from .controller import RoundSpec, controlled_generate
-from .mask import LOCAL_STRENGTH
+from .mask import LOCAL_FREE_STEPS, LOCAL_STRENGTH
 from .rounds import auto_mode, changed_objects, infer_kind
 
 METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local", "p2p_local")
@@ -242,6 +243,7 @@ def bench_edits(
     sessions: list[dict] | None = None,
     batch: int = 16,
     local_strength: float = LOCAL_STRENGTH,
+    local_free: float = LOCAL_FREE_STEPS,
     methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:
     """Measure `methods` (default all) on `n` round edits; writes edits.json, results.md and
@@ -305,7 +307,8 @@ def bench_edits(
     if "local" in methods:
         latents["local"] = batched("local", lambda i, e: engine.start(
             engine.encode_prompt(e.prompt, guidance=guidance), seed=seed, steps=steps, strength=local_strength,
-            init_latents=previous[i], guidance_scale=guidance_scale, edit_mask=masks[i]))
+            init_latents=previous[i], guidance_scale=guidance_scale, edit_mask=masks[i],
+            free_steps=round(local_free * steps_for_strength(local_strength, steps))))
     for method, blend in (("p2p", False), ("p2p_blend", True), ("p2p_local", False)):
         if method not in methods:
             continue
@@ -374,6 +377,7 @@ def bench_edits(
         "model": pair.describe() if hasattr(pair, "describe") else str(pair),
         "side": side, "steps": steps, "seed": seed, "config": config.__dict__, "methods": list(methods),
         "local_strength": local_strength if "local" in methods else None,
+        "local_free_steps": local_free if "local" in methods else None,
         "seconds": time.perf_counter() - start,
         "per_edit": per_edit,
     }
@@ -501,7 +505,8 @@ def cmd_bench_edits(args) -> int:
     pair = load_pair(args.model)
     result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config,
                          policy=policy, side=args.side, sessions=sessions, local_strength=args.local_strength,
-                         methods=args.methods)
+                         methods=args.methods,
+                         local_free=LOCAL_FREE_STEPS if args.local_free_steps is None else args.local_free_steps)
     print(f"model: {args.side} {getattr(pair, f'{args.side}_info').label}")
     print(results_table(result))
     print(f"wrote {args.out}/edits.json, results.md and edits_grid.png")

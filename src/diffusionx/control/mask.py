@@ -25,6 +25,7 @@ MASK_UNET_CALLS = len(NOISE_LEVELS)  # what one mask costs: a U-Net call per noi
 # A local round regenerates its region from noise: the rest of the picture is kept anyway, and
 # on the embedded pair's test edits this makes the edit as often as fresh generation does.
 LOCAL_STRENGTH = 1.0
+LOCAL_FREE_STEPS = 0.0  # share of a local round's steps run on the whole picture before the blend
 
 
 @torch.no_grad()
