@@ -98,6 +98,11 @@ def download(page, selector: str) -> bytes:
 
 
 def test_three_rounds_branch_finalize_download_and_load(untrained_pair, browser, page, tmp_path):
+    import time
+
+    # The page polls progress every 150 ms; on a fast machine a 10-step round of the untrained
+    # model ends before the first poll. 40 ms per edge U-Net call makes each render span polls.
+    slow = untrained_pair.edge.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.04))
     cloud = start_cloud(untrained_pair)
     ui, client = start_ui(untrained_pair, cloud.url)
     try:
@@ -189,6 +194,7 @@ def test_three_rounds_branch_finalize_download_and_load(untrained_pair, browser,
         other.wait_for_function("document.querySelector('#message').textContent.includes('not a DiffusionX')")
         assert other.locator("#history .round").count() == 4
     finally:
+        slow.remove()
         ui.stop()
         client.close()
         cloud.stop()
