@@ -335,23 +335,24 @@ class EdgeSession:
         return self._append(new, out.trace)
 
     def _local(self, prompt: str, previous: Round, seed: int, strength: float | None, progress: bool) -> Round:
-        """Regenerate the region the edit changes (`control.mask.local_edit_mask`) and keep the
+        """Regenerate the region the edit changes (`control.mask.plan_local_edit`) and keep the
         head's latent elsewhere; the mask's U-Net calls are charged to the round."""
-        from .control.mask import LOCAL_FREE_STEPS, LOCAL_STRENGTH, MASK_UNET_CALLS, local_edit_mask
+        from .control.mask import LOCAL_FREE_STEPS, LOCAL_STRENGTH, MASK_UNET_CALLS, finish_local, plan_local_edit
 
         strength = check_strength(LOCAL_STRENGTH if strength is None else strength)
         start = time.perf_counter()
-        mask = local_edit_mask(self.pair.edge, previous.latents, previous.prompt, prompt, seed=seed)
+        plan = plan_local_edit(self.pair.edge, previous.latents, previous.prompt, prompt, seed=seed)
         mask_s = time.perf_counter() - start
         job = self.pair.edge.prepare(prompt, seed=seed, steps=self.steps, strength=strength,
                                      init_latents=previous.latents, guidance_scale=self.guidance_scale,
-                                     scheduler=self.scheduler, edit_mask=mask,
+                                     scheduler=self.scheduler, edit_mask=plan.region,
                                      free_steps=round(LOCAL_FREE_STEPS * steps_for_strength(strength, self.steps)))
         job.timing.unet_s += mask_s
         job.timing.unet_compute_s += mask_s
         job.timing.unet_calls += MASK_UNET_CALLS
         self.pair.edge.run([job], progress=progress)
-        new = self._round_from(prompt, seed, strength, previous.index, self.pair.edge.finish(job), "local")
+        generation = finish_local(self.pair.edge, plan, previous.image, self.pair.edge.finish(job))
+        new = self._round_from(prompt, seed, strength, previous.index, generation, "local")
         return self._append(new, None)
 
     # ----- finalize -----------------------------------------------------------------------

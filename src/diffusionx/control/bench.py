@@ -12,9 +12,11 @@ each method:
 - ``p2p``: Prompt-to-Prompt: the previous round's trajectory re-walked under the new prompt with
   its attention injected (replace / refine / reweight as the word edit calls for), no local blend;
 - ``p2p_blend``: the same with the local blend (only where the edited words attend changes);
-- ``local``: a local edit: DiffEdit's mask of what the edit changes (`control.mask.edit_mask`,
-  from the previous latent and the two prompts), regenerated at `local_strength` inside it while
-  the previous latent is kept outside it (`Engine.start(edit_mask=...)`);
+- ``local``: a local edit, as a session's local round makes it (`control.mask.plan_local_edit`):
+  DiffEdit's mask of what the edit changes, from the previous latent and the two prompts,
+  regenerated at `local_strength` inside it while the previous latent is kept outside it
+  (`Engine.start(edit_mask=...)`); a new backdrop is painted around the objects' cores and the
+  objects' pixels are pasted back (`control.mask.paste_objects`);
 - ``p2p_local``: Prompt-to-Prompt with the local blend's mask taken from DiffEdit (the same as
   ``local``'s) instead of from attention: the re-walk makes the edit, the source's latents are
   kept outside the mask.
@@ -294,12 +296,14 @@ def bench_edits(
         init_latents=previous[i] if strengths[i] < 1.0 else None, guidance_scale=guidance_scale))
     latents: dict[str, list[torch.Tensor]] = {"previous": previous, "fresh": fresh, "sdedit": sdedit}
     masks: list[torch.Tensor] = []
+    plans = []
     if "local" in methods or "p2p_local" in methods:
-        from .mask import local_edit_mask
+        from .mask import plan_local_edit
 
         t = time.perf_counter()
-        masks = [local_edit_mask(engine, previous[i], e.previous_prompt, e.prompt, seed=seed)
+        plans = [plan_local_edit(engine, previous[i], e.previous_prompt, e.prompt, seed=seed)
                  for i, e in enumerate(edits)]
+        masks = [plan.region for plan in plans]
         mask_s = time.perf_counter() - t
         for method in ("local", "p2p_local"):
             if method in methods:
@@ -322,6 +326,14 @@ def bench_edits(
             latents[method].append(out_gen.latents)
         seconds[method] += time.perf_counter() - t
     images = {k: [np.asarray(engine.decode(z)[0]) for z in v] for k, v in latents.items()}
+    if "local" in methods:  # a new backdrop's local round puts the objects' own pixels back, as a session does
+        from .mask import paste_objects
+
+        images["local"] = [
+            img if plan.objects is None else np.asarray(paste_objects(
+                Image.fromarray(images["previous"][i]), Image.fromarray(img), plan.objects))
+            for i, (img, plan) in enumerate(zip(images["local"], plans))
+        ]
     order = ("previous", *methods)
     m = len(edits)
     preds = evaluator.predict_attributes(np.stack([img for k in order for img in images[k]]))
