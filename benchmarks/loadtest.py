@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusionx.server.capacity import scaling_table, share_of_bound, steps_per_refinement
+from diffusionx.server.capacity import scaling_table, share_of_bound, step_time_at, steps_per_refinement
 from diffusionx.server.loadtest import STRENGTHS, counters, drive, served, wire_sizes
 
 
@@ -60,11 +60,21 @@ def main(argv: list[str] | None = None) -> int:
                 bound_at, _ = share_of_bound(r["throughput"], r["mean_batch"] or 1, table["rows"])
                 bound_at *= table["k"] / k
                 r["bound_per_s"], r["share_of_bound"], r["k"] = bound_at, r["throughput"] / bound_at, k
+                # Where the rest went: the share is (U-Net busy share of the wall) x (t(b) alone / the
+                # step time under this load); a low first factor is idle or other work on the step
+                # loop, a low second one is the U-Net slowed by whatever else the machine ran.
+                seconds = after.get("diffusionx_unet_seconds_total", 0) - before.get("diffusionx_unet_seconds_total", 0)
+                r["unet_busy_share"] = seconds / r["wall_s"]
+                r["step_s_under_load"] = seconds / calls if calls else None
+                r["step_s_alone"] = step_time_at(r["mean_batch"] or 1, table["rows"])
                 results[(mode, n)] = r
+                slowdown = (r["step_s_under_load"] / r["step_s_alone"] - 1) if r["step_s_under_load"] else float("nan")
                 print(
                     f"{mode:>14} {n:>3} clients: {r['throughput']:.2f}/s = {r['share_of_bound']:.0%} of the bound "
                     f"({bound_at:.2f}/s at mean batch {r['mean_batch'] or 0:.1f}), "
-                    f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s",
+                    f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s; U-Net busy "
+                    f"{r['unet_busy_share']:.0%} of the wall, a step {(r['step_s_under_load'] or 0) * 1000:.1f} ms "
+                    f"under load vs {r['step_s_alone'] * 1000:.1f} ms alone ({slowdown:+.0%})",
                     file=sys.stderr,
                 )
     print(

@@ -2,7 +2,14 @@
 
 import pytest
 
-from diffusionx.server.capacity import bound, scaling_table, share_of_bound, step_time, steps_per_refinement
+from diffusionx.server.capacity import (
+    bound,
+    scaling_table,
+    share_of_bound,
+    step_time,
+    step_time_at,
+    steps_per_refinement,
+)
 
 
 def test_steps_per_refinement_of_the_load_mix():
@@ -17,6 +24,13 @@ def test_bound_and_share():
     assert value == 9.0 and share == pytest.approx(0.5)
     assert share_of_bound(4.5, 12, table)[0] == pytest.approx(10.0)  # between measured sizes
     assert share_of_bound(1.0, 40, table)[0] == 11.0  # beyond them: the largest
+
+
+def test_step_time_at_interpolates_between_measured_batches():
+    table = [{"batch": 1, "step_s": 0.02}, {"batch": 8, "step_s": 0.09}]
+    assert step_time_at(4.5, table) == pytest.approx(0.055)
+    assert step_time_at(0.5, table) == 0.02 and step_time_at(12, table) == 0.09  # clamped to what was measured
+    assert step_time_at(3, table[:1]) == 0.02 and step_time_at(3, []) is None
 
 
 def test_step_time_grows_with_the_batch(untrained_pair):

@@ -117,7 +117,8 @@ def test_paste_objects_puts_back_the_old_object_pixels_on_a_plain_backdrop():
     objects[..., 4:9, 1:6] = 1.0  # latent pixels over the object and a ring of backdrop
     out = np.asarray(paste_objects(Image.fromarray(old), Image.fromarray(new), objects))
     assert (out[20:30, 8:18] == (200, 10, 10)).all()  # the object's own pixels, exactly
-    assert (out[16:20, 4:24] == new[16:20, 4:24]).all()  # the ring of old backdrop is not pasted
+    assert (out[16:20, 4:24] == (10, 10, 10)).all()  # the ring of old backdrop takes the new one
+    assert (out[30:32, 10:20] == (10, 10, 10)).all()  # and the badly redrawn object around it is gone
     assert (out[40:, :] == new[40:, :]).all()
     busy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     unchanged = paste_objects(Image.fromarray(busy), Image.fromarray(new), objects)

@@ -119,7 +119,10 @@ def test_metrics_parse_and_the_histograms_count_the_requests(untrained_pair):
     assert value(families, "diffusionx_idempotent_replays", "diffusionx_idempotent_replays_total") == 1
     completed = "diffusionx_refinements_completed"
     assert value(families, completed, "diffusionx_refinements_completed_total") == 5
-    assert value(families, "diffusionx_unet_calls", "diffusionx_unet_calls_total") >= 8
+    calls = value(families, "diffusionx_unet_calls", "diffusionx_unet_calls_total")
+    assert calls >= 8
+    # the U-Net's busy time: positive, and less than the calls would take at a second each
+    assert 0 < value(families, "diffusionx_unet_seconds", "diffusionx_unet_seconds_total") < calls
     assert value(families, "diffusionx_max_batch") == 4
     assert value(families, "diffusionx_queue_depth") == 0 and value(families, "diffusionx_draining") == 0
     assert (

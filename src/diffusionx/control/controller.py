@@ -316,7 +316,7 @@ def controlled_generate(
 
     With `source=None` this is a plain round (seed / strength / init_latents as given) that
     only records, so the next round can use its trace. `blend_mask` ((1, 1, h, w), 1 = edit) is
-    the local blend's mask given outright (e.g. `control.mask.local_edit_mask`'s) instead of the
+    the local blend's mask given outright (e.g. `control.mask.plan_local_edit`'s region) instead of the
     one the changed words' attention draws.
     """
     config = config or ControlConfig()

@@ -38,7 +38,9 @@ LOCAL_FREE_STEPS = 0.0
 # A background edit keeps only the objects' cores: the pixels over this many times the median
 # noise difference (edit_mask's own 6x keeps their backdrop-colored borders too).
 BACKDROP_RATIO = 10.0
-PASTE_TOLERANCE = 30.0  # RGB distance from the old backdrop's color at which a pixel is an object's
+# RGB distance from the old backdrop's color at which a pixel is an object's: 30 kept the objects'
+# backdrop-tinted edges, which misled the evaluator's reading of them on the new backdrop
+PASTE_TOLERANCE = 60.0
 PLAIN_BACKDROP_STD = 20.0  # per-channel std (0-255) past which a backdrop is not plain: no paste
 
 
@@ -159,8 +161,8 @@ def plan_local_edit(engine: Engine, latents: torch.Tensor, previous_prompt: str,
     backdrop alone. Kept latents carry their backdrop's color, and at 16x16 latents an object's
     border pixels are half backdrop: with the objects mask grown to cover them, the regenerated
     backdrop took the old color in 62% of pair5's test edits. So the round keeps only the objects'
-    cores (`BACKDROP_RATIO`, grow 1), and `paste_objects` then restores the objects' own pixels
-    from the previous image inside the wider mask."""
+    cores (`BACKDROP_RATIO`, grow 1), and `paste_objects` then puts the previous image's objects
+    on the new backdrop inside the wider mask."""
     before = _background_edit(previous_prompt, prompt)
     if before is None:
         return LocalEdit(edit_mask(engine, latents, previous_prompt, prompt, seed=seed))
@@ -173,21 +175,26 @@ def plan_local_edit(engine: Engine, latents: torch.Tensor, previous_prompt: str,
 
 def paste_objects(previous: Image.Image, image: Image.Image, objects: torch.Tensor, *,
                   tolerance: float = PASTE_TOLERANCE) -> Image.Image:
-    """`image` with the previous image's object pixels put back: inside `objects` (a latent mask,
-    upsampled), the pixels farther than `tolerance` (RGB distance) from the previous backdrop's
-    color, its median outside the mask. The backdrop must be plain for that to find the objects:
-    when the previous image's pixels outside the mask vary more than `PLAIN_BACKDROP_STD`, or the
-    mask covers everything or nothing, `image` comes back unchanged (inpainting pipelines paste
-    the kept pixels back the same way, e.g. diffusers' `VaeImageProcessor.apply_overlay`)."""
+    """`image` with the previous image's objects cut out and put on its new backdrop. Inside
+    `objects` (a latent mask, upsampled), the pixels farther than `tolerance` (RGB distance) from
+    the previous backdrop's color (its median outside the mask) are the objects' and come back as
+    they were; the rest of the mask takes the new backdrop's color (its median outside the mask),
+    which also clears what the regenerated picture drew of the objects around their kept cores.
+    Both backdrops must be plain for that to tell objects from backdrop: when either image's
+    pixels outside the mask vary more than `PLAIN_BACKDROP_STD`, or the mask covers everything or
+    nothing, `image` comes back unchanged. (Inpainting pipelines paste kept pixels back the same
+    way after decoding, e.g. diffusers' `VaeImageProcessor.apply_overlay`.)"""
     before = np.asarray(previous.convert("RGB"), dtype=np.float32)
+    after = np.asarray(image.convert("RGB"))
     inside = F.interpolate(objects.float().cpu(), size=before.shape[:2], mode="nearest")[0, 0].numpy() > 0.5
     if not inside.any() or inside.all():
         return image
-    backdrop = before[~inside]
-    if backdrop.std(axis=0).mean() > PLAIN_BACKDROP_STD:
+    old_backdrop, new_backdrop = before[~inside], after[~inside].astype(np.float32)
+    if max(old_backdrop.std(axis=0).mean(), new_backdrop.std(axis=0).mean()) > PLAIN_BACKDROP_STD:
         return image
-    object_pixels = inside & (np.linalg.norm(before - np.median(backdrop, axis=0), axis=-1) > tolerance)
-    out = np.asarray(image.convert("RGB")).copy()
+    object_pixels = inside & (np.linalg.norm(before - np.median(old_backdrop, axis=0), axis=-1) > tolerance)
+    out = after.copy()
+    out[inside & ~object_pixels] = np.median(new_backdrop, axis=0).round().astype(np.uint8)
     out[object_pixels] = np.asarray(previous.convert("RGB"))[object_pixels]
     return Image.fromarray(out)
 

@@ -77,6 +77,7 @@ class LoadReport:
     failed: int
     unet_calls: int  # batched U-Net calls so far
     draining: bool
+    unet_seconds: float = 0.0  # wall time of those calls: with a clock, how busy the U-Net was
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,6 +104,7 @@ class BatchingRefiner:
         self.completed = 0
         self.failed = 0
         self.unet_calls = 0
+        self.unet_seconds = 0.0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._step_time = 0.0
         self.crashed: BaseException | None = None
@@ -144,6 +146,7 @@ class BatchingRefiner:
                 failed=self.failed,
                 unet_calls=self.unet_calls,
                 draining=self._closing,
+                unet_seconds=self.unet_seconds,
             )
 
     @property
@@ -305,6 +308,7 @@ class BatchingRefiner:
                     self.batch_sizes[len(group)] += 1
             elapsed = time.perf_counter() - start
             with self._cond:
+                self.unet_seconds += elapsed
                 self._step_time = elapsed if not self._step_time else 0.8 * self._step_time + 0.2 * elapsed
         self._finish([work for work in active if work.job.job.done and not work.future.done()])
 

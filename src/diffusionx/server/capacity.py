@@ -87,3 +87,16 @@ def share_of_bound(throughput: float, batch: float, table: list[dict]) -> tuple[
             return value, throughput / value
     value = points[0][1]  # a single measured size
     return value, throughput / value
+
+
+def step_time_at(batch: float, table: list[dict]) -> float | None:
+    """t(b) of `table` at `batch`, interpolated linearly between the measured sizes (clamped to
+    them): what one U-Net call of that many requests costs with the machine to itself."""
+    points = sorted((row["batch"], row["step_s"]) for row in table)
+    if not points:
+        return None
+    batch = min(max(batch, points[0][0]), points[-1][0])
+    for (b0, t0), (b1, t1) in itertools.pairwise(points):
+        if b0 <= batch <= b1:
+            return t0 if b1 == b0 else t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+    return points[0][1]

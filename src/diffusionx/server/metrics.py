@@ -284,6 +284,7 @@ class _RefinerCollector(Collector):
         yield counter("diffusionx_refinements_completed_total", "refinements finished", load.completed)
         yield counter("diffusionx_refinements_failed_total", "refinements that failed", load.failed)
         yield counter("diffusionx_unet_calls_total", "batched U-Net calls", load.unet_calls)
+        yield counter("diffusionx_unet_seconds_total", "wall time of the U-Net calls", load.unet_seconds)
         yield gauge("diffusionx_queue_depth", "requests waiting for a batch slot", load.queue_depth)
         yield gauge("diffusionx_running_batch", "jobs in the running batch", load.running)
         yield gauge("diffusionx_max_batch", "batch size limit", load.max_batch)

@@ -92,6 +92,7 @@ class _SerialRefiner:
         self._waiting = 0
         self._lock = threading.Lock()
         self.completed = self.failed = self.unet_calls = 0
+        self.unet_seconds = 0.0
         self._closing = False
         self._order: list[Future] = []  # submitted and not yet done, first come first served
         self._running_since = 0.0
@@ -141,6 +142,7 @@ class _SerialRefiner:
             return
         step = timing.unet_s / calls
         with self._lock:
+            self.unet_seconds += timing.unet_s
             self._step_s = step if not self._step_s else 0.8 * self._step_s + 0.2 * step
 
     def _forget(self, future: Future) -> None:
@@ -182,6 +184,7 @@ class _SerialRefiner:
                 failed=self.failed,
                 unet_calls=self.unet_calls,
                 draining=self._closing,
+                unet_seconds=self.unet_seconds,
             )
 
     @property
