@@ -177,6 +177,8 @@ def test_bench_cli_writes_results(tmp_path):
     assert 0 < fidelity["ssim"] <= 1 and 0 <= fidelity["feature_distance"] <= 2
     assert fidelity["attributes_kept"] is None or 0 <= fidelity["attributes_kept"] <= 1
     assert len(fidelity["psnr_db_ci95"]) == 2 and "## Preview fidelity" in table
+    assert dx["cloud_strength_mean"] == 0.5 and scratch["cloud_strength_mean"] == 0.5  # the finals' strength
+    assert "cloud_strength_mean" not in methods["cloud-only"]
 
 
 @pytest.mark.slow

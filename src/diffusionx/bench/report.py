@@ -99,11 +99,11 @@ def _fidelity_table(methods: dict[str, Any]) -> list[str]:
         "",
         "## Preview fidelity: last preview vs final (means, 95% intervals)",
         "",
-        "| method | cloud strength | PSNR dB | SSIM | evaluator feature distance | attributes kept |",
+        "| method | cloud strength (mean) | PSNR dB | SSIM | evaluator feature distance | attributes kept |",
         "|---|---|---|---|---|---|",
     ]
     for name, f in rows:
-        strength = methods[name].get("cloud_strength")
+        strength = methods[name].get("cloud_strength", methods[name].get("cloud_strength_mean"))
         lines.append(
             f"| {name} | {_fmt(strength, 2)} | {_with_ci(f['psnr_db'], f['psnr_db_ci95'], 1)} | "
             f"{_with_ci(f['ssim'], f['ssim_ci95'], 3)} | "

@@ -272,6 +272,8 @@ def run_bench(
             **edited,
             "preview_fidelity": _fidelity(evaluator, sessions, records) if method.kind == "diffusionx" else None,
         }
+        if method.kind == "diffusionx":  # what the policy chose for the finals (a fixed one: its own)
+            results[method.name]["cloud_strength_mean"] = float(np.mean([r.final["strength"] for r in records]))
     report = {
         "methods": results,
         "workload": {
