@@ -301,6 +301,8 @@ def test_bench_edits_measures_every_method_and_writes_its_files(tmp_path, untrai
     args = build_parser().parse_args(["bench-edits", "--n", "3", "--out", str(tmp_path)])
     assert args.func.__qualname__ == "diffusionx.control.bench.cmd_bench_edits"
     assert args.n == 3 and args.model == "embedded" and args.cross_steps is None
+    validation = round_edits(14, split="validation")
+    assert all(e.session.startswith("validation-") for e in validation)  # auto's table comes from other edits
     edits = round_edits(14)
     assert {e.kind for e in edits} == {"add_detail", "drop_detail", "change_attribute", "change_background",
                                        "add_object", "remove_object", "reword"}  # every kind has its share
@@ -315,6 +317,12 @@ def test_bench_edits_measures_every_method_and_writes_its_files(tmp_path, untrai
         assert result["cost"][method]["seconds_per_edit"] > 0
     assert "| all | 3 | p2p_blend |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "edits_grid.png").exists()
+    # auto is, edit by edit, the method its round mode runs: same scores, that method's cost
+    source = {"fresh": "fresh", "sdedit": "sdedit", "controlled": "p2p_blend", "local": "local"}
+    for row in result["per_edit"]:
+        assert row["methods"]["auto"] == row["methods"][source[row["auto_mode"]]]
+    assert set(result["bars_met_by"]) <= {"p2p", "p2p_blend", "local", "p2p_local", "auto"}
+    assert result["meets_bars"] == bool(result["bars_met_by"])
     with pytest.raises(ValueError, match="side"):
         bench_edits(untrained_pair, n=1, steps=2, out_dir=tmp_path, side="phone")
 

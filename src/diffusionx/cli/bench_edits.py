@@ -8,10 +8,12 @@ EXAMPLES = """
 diffusionx bench-edits --n 48
 diffusionx bench-edits --side cloud --policy fixed-0.5 --out outputs/bench-edits-cloud
 diffusionx bench-edits --n 35 --methods fresh,sdedit,local --local-strength 0.9
+diffusionx bench-edits --split validation --methods fresh,sdedit,local --write-auto-modes   # choose auto's modes
+diffusionx bench-edits --methods fresh,sdedit,local,auto                                   # then measure them
 """
 
 # control.bench.METHODS, without importing torch
-METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local", "p2p_local")
+METHODS = ("fresh", "sdedit", "p2p", "p2p_blend", "local", "p2p_local", "auto")
 
 
 def method_list(text: str) -> tuple[str, ...]:
@@ -54,9 +56,11 @@ def register(sub) -> None:
                         "rest (default: the session's)")
     p.add_argument("--side", choices=("edge", "cloud"), default="edge",
                    help="the model that runs the rounds (the edge is where edits happen)")
+    p.add_argument("--split", choices=("validation", "test"), default="test",
+                   help="the world's sessions to take the edits from: choose the auto-mode table on validation "
+                        "edits (--write-auto-modes), measure on test ones")
     p.add_argument("--sessions", metavar="FILE",
-                   help="JSONL of sessions to take the edits from (rounds may be plain strings; "
-                        "default: the embedded world's test split)")
+                   help="JSONL of sessions to take the edits from instead (rounds may be plain strings)")
     p.add_argument("--write-auto-modes", action="store_true",
                    help="store the mode that paid per edit kind where the `auto` round mode reads it "
                         "(src/diffusionx/assets/control/auto_modes.json)")
