@@ -40,12 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--max-batch", type=int, default=8, help="8 is the sweet spot of the embedded model on a CPU")
     p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
+    p.add_argument("--switch-interval", type=float, default=0.0, metavar="MS",
+                   help="the server's GIL switch interval in milliseconds (0: Python's 5 ms)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     table = measure_bound(args)
     results: dict[tuple[str, int], dict] = {}
     for mode, max_batch in (("continuous", args.max_batch), ("one-at-a-time", 1)):
-        with served(args.model, max_batch, args.threads) as (url, shape, model):
+        with served(args.model, max_batch, args.threads, args.switch_interval) as (url, shape, model):
             print(f"{mode}: cloud model {model}, max batch {max_batch}", file=sys.stderr)
             drive(url, shape, 1, 1, args.steps, args.guidance)  # warm-up
             for n in args.clients:

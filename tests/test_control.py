@@ -245,8 +245,11 @@ def test_auto_mode_follows_the_measured_table_per_edit_kind():
     assert table["change_attribute"]["method"] == "p2p"
     assert auto_mode("a red circle on the left", "a blue circle on the left", table)[0] == "controlled"
     assert auto_mode("a red circle on white", "a red circle on black", table)[0] == "fresh"
+    # a measured kind beats the word rules: a move is an attribute change here, not the layout rule's SDEdit
+    assert auto_mode("a red circle on the left", "a red circle on the right", table)[0] == "controlled"
     # a kind the table has no row for, or prompts outside the world: the word rule
-    assert auto_mode("a red circle on the left", "a red circle on the right", table)[0] == "sdedit"
+    assert auto_mode("a red car on the left", "a red car on the right", table)[0] == "sdedit"
+    assert auto_mode("a red circle on the left", "a circle on the left", table)[0] == "controlled"  # drop_detail
 
 
 def test_session_modes(untrained_pair):
@@ -258,7 +261,7 @@ def test_session_modes(untrained_pair):
     assert torch.equal(same.latents, first.latents)
     edited = session.generate("a blue circle on the left", mode="controlled")  # auto's choice: its own test
     assert edited.mode == "controlled" and edited.seed == 3
-    moved = session.generate("a blue circle on the right", mode="auto")
+    moved = session.generate("a blue circle on the right", mode="sdedit")
     assert (moved.mode, moved.strength, moved.parent) == ("sdedit", 0.5, 3)
     again = session.generate("a green circle on the right", mode="controlled")  # controlled from an SDEdit round
     assert again.strength == 0.5 and again.unet_steps == STEPS // 2

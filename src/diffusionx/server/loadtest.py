@@ -101,7 +101,7 @@ def wire_sizes() -> list[tuple[str, int, int, int, int]]:
 
 
 @contextlib.contextmanager
-def served(model: str, max_batch: int, threads: int):
+def served(model: str, max_batch: int, threads: int, switch_interval_ms: float = 0.0):
     """`diffusionx serve` in a subprocess on a free loopback port (its own process, as in production,
     so the client threads here do not compete with it for the GIL); stopped with SIGTERM."""
     with socket.socket() as sock:
@@ -111,6 +111,8 @@ def served(model: str, max_batch: int, threads: int):
     command += ["--port", str(port), "--max-batch", str(max_batch), "--max-concurrent", "100000", "--rate", "1e9"]
     if threads:
         command += ["--threads", str(threads)]
+    if switch_interval_ms:
+        command += ["--switch-interval", str(switch_interval_ms)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -309,6 +309,10 @@ def cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.switch_interval < 0:
+        raise InvalidInputError(f"--switch-interval must be >= 0 milliseconds, got {args.switch_interval}")
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval / 1000)
     from ..models import load_pair
 
     pair = load_pair(args.model, cloud=args.cloud, device=resolve_device(args.device))
