@@ -21,37 +21,48 @@ if [[ $step == all || $step == sd15 ]]; then
     | quiet > "$OUT/bench_sd15_cpu.log"
   diffusionx bench --arch sd15 --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --profile measured \
     --calibration benchmarks/results/calibration_sd15_h200.json --out "$OUT/bench_sd15_h200" 2>&1 | quiet > "$OUT/bench_sd15_h200.log"; fi
-# issue 6: sweeps (train/validation for the predictors, test for the oracle), training, benchmark
+# issue 6 / 15 / 16: sweeps (train/validation for the predictors, test for the oracle), training, tuning
+# (the cloud floor must also keep the final within --fidelity-floor dB of the preview)
 if [[ $step == all || $step == collect ]]; then
   diffusionx predictors collect --train 120 --validation 40 --directions edge --out "$OUT/pred/edge.jsonl" 2>&1 | quiet > "$OUT/pred/collect_edge.log"
   diffusionx predictors collect --directions cloud --previews "$OUT/pred/edge.jsonl" --out "$OUT/pred/cloud.jsonl" 2>&1 | quiet > "$OUT/pred/collect_cloud.log"
   diffusionx predictors collect --test 48 --out "$OUT/pred/test.jsonl" 2>&1 | quiet > "$OUT/pred/collect_test.log"; fi
+TUNE="--n 96 --batch 48 --cloud-floors 0,0.3,0.5,1 --fidelity-floor 20"
 if [[ $step == all || $step == predictors ]]; then
-  diffusionx predictors train --data "$OUT/pred/edge.jsonl" "$OUT/pred/cloud.jsonl" --out src/diffusionx/assets/predictors \
+  diffusionx predictors train --no-refit --data "$OUT/pred/edge.jsonl" "$OUT/pred/cloud.jsonl" --out src/diffusionx/assets/predictors \
     2>&1 | quiet > "$OUT/pred/train.log"
   # new predictors drop the old floors: choose them again on validation sessions
-  diffusionx predictors tune --n 128 --write --out "$OUT/tune" 2>&1 | quiet > "$OUT/tune.log"
+  diffusionx predictors tune $TUNE --edge-eps 0.01,0.02,0.03 --edge-floors 0,0.4 --write --out "$OUT/tune" 2>&1 | quiet > "$OUT/tune.log"
 fi
-# issue 6, second pass: edge rows from the learned policy's own rollouts (DAgger), the edge predictor
-# retrained on them, edge eps and floors tuned again. On a lent GPU, scripts/gpu_dagger_collect.py
-# collects the same kind of rows with four policies at once (how the shipped edge predictor's rows were made).
+# second pass (DAgger): edge rows from the tuned policy's own rollouts, cloud rows on that policy's own
+# final previews, both retrained, tuned again. On a lent GPU, scripts/gpu_dagger_collect.py collects
+# edge rows of this kind with four policies at once.
 if [[ $step == all || $step == dagger ]]; then
-  for floor in 0.5 0.3; do diffusionx predictors collect --train 400 --validation 80 --directions edge --seed 1 \
-    --rollout-policy learned-emin$floor --out "$OUT/pred/dagger-$floor.jsonl" 2>&1 | quiet > "$OUT/pred/dagger-$floor.log"; done
-  diffusionx predictors train --directions edge --no-refit --data "$OUT"/pred/dagger-*.jsonl \
+  diffusionx predictors collect --train 200 --validation 40 --directions edge --seed 1 --rollout-policy learned-emin0.4 \
+    --out "$OUT/pred/dagger.jsonl" 2>&1 | quiet > "$OUT/pred/dagger.log"
+  diffusionx predictors collect --directions cloud --previews "$OUT/pred/dagger.jsonl" --out "$OUT/pred/cloud_dagger.jsonl" \
+    2>&1 | quiet > "$OUT/pred/collect_cloud_dagger.log"
+  diffusionx predictors train --directions edge --no-refit --data "$OUT/pred/edge.jsonl" "$OUT/pred/dagger.jsonl" \
     --out src/diffusionx/assets/predictors 2>&1 | quiet > "$OUT/pred/train_dagger.log"
-  diffusionx predictors tune --n 128 --edge-eps 0,0.01,0.02,0.03 --edge-floors 0 --cloud-floors 1 --preview-tolerance 0.015 \
-    --write --out "$OUT/tune_dagger" 2>&1 | quiet > "$OUT/tune_dagger.log"; fi
+  diffusionx predictors train --directions cloud --no-refit --data "$OUT/pred/cloud.jsonl" "$OUT/pred/cloud_dagger.jsonl" \
+    --out src/diffusionx/assets/predictors 2>&1 | quiet > "$OUT/pred/train_dagger_cloud.log"
+  diffusionx predictors tune $TUNE --edge-eps 0.01,0.03 --edge-floors 0,0.3 --write --out "$OUT/tune_dagger" 2>&1 \
+    | quiet > "$OUT/tune_dagger.log"; fi
 if [[ $step == all || $step == bench_predictors ]]; then
   diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy oracle --policy learned \
     --policy learned-emin0-cmin0 --policy load-aware-wait20 --policy similarity-rule --policy fixed-0.3 --policy fixed-0.5 \
     --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --calibration benchmarks/results/calibration_embedded_cpu.json \
     --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"
-  diffusionx bench --n 192 --batch 64 --policy learned --policy fixed-1 --policy fixed-1-1 \
+  diffusionx bench --n 192 --batch 64 --policy learned --policy learned-cmin0 --policy learned-cmin0.5 --policy fixed-0.3 \
+    --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 --policy fixed-1 --policy fixed-1-1 \
     --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench_learned" 2>&1 \
     | quiet > "$OUT/bench_learned.log"; fi
-# issue 7: attention control on one-word edits
-if [[ $step == all || $step == edits ]]; then diffusionx bench-edits --n 48 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"
+# issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
+if [[ $step == all || $step == edits ]]; then
+  diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
+    2>&1 | quiet > "$OUT/edits_validation.log"
+  diffusionx bench-edits --n 140 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"
   diffusionx bench-edits --n 48 --side cloud --out "$OUT/edits_cloud" 2>&1 | quiet > "$OUT/edits_cloud.log"; fi
 # issue 4: the service under load (needs the machine to itself)
-if [[ $step == all || $step == loadtest ]]; then python benchmarks/loadtest.py 2>&1 | quiet > "$OUT/loadtest.log"; fi
+if [[ $step == all || $step == loadtest ]]; then python benchmarks/loadtest.py --clients 8 16 --per-client 12 2>&1 \
+  | quiet > "$OUT/loadtest.log"; fi
