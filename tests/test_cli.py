@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from diffusionx.cli import DEMO_PROMPTS, main
+from diffusionx.control.rounds import auto_mode
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,10 @@ def test_demo_writes_images_strip_and_report(tmp_path):
     assert [r["prompt"] for r in report["rounds"]] == list(DEMO_PROMPTS)
     first, second = report["rounds"][:2]
     assert first["strength"] == 1.0 and first["steps"] == 6
-    assert second["strength"] == 0.6 and second["unet_steps"] == 4
+    mode = auto_mode(DEMO_PROMPTS[0], DEMO_PROMPTS[1])[0]  # the demo's rounds take the auto mode
+    assert second["mode"] == mode
+    expected = {"sdedit": (0.6, 4), "local": (1.0, 6), "fresh": (1.0, 6)}[mode]  # edge strength 0.6 of 6 steps
+    assert (second["strength"], second["unet_steps"]) == expected
     assert {"text_encode_s", "unet_s", "decode_s"} <= set(first["timing"]) and first["edge_seconds"] > 0
     final = report["final"]
     assert final["refined"] and final["strength"] == 0.5 and final["steps"] == 6
@@ -234,7 +238,9 @@ def test_policy_specs_on_demo_and_errors_from_the_registry(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--policy", "magic"])
     assert exc.value.code == 2 and SPEC_HELP in capsys.readouterr().err
-    args = ["demo", "--model", "untrained", "--steps", "4", "--out", str(tmp_path), "--policy", "fixed-0.5-0.25"]
+    # SDEdit rounds take the policy's edge strength (the default auto mode may pick local or fresh rounds)
+    args = ["demo", "--model", "untrained", "--steps", "4", "--out", str(tmp_path), "--policy", "fixed-0.5-0.25",
+            "--round-mode", "sdedit"]
     assert main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rounds"][1]["strength"] == 0.5 and report["final"]["strength"] == 0.25

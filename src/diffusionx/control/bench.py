@@ -21,7 +21,7 @@ each method:
   ``local``'s) instead of from attention: the re-walk makes the edit, the source's latents are
   kept outside the mask;
 - ``auto``: what a session's `auto` round mode does with the edit (`control.rounds.auto_mode`:
-  the word rule, then the shipped per-kind table): each edit takes the image of the method its
+  the shipped per-kind table, word rules for the rest): each edit takes the image of the method its
   mode runs, and that method's cost. The table must come from other edits than the ones measured
   (`--split validation --write-auto-modes`, then the test split), or the choice is fitted to them.
 
