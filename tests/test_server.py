@@ -820,3 +820,10 @@ def test_a_serial_refiner_estimates_when_a_request_finishes():
         gate.set()
         serial.close()
     assert serial.finish_estimate_s([first]) is None  # done: not in line any more
+
+
+def test_serve_refuses_a_negative_switch_interval(tmp_path, capsys):
+    from diffusionx.cli import main
+
+    assert main(["serve", "--insecure", "--state-dir", str(tmp_path), "--switch-interval", "-1"]) == 2
+    assert "--switch-interval must be >= 0" in capsys.readouterr().err

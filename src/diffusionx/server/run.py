@@ -295,6 +295,8 @@ def cmd_serve(args) -> int:
         )
     if args.max_batch < 1:
         raise InvalidInputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.switch_interval < 0:
+        raise InvalidInputError(f"--switch-interval must be >= 0 milliseconds, got {args.switch_interval}")
     if args.idempotency_keys < 1 or not args.idempotency_window > 0:
         raise InvalidInputError("--idempotency-keys must be >= 1 and --idempotency-window > 0")
     limits = limits_from_args(args)
@@ -309,8 +311,6 @@ def cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.switch_interval < 0:
-        raise InvalidInputError(f"--switch-interval must be >= 0 milliseconds, got {args.switch_interval}")
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval / 1000)
     from ..models import load_pair
