@@ -18,7 +18,7 @@ from PIL import Image
 from diffusionx.cloud import CloudRefiner, RefineRequest
 from diffusionx.errors import InvalidInputError
 from diffusionx.server.app import Limits, create_app, load_tokens
-from diffusionx.server.batching import BatchingRefiner, ServiceUnavailableError
+from diffusionx.server.batching import BatchingRefiner, ServiceUnavailableError, call_in_short_lived_thread
 from diffusionx.server.run import start_in_thread
 from diffusionx.wire import image_to_png, latents_from_bytes, latents_to_bytes
 
@@ -169,7 +169,7 @@ def test_requests_of_other_sizes_share_the_loop_not_the_u_net_call(untrained_pai
     assert latents_from_bytes(results[1].payload).shape == (1, 4, 24, 24)
 
 
-def test_requests_are_prepared_off_the_step_loop_and_a_bad_one_fails_alone(untrained_pair):
+def test_requests_are_prepared_on_the_step_thread_and_a_bad_one_fails_alone(untrained_pair):
     import threading
 
     refiner = BatchingRefiner(untrained_pair.cloud, max_batch=2)
@@ -188,10 +188,27 @@ def test_requests_are_prepared_off_the_step_loop_and_a_bad_one_fails_alone(untra
             futures[2].result(timeout=120)
         done = [f.result(timeout=120) for k, f in enumerate(futures) if k != 2]
         assert len(done) == 4 and refiner.failed == 1 and refiner.completed == 4
-        assert set(threads) == {refiner._preparer.name}  # text encoding and parsing: not the stepping thread
+        # all torch work on one thread: a second one would throttle OpenMP for both (batching.py)
+        assert set(threads) == {refiner._thread.name}
         assert refiner.load().queue_depth == 0 and refiner.idle
     finally:
         assert refiner.close()
+
+
+def test_a_model_is_loaded_on_a_thread_that_ends_and_its_errors_reach_the_caller():
+    seen = []
+
+    def load(name, *, size):
+        seen.append(threading.current_thread())
+        if name == "missing":
+            raise FileNotFoundError("no such model")
+        return torch.zeros(size)
+
+    assert call_in_short_lived_thread(load, "embedded", size=3).shape == (3,)
+    (loader,) = seen
+    assert loader is not threading.current_thread() and not loader.is_alive()  # its OpenMP team went with it
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        call_in_short_lived_thread(load, "missing", size=1)
 
 
 def test_a_crashed_worker_fails_its_requests_instead_of_hanging(untrained_pair):

@@ -1,16 +1,22 @@
 """Continuous step-level batching: one thread owns the engine and runs every request's denoising.
 
-Each request is prepared by the refine contract (`CloudRefiner.prepare`: checks, the payload
-parsed once, the prompt encoded, the job started) on a thread of its own, ahead of the step loop
-(at most `max_batch` requests ahead), so text encoding and payload parsing stay off the U-Net's
-critical path. Every iteration of the worker loop
+One worker thread does all of a request's torch work: it prepares it by the refine contract
+(`CloudRefiner.prepare`: checks, the payload parsed once, the prompt encoded, the job started)
+when a slot in the batch is free, steps it, and finishes it. Every iteration of the worker loop
 
-1. admits prepared requests (FIFO) at the step boundary until `max_batch` jobs are active,
+1. admits accepted requests (FIFO) at the step boundary until `max_batch` jobs are active,
+   preparing each as it is admitted (a request that cannot be prepared fails alone),
 2. calls `engine.step` once per latent shape among the active jobs: one U-Net call advances every
    job of that shape by one step, each at its own timestep (requests at different strengths
    share the call; requests at different sizes cannot, so each size gets its own call),
 3. finishes the jobs that just ended with `CloudRefiner.finish_each` (the checks of the result,
    PNGs decoded together, the payload encoded) and hands each result to its caller.
+
+Why the preparation is not on a thread of its own: every thread that runs torch ops gets its own
+OpenMP team, and once a process has more OpenMP threads than cores, libgomp stops spinning between
+parallel regions (its "throttled" spin count) and every op pays a futex wake-up. Measured on 2
+cores (docs/serving.md): a preparer thread beside the step loop cost 30-40% of every U-Net step,
+more than the ~8 ms of text encoding per request that it took off the loop.
 
 So a short request that arrives while a long one is running joins it at the next step and leaves
 as soon as it is done; nobody waits for a whole batch to finish. A request's result is the bytes
@@ -28,10 +34,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from ..cloud import CloudRefiner, RefineJob, RefineRequest, RefineResult
 from ..engine import Engine, steps_for_strength
@@ -39,6 +45,7 @@ from ..errors import InvalidInputError
 from ..wire import NonFiniteResultError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ServiceUnavailableError(RuntimeError):
@@ -94,8 +101,7 @@ class BatchingRefiner:
         self.engine = self.refiner.engine
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
-        self._incoming: collections.deque[_Work] = collections.deque()  # accepted, not yet prepared
-        self._pending: collections.deque[_Work] = collections.deque()  # prepared, waiting for a slot
+        self._incoming: collections.deque[_Work] = collections.deque()  # accepted, waiting for a slot
         self._active: list[_Work] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -108,10 +114,7 @@ class BatchingRefiner:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._step_time = 0.0
         self.crashed: BaseException | None = None
-        self._prepared_all = threading.Event()  # the preparer has stopped: nothing more will arrive
-        self._preparer = threading.Thread(target=self._prepare_loop, name=f"diffusionx-{name}-preparer", daemon=True)
         self._thread = threading.Thread(target=self._loop, name=f"diffusionx-{name}-batcher", daemon=True)
-        self._preparer.start()
         self._thread.start()
 
     # ----- public -----------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class BatchingRefiner:
         with self._cond:
             if self._closing:
                 raise ServiceUnavailableError("the refiner is shutting down; retry on another instance", 5.0)
-            if len(self._pending) + len(self._incoming) >= self.max_queue:
+            if len(self._incoming) >= self.max_queue:
                 raise ServiceUnavailableError(
                     f"the queue is full ({self.max_queue} waiting); retry later",
                     max(1.0, self._estimate_wait_locked()),
@@ -137,7 +140,7 @@ class BatchingRefiner:
     def load(self) -> LoadReport:
         with self._cond:
             return LoadReport(
-                queue_depth=len(self._pending) + len(self._incoming),
+                queue_depth=len(self._incoming),
                 running=len(self._active),
                 max_batch=self.max_batch,
                 step_time_s=self._step_time,
@@ -152,7 +155,7 @@ class BatchingRefiner:
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._incoming and not self._pending and not self._active
+            return not self._incoming and not self._active
 
     def close(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop accepting. With `drain`, finish every accepted request first; otherwise fail the
@@ -160,16 +163,13 @@ class BatchingRefiner:
         with self._cond:
             self._closing = True
             if not drain:
-                for queue in (self._incoming, self._pending):
-                    while queue:
-                        work = queue.popleft()
-                        if not work.future.done():
-                            work.future.set_exception(ServiceUnavailableError("the refiner shut down before this ran"))
+                while self._incoming:
+                    work = self._incoming.popleft()
+                    if not work.future.done():
+                        work.future.set_exception(ServiceUnavailableError("the refiner shut down before this ran"))
             self._cond.notify_all()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._preparer.join(timeout)
-        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not self._thread.is_alive() and not self._preparer.is_alive()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def finish_estimate_s(self, futures: Iterable[Future]) -> float | None:
         """Seconds until the first of these accepted requests is done (the admission simulation of
@@ -193,7 +193,7 @@ class BatchingRefiner:
     # ----- estimates --------------------------------------------------------------------------
     def _waiting_locked(self) -> list[_Work]:
         """Every accepted request not yet in the batch, in admission order."""
-        return [*self._pending, *self._incoming]
+        return list(self._incoming)
 
     def _estimate_wait_locked(self) -> float:
         """Simulate admission: each slot frees when its job's remaining steps are done."""
@@ -225,60 +225,37 @@ class BatchingRefiner:
             self.crashed = err
             with self._cond:
                 self._closing = True
-                waiting = [*self._incoming, *self._pending, *self._active]
+                waiting = [*self._incoming, *self._active]
                 self._incoming.clear()
-                self._pending.clear()
                 self._active.clear()
                 self._cond.notify_all()
             for work in waiting:
                 if not work.future.done():
                     work.future.set_exception(ServiceUnavailableError(f"the refiner's {what} crashed: {err!r}", 5.0))
 
-    def _prepare_loop(self) -> None:
-        try:
-            self._guarded(self._prepare_all, "preparer")
-        finally:
-            with self._cond:
-                self._prepared_all.set()
-                self._cond.notify_all()
-
-    def _prepare_all(self) -> None:
-        """Prepare accepted requests in order, at most `max_batch` ahead of the batch."""
-        while True:
-            with self._cond:
-                while not self._closing and (not self._incoming or len(self._pending) >= self.max_batch):
-                    self._cond.wait()
-                if not self._incoming:
-                    return  # closing, and everything accepted was prepared
-                work = self._incoming.popleft()
-            if not work.future.set_running_or_notify_cancel():
-                continue
-            try:
-                work.job = self.refiner.prepare(work.request)
-            except Exception as err:
-                self._fail(work, err)
-                continue
-            with self._cond:
-                self._pending.append(work)
-                self._cond.notify_all()
-
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._active and not self._prepared_all.is_set():
+                while not self._incoming and not self._active and not self._closing:
                     self._cond.wait()
-                if self._prepared_all.is_set() and not self._pending and not self._active:
+                if self._closing and not self._incoming and not self._active:
                     return
                 admit = []
-                while self._pending and len(self._active) + len(admit) < self.max_batch:
-                    admit.append(self._pending.popleft())
-                if admit:
-                    self._cond.notify_all()  # the preparer may go on
+                while self._incoming and len(self._active) + len(admit) < self.max_batch:
+                    admit.append(self._incoming.popleft())
             for work in admit:
                 self._admit(work)
             self._step()
 
     def _admit(self, work: _Work) -> None:
+        """Prepare the request on this thread (see the module docstring) and add it to the batch."""
+        if not work.future.set_running_or_notify_cancel():
+            return
+        try:
+            work.job = self.refiner.prepare(work.request)
+        except Exception as err:
+            self._fail(work, err)
+            return
         work.admitted = time.perf_counter()
         with self._cond:
             self._active.append(work)
@@ -342,6 +319,31 @@ class BatchingRefiner:
             self._cond.notify_all()
         if not work.future.done():
             work.future.set_exception(err)
+
+
+def call_in_short_lived_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on a thread that ends when it returns (its exception re-raised here).
+
+    Load the model a `BatchingRefiner` will serve through this. The OpenMP team that a thread's
+    torch ops start lives as long as the thread, and the main thread lives as long as the process:
+    a model loaded there leaves a team beside the step loop's, the process has more OpenMP threads
+    than cores, and libgomp stops spinning between parallel regions for every team. Measured on 2
+    cores: the embedded cloud U-Net's step at batch 1 took 73-92 ms after a load on the main thread
+    and 34-41 ms after a load here (docs/serving.md)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # handed to the caller
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="diffusionx-loader")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _planned_steps(request: RefineRequest) -> int:
