@@ -15,8 +15,8 @@ when a slot in the batch is free, steps it, and finishes it. Every iteration of 
 Why the preparation is not on a thread of its own: every thread that runs torch ops gets its own
 OpenMP team, and once a process has more OpenMP threads than cores, libgomp stops spinning between
 parallel regions (its "throttled" spin count) and every op pays a futex wake-up. Measured on 2
-cores (docs/serving.md): a preparer thread beside the step loop cost 30-40% of every U-Net step,
-more than the ~8 ms of text encoding per request that it took off the loop.
+cores (docs/serving.md): with a second thread's team alive, the embedded cloud U-Net's step took
+2x as long at batch 1 and 25-60% longer at batch 8; preparing costs ~1 ms a request.
 
 So a short request that arrives while a long one is running joins it at the next step and leaves
 as soon as it is done; nobody waits for a whole batch to finish. A request's result is the bytes
