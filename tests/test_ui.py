@@ -294,7 +294,7 @@ def test_progress_counts_steps_and_serves_intermediate_previews(untrained_pair):
     def spy(module, args, output):
         progress = client.get(f"/api/s/{tab.id}/progress").json()
         seen.append((progress["phase"], progress["step"], progress["total"]))
-        if progress["step"] == 3:
+        if progress["step"] in (3, 5):  # the render decodes what step 3 asked for at its next U-Net call
             previews.append(client.get(f"/api/s/{tab.id}/progress.png"))
 
     with state.busy(tab, "generate"), state.render(tab, untrained_pair.edge, "rendering"):
@@ -304,10 +304,32 @@ def test_progress_counts_steps_and_serves_intermediate_previews(untrained_pair):
         finally:
             handle.remove()
     assert seen == [("rendering", step, 6) for step in range(1, 7)]
-    assert previews[0].status_code == 200 and Image.open(io.BytesIO(previews[0].content)).size == (64, 64)
+    assert previews[0].status_code == 404  # asked from inside the render, which cannot decode meanwhile
+    assert previews[1].status_code == 200 and Image.open(io.BytesIO(previews[1].content)).size == (64, 64)
     assert client.get(f"/api/s/{tab.id}/progress").json()["phase"] == "idle"
     assert "start" not in vars(untrained_pair.edge)  # the engine is left as it was
     assert not untrained_pair.edge.unet._forward_hooks
+
+
+def test_every_render_runs_on_the_one_render_thread(untrained_pair):
+    """A second thread running torch ops keeps a second OpenMP team, which slows every op (ui/state.py)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(UIState(untrained_pair, steps=2)))
+    sid = client.post("/api/session").json()["id"]
+    threads = set()
+    hooks = [engine.unet.register_forward_hook(lambda *_: threads.add(threading.current_thread().name))
+             for engine in (untrained_pair.edge, untrained_pair.cloud)]
+    try:
+        for call, body in (("generate", {"prompt": PROMPTS[0]}), ("generate", {"prompt": PROMPTS[1]}),
+                           ("variation", None), ("finalize", {"strength": 0.5})):
+            assert client.post(f"/api/s/{sid}/{call}", json=body).status_code == 200, call
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(threads) == 1 and next(iter(threads)).startswith("diffusionx-render")
 
 
 def test_seed_strength_steps_variation_and_round_downloads(untrained_pair):

@@ -25,6 +25,7 @@ from ..predictors.specs import CHOICES as POLICY_CHOICES
 from .state import (
     MAX_LOAD_BYTES,
     MAX_LOAD_STEPS,
+    PREVIEW_WAIT_S,
     STATIC,
     BusyError,
     UIState,
@@ -124,21 +125,16 @@ def create_app(state: UIState) -> FastAPI:
     @app.get("/api/s/{sid}/progress.png")
     def progress_png(sid: str):
         progress = state.get(sid).progress
-        x0, step = progress.x0, progress.x0_step
-        if x0 is None:
+        step = progress.x0_step
+        if progress.x0 is None:
             return _error(404, "no intermediate preview yet")
-        if progress.png is not None and progress.png[0] == step:
-            return _png_response(progress.png[1])
-        if not state.preview_lock.acquire(blocking=False):  # a decode is running: the last one will do
-            if progress.png is None:
-                return _error(404, "no intermediate preview yet")
-            return _png_response(progress.png[1])
-        try:
-            engine = state.pair.edge
-            image = engine.decode(x0.to(engine.device, engine.dtype))[0]  # small; runs beside the render
-            progress.png = (step, _png(image))
-        finally:
-            state.preview_lock.release()
+        if progress.png is None or progress.png[0] != step:
+            # the render thread decodes one at its next U-Net call (a step: tens of ms)
+            progress.png_ready.clear()
+            progress.png_wanted = True
+            progress.png_ready.wait(PREVIEW_WAIT_S)
+        if progress.png is None:
+            return _error(404, "no intermediate preview yet")
         return _png_response(progress.png[1])
 
     @app.post("/api/s/{sid}/generate")
@@ -166,7 +162,7 @@ def create_app(state: UIState) -> FastAPI:
                 tab.edge.steps = steps  # this round and the next ones
             if seed is not None:
                 tab.edge.seed = seed  # the seed field is fixed until changed: later rounds keep it
-            r = generate_round(state, tab, prompt, strength, seed, mode)
+            r = state.on_render_thread(tab, generate_round, state, tab, prompt, strength, seed, mode)
             state.persist(tab)
         return {**state_view(state, tab), "round": round_view(tab, r)}
 
@@ -183,7 +179,7 @@ def create_app(state: UIState) -> FastAPI:
                 tab.edge.back(current.parent)
             tab.edge.seed = random_seed()
             strength = current.strength if current.parent else 1.0  # a fresh round stays fresh
-            r = generate_round(state, tab, current.prompt, strength, None, None)
+            r = state.on_render_thread(tab, generate_round, state, tab, current.prompt, strength, None, None)
             state.persist(tab)
         return {**state_view(state, tab), "round": round_view(tab, r)}
 
@@ -218,12 +214,15 @@ def create_app(state: UIState) -> FastAPI:
                 except Exception:
                     load = None
             start = time.perf_counter()
-            if state.cloud is None:  # the in-process cloud model shares this machine: take turns
-                with state.render(tab, state.pair.cloud, "finalizing"):
-                    final = tab.edge.finalize(strength=strength, load=load, mode=mode)
-            else:  # the cloud renders elsewhere; the edge only decodes
-                tab.progress.phase = "finalizing"
-                final = tab.edge.finalize(strength=strength, load=load, mode=mode)
+
+            def run_final():
+                if state.cloud is None:  # the in-process cloud model shares this machine: take turns
+                    with state.render(tab, state.pair.cloud, "finalizing"):
+                        return tab.edge.finalize(strength=strength, load=load, mode=mode)
+                tab.progress.phase = "finalizing"  # the cloud renders elsewhere; the edge only decodes
+                return tab.edge.finalize(strength=strength, load=load, mode=mode)
+
+            final = state.on_render_thread(tab, run_final)
             tab.final_info = final_view(tab, final, time.perf_counter() - start)
             state.persist(tab)
         return state_view(state, tab)
@@ -277,7 +276,7 @@ def create_app(state: UIState) -> FastAPI:
 
         def replay():
             with state.busy(tab, "load"):
-                tab.notes = replay_session(state, tab, doc)
+                tab.notes = state.on_render_thread(tab, replay_session, state, tab, doc)
                 state.persist(tab)
             return state_view(state, tab)
 

@@ -3,8 +3,9 @@ page is shown of them (JSON views), and the operations on them (a round, a repla
 session). Routes: `diffusionx.ui.routes`; the command: `diffusionx.ui.app`.
 
 Every browser tab asks for its own session id (kept in the tab's sessionStorage) and sends it with
-each call, so tabs are independent sessions. The models are shared: one render runs at a time
-(`model_lock`); a tab whose render waits says so in its progress line.
+each call, so tabs are independent sessions. The models are shared: every render runs on one
+render thread (`on_render_thread`), so one at a time; a tab whose render waits says so in its
+progress line.
 
 Sessions are kept in a store (`diffusionx.ui.store`: a SQLite file by default) after each
 successful round, branch, finalize and load, so a restart of the server keeps every tab's rounds;
@@ -15,16 +16,19 @@ their tab asks for them. Without a store (`--state memory`) a session lives only
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import secrets
 import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +51,7 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATIC = Path(__file__).with_name("static")
 SESSION_FORMAT = "diffusionx-ui-session/1"
@@ -58,6 +63,7 @@ EVICT_EVERY_S = 3600.0  # how often stored sessions past their age limit are loo
 GONE = "this session is no longer on the server (it restarted or the tab was idle)"
 MAX_LOAD_BYTES = 2 * 1024 * 1024
 MAX_LOAD_STEPS = 200
+PREVIEW_WAIT_S = 0.5  # how long a request for a newer intermediate preview waits for the render thread
 PREVIEW_MAX_LATENT = 32 * 32  # step previews (a VAE decode each) only for latents up to this many pixels
 
 
@@ -90,6 +96,10 @@ class Progress:
     calls: int = 0
     started: float = 0.0
     png: tuple[int, bytes] | None = None  # the last decoded intermediate preview (step, PNG)
+    # a client asked for a newer intermediate preview: the render thread decodes one at its next
+    # U-Net call and sets `png_ready` (decoding on the asking thread would start a second OpenMP team)
+    png_wanted: bool = False
+    png_ready: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -153,7 +163,12 @@ class UIState:
             height, width = pair.edge.latent_shape()[-2:]
             step_previews = height * width <= PREVIEW_MAX_LATENT
         self.step_previews = step_previews
-        self.preview_lock = threading.Lock()  # one intermediate decode at a time; others get the last one
+        # Every torch op of the UI runs on this one thread: each thread that runs torch ops keeps an
+        # OpenMP team of its own, and with more OpenMP threads than cores libgomp stops spinning
+        # between ops (docs/serving.md): a round took 2.9x as long with a second team alive.
+        self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusionx-render")
+        self._render_queue_lock = threading.Lock()
+        self._renders_queued = 0  # submitted to the render thread and not yet done
         self._alphas = make_scheduler(DEFAULT_SCHEDULER, pair.edge.scheduler_config).alphas_cumprod
         self.evict_stored()
 
@@ -169,6 +184,21 @@ class UIState:
             seed=seed,
             guidance_scale=self.guidance_scale,
         )
+
+    def on_render_thread(self, tab: TabSession, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` for `tab` on the render thread, after the renders queued before it
+        (the tab's progress line says it waits); its exception is re-raised here."""
+        if threading.current_thread().name.startswith("diffusionx-render"):
+            return fn(*args, **kwargs)
+        with self._render_queue_lock:
+            if self._renders_queued:
+                tab.progress.note = "waiting for another tab's render to finish"
+            self._renders_queued += 1
+        try:
+            return self._render_thread.submit(fn, *args, **kwargs).result()
+        finally:
+            with self._render_queue_lock:
+                self._renders_queued -= 1
 
     def policy_for(self, spec: str) -> StrengthPolicy:
         """The policy a spec names (diffusionx.predictors.specs); "fixed" is the UI's own strengths."""
@@ -333,9 +363,7 @@ class UIState:
     def render(self, tab: TabSession, engine: Engine | None, phase: str):
         """Hold the model lock; while held, count `engine`'s U-Net calls into the tab's progress
         and keep the predicted clean latent of the newest one."""
-        if self.model_lock.locked():
-            tab.progress.note = "waiting for another tab's render to finish"
-        with self.model_lock:
+        with self.model_lock:  # renders called off the render thread (tests, scripts) take turns too
             torch.set_num_threads(self.threads)  # worker threads do not inherit the main thread's setting
             progress = tab.progress
             progress.phase, progress.note, progress.step, progress.x0 = phase, "", 0, None
@@ -356,6 +384,15 @@ class UIState:
             finally:
                 handle.remove()
                 del engine.start
+                progress.png_ready.set()  # nothing more will be decoded: nobody waits for it
+
+    def preview_png(self, x0: torch.Tensor) -> bytes:
+        """An intermediate latent as a PNG, by the edge VAE (small latents only: `step_previews`)."""
+        engine = self.pair.edge
+        image = engine.decode(x0.to(engine.device, engine.dtype))[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
 
     def _hook(self, progress: Progress, previews: bool):
         alphas = self._alphas
@@ -375,6 +412,10 @@ class UIState:
                 a = alphas[int(t.flatten()[0])].to(sample.dtype)
                 x0 = (sample[-1:] - (1 - a).sqrt() * eps[-1:]) / a.sqrt()
                 progress.x0, progress.x0_step = x0.detach().clone(), progress.calls
+                if progress.png_wanted:
+                    progress.png_wanted = False
+                    progress.png = (progress.x0_step, self.preview_png(progress.x0))
+                    progress.png_ready.set()
             except Exception:  # a preview is a nicety; never break a render for it
                 progress.x0 = None
 
