@@ -57,6 +57,24 @@ if [[ $step == all || $step == bench_predictors ]]; then
     --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 --policy fixed-1 --policy fixed-1-1 \
     --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench_learned" 2>&1 \
     | quiet > "$OUT/bench_learned.log"; fi
+# issue 16 at 10 steps: steps vs quality; refine configurations chosen on validation, measured on test
+if [[ $step == all || $step == steps10 ]]; then
+  python benchmarks/steps_quality.py --n 128 > "$OUT/steps_quality.txt"
+  python -c "from diffusionx.world import generate_sessions; from diffusionx.world.sessions import write_jsonl; \
+write_jsonl(generate_sessions(96, 'validation'), '$OUT/validation96.jsonl')"
+  for policies in "learned-cmin0.5 learned-emin0.6-cmin0.5 learned-emin0.8-cmin0.5 learned-emin0.6-cmin0.6 \
+learned-emin0.8-cmin0.6 learned-emin0.8-cmin0.4 fixed-1-0.5 fixed-1-0.6 fixed-0.8-0.5" "learned-emin0.7-cmin0.4 \
+learned-emin0.7-cmin0.3 learned-emin0.8-cmin0.3 learned-emin0.6-cmin0.4 fixed-0.7-0.4" "learned-emin0.7-eeps0.02-cmin0.3 \
+learned-emin0.7-eeps0.04-cmin0.3 learned-emin0.7-ecw0.02-cmin0.3"; do
+    diffusionx bench --n 96 --batch 48 --steps 10 --sessions "$OUT/validation96.jsonl" $(printf -- '--policy %s ' $policies) \
+      --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_${policies%% *}" 2>&1 | quiet \
+      > "$OUT/val10_${policies%% *}.log"
+  done
+  diffusionx bench --n 192 --batch 64 --steps 10 --policy learned --policy learned-cmin0 --policy learned-cmin0.5 \
+    --policy fixed-1-0.5 --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench10" 2>&1 \
+    | quiet > "$OUT/bench10.log"
+  diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.7-cmin0.3 \
+    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/test10" 2>&1 | quiet > "$OUT/test10.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
