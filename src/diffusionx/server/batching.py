@@ -241,15 +241,21 @@ class BatchingRefiner:
                 if self._closing and not self._incoming and not self._active:
                     return
                 admit = []
-                while self._incoming and len(self._active) + len(admit) < self.max_batch:
-                    admit.append(self._incoming.popleft())
+                while self._incoming and len(self._active) < self.max_batch:
+                    work = self._incoming.popleft()
+                    self._active.append(work)  # in the batch already, so the refiner never looks idle
+                    admit.append(work)
             for work in admit:
                 self._admit(work)
             self._step()
 
     def _admit(self, work: _Work) -> None:
-        """Prepare the request on this thread (see the module docstring) and add it to the batch."""
-        if not work.future.set_running_or_notify_cancel():
+        """Prepare an admitted request on this thread (see the module docstring); until then it is
+        in the batch without a job, which `_step` skips."""
+        if not work.future.set_running_or_notify_cancel():  # cancelled while it waited
+            with self._cond:
+                self._active.remove(work)
+                self._cond.notify_all()
             return
         try:
             work.job = self.refiner.prepare(work.request)
@@ -257,8 +263,6 @@ class BatchingRefiner:
             self._fail(work, err)
             return
         work.admitted = time.perf_counter()
-        with self._cond:
-            self._active.append(work)
         if work.job.job.done:  # strength 0: nothing to denoise
             self._finish([work])
 
