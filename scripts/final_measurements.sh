@@ -74,7 +74,13 @@ learned-emin0.7-eeps0.04-cmin0.3 learned-emin0.7-ecw0.02-cmin0.3"; do
     --policy fixed-1-0.5 --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench10" 2>&1 \
     | quiet > "$OUT/bench10.log"
   diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.7-cmin0.3 \
-    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/test10" 2>&1 | quiet > "$OUT/test10.log"; fi
+    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/test10" 2>&1 | quiet > "$OUT/test10.log"
+  python -c "from diffusionx.world import generate_sessions; from diffusionx.world.sessions import write_jsonl; \
+write_jsonl(generate_sessions(288, 'validation')[96:], '$OUT/validation_next192.jsonl')"
+  diffusionx bench --n 192 --batch 64 --steps 10 --sessions "$OUT/validation_next192.jsonl" \
+    --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.8-cmin0.4 --policy fixed-1-0.5 \
+    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_next192" 2>&1 | quiet \
+    > "$OUT/val10_next192.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
