@@ -17,8 +17,9 @@ from PIL import Image
 
 from diffusionx.cloud import CloudRefiner, RefineRequest
 from diffusionx.errors import InvalidInputError
+from diffusionx.models import call_in_short_lived_thread
 from diffusionx.server.app import Limits, create_app, load_tokens
-from diffusionx.server.batching import BatchingRefiner, ServiceUnavailableError, call_in_short_lived_thread
+from diffusionx.server.batching import BatchingRefiner, ServiceUnavailableError
 from diffusionx.server.run import start_in_thread
 from diffusionx.wire import image_to_png, latents_from_bytes, latents_to_bytes
 
@@ -209,6 +210,21 @@ def test_a_model_is_loaded_on_a_thread_that_ends_and_its_errors_reach_the_caller
     assert loader is not threading.current_thread() and not loader.is_alive()  # its OpenMP team went with it
     with pytest.raises(FileNotFoundError, match="no such model"):
         call_in_short_lived_thread(load, "missing", size=1)
+
+
+def test_load_pair_loads_on_a_thread_that_ends(monkeypatch):
+    import diffusionx.models as models
+
+    loaders, load_side = [], models._load_side
+
+    def recording(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return load_side(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_load_side", recording)
+    pair = models.load_pair("untrained")
+    assert pair.edge is not None and pair.cloud is not None and len(loaders) == 2
+    assert all(t is not threading.current_thread() and not t.is_alive() for t in loaders)
 
 
 def test_a_crashed_worker_fails_its_requests_instead_of_hanging(untrained_pair):

@@ -34,10 +34,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any
 
 from ..cloud import CloudRefiner, RefineJob, RefineRequest, RefineResult
 from ..engine import Engine, steps_for_strength
@@ -45,7 +45,6 @@ from ..errors import InvalidInputError
 from ..wire import NonFiniteResultError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class ServiceUnavailableError(RuntimeError):
@@ -323,31 +322,6 @@ class BatchingRefiner:
             self._cond.notify_all()
         if not work.future.done():
             work.future.set_exception(err)
-
-
-def call_in_short_lived_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` on a thread that ends when it returns (its exception re-raised here).
-
-    Load the model a `BatchingRefiner` will serve through this. The OpenMP team that a thread's
-    torch ops start lives as long as the thread, and the main thread lives as long as the process:
-    a model loaded there leaves a team beside the step loop's, the process has more OpenMP threads
-    than cores, and libgomp stops spinning between parallel regions for every team. Measured on 2
-    cores: the embedded cloud U-Net's step at batch 1 took 73-92 ms after a load on the main thread
-    and 34-41 ms after a load here (docs/serving.md)."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # handed to the caller
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="diffusionx-loader")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def _planned_steps(request: RefineRequest) -> int:

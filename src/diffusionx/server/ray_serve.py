@@ -80,10 +80,9 @@ def build_app(
                 torch.set_num_threads(threads)
             from diffusionx.models import load_pair
             from diffusionx.server.app import create_app
-            from diffusionx.server.batching import call_in_short_lived_thread
             from diffusionx.server.config import resolve_device
 
-            pair = call_in_short_lived_thread(load_pair, model, cloud=cloud, device=resolve_device(device))
+            pair = load_pair(model, cloud=cloud, device=resolve_device(device))
             self._app = create_app(
                 pair.cloud,
                 tokens=tokens,

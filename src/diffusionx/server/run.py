@@ -314,10 +314,8 @@ def cmd_serve(args) -> int:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval / 1000)
     from ..models import load_pair
-    from .batching import call_in_short_lived_thread
 
-    # not on the main thread, which outlives everything: see call_in_short_lived_thread
-    pair = call_in_short_lived_thread(load_pair, args.model, cloud=args.cloud, device=resolve_device(args.device))
+    pair = load_pair(args.model, cloud=args.cloud, device=resolve_device(args.device))
     print(f"cloud model: {pair.cloud_info.label}", file=sys.stderr)
     app = create_app(
         pair.cloud, tokens=tokens, insecure=args.insecure, max_batch=args.max_batch, limits=limits, store=location

@@ -32,10 +32,7 @@ def build_state(args) -> UIState:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..server.batching import call_in_short_lived_thread
-
-    # not on the main thread: its OpenMP team would outlive the load (see UIState.on_render_thread)
-    pair = call_in_short_lived_thread(load_pair, args.model, edge=args.edge, cloud=args.cloud)
+    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     cloud, label = None, "in-process"
     if args.cloud_url:
