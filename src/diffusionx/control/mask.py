@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..engine import Engine, Generation, make_scheduler, steps_for_strength
+from ..engine import Engine, Generation, steps_for_strength
 
 NOISE_LEVELS = (0.7, 0.8, 0.9)  # the strengths the noise differences are averaged over
 MASK_UNET_CALLS = len(NOISE_LEVELS)  # what one mask costs: a U-Net call per noise level
@@ -85,7 +85,7 @@ def noise_difference(engine: Engine, latents: torch.Tensor, source_prompt: str, 
         raise ValueError(f"a mask takes one image's latents (1, C, h, w), got {tuple(latents.shape)}")
     if repeats < 1 or not strengths:
         raise ValueError("repeats must be >= 1 and strengths not empty")
-    sched = make_scheduler("ddim", engine.scheduler_config)
+    sched = engine.new_scheduler("ddim")
     sched.set_timesteps(steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     source = engine.encode_prompt(source_prompt, guidance=False).cond

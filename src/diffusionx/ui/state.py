@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..cloud import Refiner
-from ..engine import DEFAULT_SCHEDULER, Engine, check_seed, check_steps, check_strength, make_scheduler
+from ..engine import DEFAULT_SCHEDULER, Engine, check_seed, check_steps, check_strength
 from ..errors import DiffusionXError, InvalidInputError, PromptTruncatedWarning
 from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
@@ -169,7 +169,7 @@ class UIState:
         self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusionx-render")
         self._render_queue_lock = threading.Lock()
         self._renders_queued = 0  # submitted to the render thread and not yet done
-        self._alphas = make_scheduler(DEFAULT_SCHEDULER, pair.edge.scheduler_config).alphas_cumprod
+        self._alphas = pair.edge.new_scheduler(DEFAULT_SCHEDULER).alphas_cumprod
         self.evict_stored()
 
     # ----- sessions ---------------------------------------------------------------------------
