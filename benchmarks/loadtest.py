@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                 after = counters(url)
                 bound_after = meter.measure()
                 tables += [bound_before, bound_after]
-                rows = meter.pooled(bound_before, bound_after)
+                phase_bound = meter.pooled(bound_before, bound_after)
                 calls = after.get("diffusionx_unet_calls_total", 0) - before.get("diffusionx_unet_calls_total", 0)
                 # mean requests per U-Net call = request-steps run / calls; the bound for this run's own
                 # step mix (a few requests do not cover the whole strength mix)
                 k = r["unet_steps"] / r["n"]
                 r["mean_batch"] = r["unet_steps"] / calls if calls else None
-                bound_at, _ = share_of_bound(r["throughput"], r["mean_batch"] or 1, rows)
+                bound_at, _ = share_of_bound(r["throughput"], r["mean_batch"] or 1, phase_bound)
                 bound_at *= meter.k / k
                 r["bound_per_s"], r["share_of_bound"], r["k"] = bound_at, r["throughput"] / bound_at, k
                 # Where the rest went: the share is (U-Net busy share of the wall) x (t(b) alone / the
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = after.get("diffusionx_unet_seconds_total", 0) - before.get("diffusionx_unet_seconds_total", 0)
                 r["unet_busy_share"] = seconds / r["wall_s"]
                 r["step_s_under_load"] = seconds / calls if calls else None
-                r["step_s_alone"] = step_time_at(r["mean_batch"] or 1, rows)
-                r["bound_rows"] = rows
+                r["step_s_alone"] = step_time_at(r["mean_batch"] or 1, phase_bound)
+                r["bound_rows"] = phase_bound
                 results[(mode, n)] = r
                 slowdown = (r["step_s_under_load"] / r["step_s_alone"] - 1) if r["step_s_under_load"] else float("nan")
                 print(
