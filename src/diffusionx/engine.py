@@ -209,6 +209,7 @@ class Generation:
     timing: Timing
     prompt_truncated: bool = False
     unknown_words: tuple[str, ...] = ()  # outside a world model's vocabulary (Engine.unknown_words)
+    preview_decoded: bool = False  # `image` came from the tiny preview decoder, not the VAE
 
 
 @lru_cache(maxsize=1)
@@ -231,8 +232,11 @@ def uses_world_tokenizer(tokenizer: Any) -> bool:
 class Engine:
     """One model (text encoder + U-Net + VAE + noise schedule) and the denoising loop around it."""
 
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler_config: dict[str, Any], name: str = ""):
+    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler_config: dict[str, Any], name: str = "",
+                 preview_vae=None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        # A tiny decoder (diffusers' AutoencoderTiny, TAESD-style) for previews; finals keep the VAE.
+        self.preview_vae = preview_vae
         self.scheduler_config = dict(scheduler_config)
         self.new_scheduler = _SchedulerFactory(self.scheduler_config)
         self.name = name
@@ -241,8 +245,9 @@ class Engine:
         # Models with the embedded world's tokenizer know only its words; hub models know language.
         self.world_vocabulary = uses_world_tokenizer(tokenizer)
         self._warned_words: set[str] = set()
-        for module in (unet, vae, text_encoder):
-            module.eval().requires_grad_(False)
+        for module in (unet, vae, text_encoder, preview_vae):
+            if module is not None:
+                module.eval().requires_grad_(False)
 
     @classmethod
     def from_pipeline(cls, pipe, name: str = "") -> Engine:
@@ -513,13 +518,15 @@ class Engine:
 
     # ----- VAE ----------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents -> PIL images, the same post-processing as diffusers' VaeImageProcessor."""
-        config = self.vae.config
+    def decode(self, latents: torch.Tensor, preview: bool = False) -> list[Image.Image]:
+        """Latents -> PIL images, the same post-processing as diffusers' VaeImageProcessor;
+        `preview` decodes with the tiny preview decoder when the engine has one."""
+        vae = self.preview_vae if preview and self.preview_vae is not None else self.vae
+        config = vae.config
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
-        pixels = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return [Image.fromarray(image) for image in (pixels * 255).round().astype("uint8")]
 
@@ -566,11 +573,13 @@ class Engine:
         job.timing = timing
         return job
 
-    def finish(self, job: DenoiseJob, decode: bool = True) -> Generation:
-        """The `Generation` of a job that ran to the end (decoded unless `decode` is False)."""
-        return self.finish_all([job], decode=decode)[0]
+    def finish(self, job: DenoiseJob, decode: bool = True, preview: bool = False) -> Generation:
+        """The `Generation` of a job that ran to the end (decoded unless `decode` is False; by the
+        preview decoder, where the engine has one, when `preview`)."""
+        return self.finish_all([job], decode=decode, preview=preview)[0]
 
-    def finish_all(self, jobs: list[DenoiseJob], decode: bool = True, batch: int = 64) -> list[Generation]:
+    def finish_all(self, jobs: list[DenoiseJob], decode: bool = True, batch: int = 64,
+                   preview: bool = False) -> list[Generation]:
         """`finish` for many jobs, decoded `batch` at a time (each is charged its share)."""
         if not all(job.done for job in jobs):
             raise ValueError("finish() needs jobs that ran to the end (Engine.run)")
@@ -579,7 +588,7 @@ class Engine:
             for k in range(0, len(jobs), batch):
                 chunk = jobs[k : k + batch]
                 start = time.perf_counter()
-                decoded = self.decode(torch.cat([job.latents for job in chunk]))
+                decoded = self.decode(torch.cat([job.latents for job in chunk]), preview=preview)
                 share = (time.perf_counter() - start) / len(chunk)
                 for j, (job, image) in enumerate(zip(chunk, decoded)):
                     job.timing.decode_s = share
@@ -587,7 +596,8 @@ class Engine:
         return [
             Generation(latents=job.latents, image=image, seed=job.seed, steps=job.steps, strength=job.strength,
                        unet_steps=job.num_steps, timing=job.timing, prompt_truncated=job.embeddings.truncated,
-                       unknown_words=job.embeddings.unknown_words)
+                       unknown_words=job.embeddings.unknown_words,
+                       preview_decoded=decode and preview and self.preview_vae is not None)
             for job, image in zip(jobs, images)
         ]
 
@@ -610,6 +620,7 @@ class Engine:
         progress: bool = False,
         edit_mask: torch.Tensor | None = None,
         free_steps: int = 0,
+        preview: bool = False,
     ) -> Generation:
         """Text-to-image (strength 1) or SDEdit from `init_latents` (strength < 1), with timings;
         with `edit_mask`, a local edit that keeps `init_latents` outside the mask."""
@@ -617,4 +628,4 @@ class Engine:
                            guidance_scale=guidance_scale, negative_prompt=negative_prompt, scheduler=scheduler,
                            height=height, width=width, hook=hook, edit_mask=edit_mask, free_steps=free_steps)
         self.run([job], progress=progress)
-        return self.finish(job, decode=decode)
+        return self.finish(job, decode=decode, preview=preview)

@@ -100,8 +100,13 @@ def load_pair(
     cloud: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    preview_decoder: str | None = "default",
 ) -> ModelPair:
-    """Load a pair by preset name; `edge` / `cloud` override either side with an HF id or folder."""
+    """Load a pair by preset name; `edge` / `cloud` override either side with an HF id or folder.
+
+    `preview_decoder`: a tiny decoder (`AutoencoderTiny` folder or HF id, e.g. madebyollin/taesd
+    for SD v1.5's latents) the edge decodes its previews with; "default" is the one the embedded
+    pair ships (none for other pairs), None decodes previews with the VAE."""
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     edge_source, cloud_source = PRESETS[preset]
@@ -122,8 +127,18 @@ def load_pair(
         shared = edge_engine if _shares_components(edge_source, cloud_source) else None
         return edge_engine, edge_info, *_load_side(cloud_source, "cloud", device, dtype, shared=shared)
 
+    if preview_decoder == "default":
+        shipped = EMBEDDED_DIR / "preview_decoder"
+        preview_decoder = str(shipped) if edge_source == "builtin:embedded-edge" and shipped.exists() else None
+
+    def load_all():
+        edge_engine, *rest = load_sides()
+        if preview_decoder is not None:
+            edge_engine.preview_vae = load_preview_decoder(preview_decoder, edge_engine, device, dtype)
+        return edge_engine, *rest
+
     # the OpenMP team the load starts ends with its thread (see call_in_short_lived_thread)
-    edge_engine, edge_info, cloud_engine, cloud_info = call_in_short_lived_thread(load_sides)
+    edge_engine, edge_info, cloud_engine, cloud_info = call_in_short_lived_thread(load_all)
     return ModelPair(
         name=name,
         edge=edge_engine,
@@ -132,6 +147,33 @@ def load_pair(
         cloud_info=cloud_info,
         shared_latent_space=_same_latent_space(edge_engine, cloud_engine),
     )
+
+
+def load_preview_decoder(source: str, edge: Engine, device: str, dtype: torch.dtype):
+    """An `AutoencoderTiny` for `edge`'s previews; it must decode the edge VAE's latents."""
+    from diffusers import AutoencoderTiny
+
+    try:
+        try:
+            decoder = AutoencoderTiny.from_pretrained(source, local_files_only=True)
+        except OSError:
+            decoder = AutoencoderTiny.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        why = "no such folder" if _looks_like_path(source) and not Path(source).exists() else str(err).splitlines()[0]
+        raise ModelNotAvailableError(
+            f"cannot load the preview decoder {source!r} ({why}); give an AutoencoderTiny folder or HF id, "
+            "or leave previews to the VAE (--preview-decoder none)") from None
+    channels = edge.vae.config.latent_channels
+    if decoder.config.latent_channels != channels:
+        raise InvalidInputError(
+            f"the preview decoder {source!r} decodes {decoder.config.latent_channels}-channel latents, the edge's VAE "
+            f"makes {channels}-channel ones: use a decoder trained for this VAE (diffusionx train preview-decoder)")
+    return decoder.to(device, dtype)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Not a hub id ("owner/name")."""
+    return source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
 def _shares_components(edge_source: str, cloud_source: str) -> bool:

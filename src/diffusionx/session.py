@@ -51,6 +51,7 @@ class Round:
     timing: Timing
     prompt_truncated: bool = False
     unknown_words: tuple[str, ...] = ()  # words the (embedded) edge model never saw
+    preview_decoded: bool = False  # `image` came from the tiny preview decoder, not the VAE
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class Round:
             "timing": self.timing.as_dict(),
             "prompt_truncated": self.prompt_truncated,
             "out_of_vocabulary": list(self.unknown_words),
+            "decoder": "preview" if self.preview_decoded else "vae",
         }
 
 
@@ -140,10 +142,13 @@ class EdgeSession:
         scheduler: str = DEFAULT_SCHEDULER,
         control: Any = None,
         control_cache: bool = False,
+        preview_decoder: bool = True,
     ):
         from .control import ControlConfig
 
         self.pair = pair
+        # Previews through the edge's tiny decoder when it has one; the final keeps the VAE.
+        self.preview_decoder = bool(preview_decoder) and pair.edge.preview_vae is not None
         # Attention control (docs/control.md): its settings, and whether each round keeps its
         # attention trace (memory) so a controlled next round need not replay it (time).
         self.control = control or ControlConfig()
@@ -246,7 +251,7 @@ class EdgeSession:
 
         if plan.parent is not None and (self.current is None or self.current.index != plan.parent):
             raise InvalidInputError(f"this plan starts from round {plan.parent}, but the head moved")
-        generation = generation or self.pair.edge.finish(plan.job)
+        generation = generation or self.pair.edge.finish(plan.job, preview=self.preview_decoder)
         new = self._round_from(plan.prompt, plan.seed, plan.strength, plan.parent, generation,
                                "fresh" if plan.strength == 1.0 else "sdedit")
         self._specs[new.index] = RoundSpec(plan.prompt, plan.seed, plan.strength, plan.init_latents)
@@ -267,6 +272,7 @@ class EdgeSession:
             timing=generation.timing,
             prompt_truncated=generation.prompt_truncated,
             unknown_words=generation.unknown_words,
+            preview_decoded=generation.preview_decoded,
         )
 
     def _hooked(self, prompt: str, seed: int, strength: float | None, hook, progress: bool) -> Round:
@@ -285,6 +291,7 @@ class EdgeSession:
             generation = self.pair.edge.generate(
                 prompt, seed=seed, steps=self.steps, strength=strength, init_latents=init_latents,
                 guidance_scale=self.guidance_scale, scheduler=self.scheduler, hook=hook, progress=progress,
+                preview=self.preview_decoder,
             )
         mode = "fresh" if strength == 1.0 else ("controlled" if hook is not None else "sdedit")
         parent = None if init_latents is None else previous.index
@@ -309,7 +316,7 @@ class EdgeSession:
         out = controlled_generate(
             self.pair.edge, prompt, None, seed=seed, strength=strength, init_latents=init_latents,
             steps=self.steps, config=self.control, keep_trace=True, guidance_scale=self.guidance_scale,
-            scheduler=self.scheduler, progress=progress,
+            scheduler=self.scheduler, progress=progress, preview=self.preview_decoder,
         )
         return out
 
@@ -326,7 +333,7 @@ class EdgeSession:
         out = controlled_generate(
             self.pair.edge, prompt, spec, steps=self.steps, config=self.control, trace=trace,
             keep_trace=self.control_cache, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
-            progress=progress,
+            progress=progress, preview=self.preview_decoder,
         )
         new = self._round_from(prompt, spec.seed, spec.strength, previous.index, out, "controlled")
         self._specs[new.index] = RoundSpec(
@@ -351,7 +358,8 @@ class EdgeSession:
         job.timing.unet_compute_s += mask_s
         job.timing.unet_calls += MASK_UNET_CALLS
         self.pair.edge.run([job], progress=progress)
-        generation = finish_local(self.pair.edge, plan, previous.image, self.pair.edge.finish(job))
+        generation = finish_local(self.pair.edge, plan, previous.image,
+                                  self.pair.edge.finish(job, preview=self.preview_decoder))
         new = self._round_from(prompt, seed, strength, previous.index, generation, "local")
         return self._append(new, None)
 
@@ -397,7 +405,7 @@ class EdgeSession:
             guidance_scale=self.guidance_scale,
             scheduler=self.scheduler,
             latents=latents_to_bytes(source.latents) if shared else None,
-            image_png=None if shared else image_to_png(source.image),
+            image_png=None if shared else image_to_png(self._vae_image(source)),
             return_format="latent" if shared else "png",
         )
         return FinalizePlan(source, request)
@@ -412,7 +420,7 @@ class EdgeSession:
             self.final = FinalResult(
                 prompt=source.prompt,
                 source_round=source.index,
-                image=source.image,
+                image=self._vae_image(source),
                 latents=source.latents,
                 refined=False,
                 reason=reason,
@@ -423,6 +431,13 @@ class EdgeSession:
             return self.final
         self.final = self._receive(source, request, result)
         return self.final
+
+    def _vae_image(self, source: Round) -> Image.Image:
+        """The round's image as the VAE decodes it (a final, or what the cloud starts from, is
+        never the tiny preview decoder's)."""
+        if not source.preview_decoded:
+            return source.image
+        return self.pair.edge.decode(source.latents.to(self.pair.edge.device, self.pair.edge.dtype))[0]
 
     def _receive(self, source: Round, request: RefineRequest, result: RefineResult) -> FinalResult:
         start = time.perf_counter()
@@ -493,7 +508,11 @@ def advance(sessions: list[EdgeSession], prompts: list[str], *, strengths: list[
     strengths = strengths or [None] * len(sessions)
     plans = [s.plan(p, strength=st) for s, p, st in zip(sessions, prompts, strengths)]
     engine.run([p.job for p in plans], progress=progress, desc=desc, batch=batch)
-    generations = engine.finish_all([p.job for p in plans])
+    generations: list[Generation | None] = [None] * len(plans)
+    for preview in (False, True):  # the sessions that decode previews with the tiny decoder, and the rest
+        group = [i for i, s in enumerate(sessions) if s.preview_decoder == preview]
+        for i, g in zip(group, engine.finish_all([plans[i].job for i in group], preview=preview)):
+            generations[i] = g
     return [s.commit(p, g) for s, p, g in zip(sessions, plans, generations)]
 
 

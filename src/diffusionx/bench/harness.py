@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import Engine
+from ..errors import InvalidInputError
 from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
 from ..wire import image_to_png
@@ -68,11 +69,13 @@ def _timed(fn, device: torch.device | None = None) -> float:
 
 
 CALIBRATED = ("unet_step_s", "text_encode_s", "decode_s", "vae_encode_s")
+PREVIEW_DECODE = "preview_decode_s"  # the edge's tiny preview decoder, where the pair has one
 
 
 def calibrate(pair: ModelPair, repeats: int = 15, guidance_scale: float = 7.5) -> dict[str, Any]:
     """Seconds per U-Net step (batch 1, with CFG: what one user's session costs), per text encode
-    and per VAE decode/encode, for the edge and the cloud model.
+    and per VAE decode/encode, for the edge and the cloud model (and per preview decode by the
+    edge's tiny decoder, where it has one).
 
     Timed interleaved: each repeat times every operation of the edge, then of the cloud, so that a
     machine getting busier or quieter during the calibration shifts both models alike. Each time is
@@ -102,12 +105,14 @@ def calibrate(pair: ModelPair, repeats: int = 15, guidance_scale: float = 7.5) -
             "decode_s": lambda engine=engine, latents=latents: engine.decode(latents),
             "vae_encode_s": lambda engine=engine, image=image: engine.encode_image(image),
         }
+        if engine.preview_vae is not None:
+            ops[role][PREVIEW_DECODE] = lambda engine=engine, latents=latents: engine.decode(latents, preview=True)
         for fn in ops[role].values():
             fn()  # warm-up
-    samples: dict[str, dict[str, list[float]]] = {role: {op: [] for op in CALIBRATED} for role in ops}
+    samples: dict[str, dict[str, list[float]]] = {role: {op: [] for op in ops[role]} for role in ops}
     for _ in range(repeats):
         for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
-            for op in CALIBRATED:
+            for op in ops[role]:
                 samples[role][op].append(_timed(ops[role][op], engine.device))
     out: dict[str, Any] = {role: {op: min(v) for op, v in samples[role].items()} for role in samples}
     out["median"] = {role: {op: statistics.median(v) for op, v in samples[role].items()} for role in samples}
@@ -195,8 +200,12 @@ def run_method(
             engine, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=method.name
         )
         images = decode_batched(engine, latents)
+        # An edge-only user also sees the rounds before the last through the preview decoder.
+        previews = method.kind == "edge-only" and engine.preview_vae is not None
         for record, session, image in zip(records, sessions, images):
-            record.rounds = [{"strength": 1.0, "unet_steps": steps} for _ in session["rounds"]]
+            last = len(session["rounds"]) - 1
+            record.rounds = [{"strength": 1.0, "unet_steps": steps, "preview_decoded": previews and k < last}
+                             for k in range(last + 1)]
             record.final_image = image
             record.previews = [(len(session["rounds"]), image)]
             if method.kind == "cloud-only":
@@ -222,7 +231,8 @@ def run_method(
         strengths = None if method.reuse_latents else [1.0] * len(active)
         rounds = advance([live[i] for i in active], prompts, strengths=strengths, batch=batch)
         for i, round_ in zip(active, rounds):
-            records[i].rounds.append({"strength": round_.strength, "unet_steps": round_.unet_steps})
+            records[i].rounds.append({"strength": round_.strength, "unet_steps": round_.unet_steps,
+                                      "preview_decoded": round_.preview_decoded})
             records[i].previews.append((r + 1, round_.image))
     finals = finalize_all(live, refiner, batch=batch)
     for record, final in zip(records, finals):
@@ -246,7 +256,7 @@ def session_latency(
             bytes_total += r["bytes_up"] + r["bytes_down"]
             waits.append(profile.cloud_seconds(compute) + profile.transfer_seconds(r["bytes_up"], r["bytes_down"]))
         else:
-            compute = edge["text_encode_s"] + r["unet_steps"] * edge["unet_step_s"] + edge["decode_s"]
+            compute = edge["text_encode_s"] + r["unet_steps"] * edge["unet_step_s"] + _edge_decode_s(edge, r)
             waits.append(profile.edge_seconds(compute))
     final_wait = 0.0
     if method.kind == "diffusionx":
@@ -267,6 +277,16 @@ def session_latency(
         "cloud_unet_modelled_s": profile.cloud_seconds(cloud_unet_measured),
         "bytes": bytes_total,
     }
+
+
+def _edge_decode_s(edge: dict[str, float], round_: dict[str, Any]) -> float:
+    if not round_.get("preview_decoded"):
+        return edge["decode_s"]
+    if PREVIEW_DECODE not in edge:
+        raise InvalidInputError(
+            "the calibration has no time for the edge's preview decoder (it predates it): measure one with "
+            "`diffusionx bench --calibrate-only`, or run with --preview-decoder none")
+    return edge[PREVIEW_DECODE]
 
 
 def p95(values: list[float]) -> float:

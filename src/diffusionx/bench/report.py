@@ -59,14 +59,19 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{timed['cloud']['source']} [{timed['cloud']['status']}] (the latency model uses these; "
         "quality comes from the models above).",
         "",
-        "| model | U-Net step (s) | text encode (s) | VAE decode (s) | timing noise (U-Net step IQR / median) |",
-        "|---|---|---|---|---|",
+        "| model | U-Net step (s) | text encode (s) | VAE decode (s) | preview decode (s) | timing noise (U-Net step "
+        "IQR / median) |",
+        "|---|---|---|---|---|---|",
     ]
     for role in ("edge", "cloud"):
         c = calib[role]
         noise = calib.get("noise", {}).get(role, {}).get("unet_step_s")
+        preview = f"{c['preview_decode_s']:.4f}" if "preview_decode_s" in c else "n/a"
         lines.append(f"| {role} | {c['unet_step_s']:.4f} | {c['text_encode_s']:.4f} | {c['decode_s']:.4f} | "
-                     f"{'n/a (from a file)' if noise is None else f'{noise:.0%}'} |")
+                     f"{preview} | {'n/a (from a file)' if noise is None else f'{noise:.0%}'} |")
+    if "preview_decode_s" in calib["edge"]:
+        lines += ["", "Previews of rounds before the final (DiffusionX and edge-only) are decoded by the edge's tiny "
+                      "preview decoder; every final by the VAE."]
     if "repeats" in calib:
         lines += ["", f"Timed interleaved (edge, cloud, edge, ...), {calib['repeats']} repeats; each time is the "
                       "fastest repeat (other work only adds time). A noise above ~20% means the machine was busy: "

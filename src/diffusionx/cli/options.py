@@ -97,6 +97,11 @@ def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, samplin
                                help="edge model: a Hugging Face id or a diffusers folder (overrides the preset)")
         group.add_argument("--cloud-model", dest="cloud", metavar="ID_OR_DIR",
                            help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
+        if side == "pair":
+            group.add_argument("--preview-decoder", default="default", metavar="ID_OR_DIR",
+                               help="tiny decoder (AutoencoderTiny) for the edge's previews, finals keep the VAE: "
+                                    "default = the one the embedded pair ships, none = the VAE for previews too, "
+                                    "or a folder / Hugging Face id (madebyollin/taesd for SD v1.5 latents)")
     if sampling:
         group.add_argument("--steps", type=steps, default=20, help="scheduler steps")
         if random_seed:

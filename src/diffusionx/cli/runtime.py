@@ -12,9 +12,16 @@ from typing import Any
 def load_pair(args):
     from ..models import load_pair
 
-    pair = load_pair(args.model, edge=getattr(args, "edge", None), cloud=getattr(args, "cloud", None))
+    pair = load_pair(args.model, edge=getattr(args, "edge", None), cloud=getattr(args, "cloud", None),
+                     preview_decoder=preview_decoder_arg(args))
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     return pair
+
+
+def preview_decoder_arg(args) -> str | None:
+    """--preview-decoder as `load_pair` takes it ("none" -> None; absent -> the default)."""
+    value = getattr(args, "preview_decoder", "default")
+    return None if value == "none" else value
 
 
 def cloud_client(args):

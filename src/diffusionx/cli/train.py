@@ -10,6 +10,7 @@ diffusionx train pair --resume-from runs/pair2_export --out runs/pair3 --seed 20
 diffusionx train pair --smoke --out /tmp/smoke --export-to /tmp/smoke_export
 diffusionx train embedded --out runs/embedded --budget-minutes 170 --export-to runs/export
 diffusionx train evaluator --out runs/evaluator
+diffusionx train preview-decoder --out runs/preview_decoder --export-to src/diffusionx/assets/embedded/preview_decoder
 """
 
 
@@ -17,8 +18,9 @@ def register(sub) -> None:
     p = options.command(sub, "train", "train the embedded model pair or the evaluator from scratch, "
                                       "or continue training a pair (cloud + distilled edge)", EXAMPLES,
                         description="Training recipes, learning curves and samples/s: docs/training.md.")
-    p.add_argument("what", choices=("embedded", "pair", "evaluator"),
-                   help="embedded: rebuild from scratch; pair: continue from --resume-from; evaluator: the scorer")
+    p.add_argument("what", choices=("embedded", "pair", "evaluator", "preview-decoder"),
+                   help="embedded: rebuild from scratch; pair: continue from --resume-from; evaluator: the scorer; "
+                        "preview-decoder: the edge's tiny preview decoder, distilled from the shipped pair's VAE")
     p.add_argument("--resume-from", default="shipped", metavar="DIR",
                    help="pair: the pair folder to start from (shipped: the package's own)")
     p.add_argument("--keep", default="improved", choices=("improved", "always"),
@@ -28,10 +30,11 @@ def register(sub) -> None:
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count")
     p.add_argument("--export-to", metavar="DIR",
                    help="embedded, pair: write the two diffusers pipeline folders here (default: replace the shipped "
-                        "pair)")
+                        "pair); preview-decoder: the AutoencoderTiny folder")
     p.add_argument("--budget-minutes", type=float, help="embedded, pair: fit the step counts to this wall-clock budget")
     p.add_argument("--device", default="cpu", help="embedded, pair: cpu or cuda[:N] (larger batches)")
-    p.add_argument("--smoke", action="store_true", help="embedded, pair: a few steps on tiny data (checks a setup)")
+    p.add_argument("--smoke", action="store_true",
+                   help="embedded, pair, preview-decoder: a few steps on tiny data (checks a setup)")
     p.add_argument("--cloud-share", type=options.strength, metavar="F",
                    help="pair: share of the steps in which the cloud and text encoder train (default: the recipe's)")
     p.add_argument("--seed", type=int, metavar="N",
@@ -72,6 +75,25 @@ def run(args) -> int:
         where = args.export_to or args.resume_from
         print(f"kept: exported to {where}" if summary["kept"] else
               f"not kept (no improvement): the candidate is in {out}/candidate")
+    elif args.what == "preview-decoder":
+        from ..errors import InvalidInputError
+        from ..models import load_pair
+        from ..training.preview_decoder import SMOKE_PREVIEW_CONFIG, PreviewDecoderConfig, train_preview_decoder
+
+        if not args.export_to:
+            raise InvalidInputError("train preview-decoder needs --export-to DIR (the shipped one: "
+                                    "src/diffusionx/assets/embedded/preview_decoder)")
+        config = SMOKE_PREVIEW_CONFIG if args.smoke else PreviewDecoderConfig()
+        if args.steps_scale != 1.0:
+            from dataclasses import replace
+
+            config = replace(config, steps=max(1, round(config.steps * args.steps_scale)))
+        report = train_preview_decoder(load_pair("embedded", preview_decoder=None), out, config,
+                                       export_to=args.export_to)
+        print(f"preview attribute accuracy on {report['validation_images']} edge generations: VAE "
+              f"{report['attribute_accuracy_vae']:.3f}, tiny {report['attribute_accuracy_tiny']:.3f}; PSNR tiny vs VAE "
+              f"{report['psnr_tiny_vs_vae_db']:.1f} dB; decode at batch 1 {report['decode_ms_batch1_vae']:.1f} -> "
+              f"{report['decode_ms_batch1_tiny']:.1f} ms; exported to {args.export_to}")
     else:
         from ..metrics.train import train_evaluator
 

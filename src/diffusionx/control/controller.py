@@ -283,6 +283,7 @@ class ControlledGeneration:
     prompt_truncated: bool = False
     unknown_words: tuple[str, ...] = ()
     source_latents: torch.Tensor | None = None  # the replayed source's final latents, if it ran to the end
+    preview_decoded: bool = False  # `image` came from the engine's tiny preview decoder
 
 
 def controlled_generate(
@@ -307,6 +308,7 @@ def controlled_generate(
     height: int | None = None,
     width: int | None = None,
     blend_mask: torch.Tensor | None = None,
+    preview: bool = False,
 ) -> ControlledGeneration:
     """Generate `prompt` under attention control from the round `source` describes.
 
@@ -317,7 +319,8 @@ def controlled_generate(
     With `source=None` this is a plain round (seed / strength / init_latents as given) that
     only records, so the next round can use its trace. `blend_mask` ((1, 1, h, w), 1 = edit) is
     the local blend's mask given outright (e.g. `control.mask.plan_local_edit`'s region) instead of the
-    one the changed words' attention draws.
+    one the changed words' attention draws. `preview` decodes with the engine's tiny preview
+    decoder where it has one.
     """
     config = config or ControlConfig()
     timing = Timing()
@@ -382,7 +385,7 @@ def controlled_generate(
     image = None
     if decode:
         start = time.perf_counter()
-        image = engine.decode(job.latents)[0]
+        image = engine.decode(job.latents, preview=preview)[0]
         timing.decode_s = time.perf_counter() - start
     result_trace = branch.to_trace() if keep_trace else None
     return ControlledGeneration(
@@ -396,6 +399,7 @@ def controlled_generate(
         mask=branch.last_mask,
         prompt_truncated=embeddings.truncated,
         unknown_words=embeddings.unknown_words,
+        preview_decoded=decode and preview and engine.preview_vae is not None,
         stats={
             "processor_calls": hook.router.calls,
             "injected_calls": hook.router.injected,

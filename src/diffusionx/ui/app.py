@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 def build_state(args) -> UIState:
     import sys
 
+    from ..cli.runtime import preview_decoder_arg
     from ..models import load_pair
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud)
+    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud, preview_decoder=preview_decoder_arg(args))
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     cloud, label = None, "in-process"
     if args.cloud_url:

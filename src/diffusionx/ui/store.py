@@ -124,6 +124,7 @@ def round_from_record(record: StoredRound) -> Round:
         timing=Timing(**timing),
         prompt_truncated=bool(s.get("prompt_truncated", False)),
         unknown_words=tuple(s.get("out_of_vocabulary", ())),
+        preview_decoded=s.get("decoder") == "preview",
     )
 
 
