@@ -20,7 +20,7 @@ if [[ $step == all || $step == sd15 ]]; then
   diffusionx bench --arch sd15 --n 16 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --out "$OUT/bench_sd15_cpu" 2>&1 \
     | quiet > "$OUT/bench_sd15_cpu.log"
   diffusionx bench --arch sd15 --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --profile measured \
-    --calibration benchmarks/results/calibration_sd15_h200.json --out "$OUT/bench_sd15_h200" 2>&1 | quiet > "$OUT/bench_sd15_h200.log"; fi
+    --preview-decoder none --calibration benchmarks/results/calibration_sd15_h200.json --out "$OUT/bench_sd15_h200" 2>&1 | quiet > "$OUT/bench_sd15_h200.log"; fi
 # issue 6 / 15 / 16: sweeps (train/validation for the predictors, test for the oracle), training, tuning
 # (the cloud floor must also keep the final within --fidelity-floor dB of the preview)
 if [[ $step == all || $step == collect ]]; then
@@ -51,11 +51,11 @@ if [[ $step == all || $step == dagger ]]; then
 if [[ $step == all || $step == bench_predictors ]]; then
   diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy oracle --policy learned \
     --policy learned-emin0-cmin0 --policy load-aware-wait20 --policy similarity-rule --policy fixed-0.3 --policy fixed-0.5 \
-    --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --calibration benchmarks/results/calibration_embedded_cpu.json \
+    --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json \
     --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"
   diffusionx bench --n 192 --batch 64 --policy learned --policy learned-cmin0 --policy learned-cmin0.5 --policy fixed-0.3 \
     --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 --policy fixed-1 --policy fixed-1-1 \
-    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench_learned" 2>&1 \
+    --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench_learned" 2>&1 \
     | quiet > "$OUT/bench_learned.log"; fi
 # issue 16 at 10 steps: steps vs quality; refine configurations chosen on validation, measured on test
 if [[ $step == all || $step == steps10 ]]; then
@@ -67,19 +67,19 @@ learned-emin0.8-cmin0.6 learned-emin0.8-cmin0.4 fixed-1-0.5 fixed-1-0.6 fixed-0.
 learned-emin0.7-cmin0.3 learned-emin0.8-cmin0.3 learned-emin0.6-cmin0.4 fixed-0.7-0.4" "learned-emin0.7-eeps0.02-cmin0.3 \
 learned-emin0.7-eeps0.04-cmin0.3 learned-emin0.7-ecw0.02-cmin0.3"; do
     diffusionx bench --n 96 --batch 48 --steps 10 --sessions "$OUT/validation96.jsonl" $(printf -- '--policy %s ' $policies) \
-      --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_${policies%% *}" 2>&1 | quiet \
+      --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_${policies%% *}" 2>&1 | quiet \
       > "$OUT/val10_${policies%% *}.log"
   done
   diffusionx bench --n 192 --batch 64 --steps 10 --policy learned --policy learned-cmin0 --policy learned-cmin0.5 \
-    --policy fixed-1-0.5 --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench10" 2>&1 \
+    --policy fixed-1-0.5 --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench10" 2>&1 \
     | quiet > "$OUT/bench10.log"
   diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.7-cmin0.3 \
-    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/test10" 2>&1 | quiet > "$OUT/test10.log"
+    --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/test10" 2>&1 | quiet > "$OUT/test10.log"
   python -c "from diffusionx.world import generate_sessions; from diffusionx.world.sessions import write_jsonl; \
 write_jsonl(generate_sessions(288, 'validation')[96:], '$OUT/validation_next192.jsonl')"
   diffusionx bench --n 192 --batch 64 --steps 10 --sessions "$OUT/validation_next192.jsonl" \
     --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.8-cmin0.4 --policy fixed-1-0.5 \
-    --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_next192" 2>&1 | quiet \
+    --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_next192" 2>&1 | quiet \
     > "$OUT/val10_next192.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then

@@ -307,6 +307,14 @@ def test_bench_scores_every_round_of_plain_string_sessions(tmp_path, untrained_p
     assert len(per_image["attribute_accuracy"]) == 4 and None not in per_image["attribute_accuracy"]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["workload"]["n_sessions"] == 2
 
+    # The recorded work models the same latency again, and another calibration moves it
+    from diffusionx.bench import latency_under
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert latency_under(saved, CALIB, get_profile("measured"))[dx.name] == pytest.approx(m["session_latency_mean_s"])
+    slower_edge = {**CALIB, "edge": {k: 2 * v for k, v in CALIB["edge"].items()}}
+    assert latency_under(saved, slower_edge, get_profile("measured"))[dx.name] > m["session_latency_mean_s"]
+
 
 @pytest.mark.filterwarnings("ignore:the embedded models know only")  # the out-of-vocabulary prompt
 def test_evaluate_on_plain_string_sessions(tmp_path, untrained_pair):

@@ -117,3 +117,31 @@ def test_shipped_preview_decoder_renders_what_the_vae_renders(embedded_pair):
     full, tiny = edge.decode(latents), edge.decode(latents, preview=True)
     values = [psnr(a, b) for a, b in zip(full, tiny)]
     assert min(values) > 24.0, values
+
+
+def test_calibration_times_the_preview_decoder_where_the_edge_has_one(pair_with_decoder, untrained_pair):
+    from diffusionx.bench.harness import calibrate
+
+    with_decoder = calibrate(pair_with_decoder, repeats=2)
+    assert with_decoder["edge"]["preview_decode_s"] > 0
+    assert "preview_decode_s" not in with_decoder["cloud"]
+    assert "preview_decode_s" not in calibrate(untrained_pair, repeats=2)["edge"]
+
+
+@pytest.mark.slow
+def test_train_preview_decoder_smoke_exports_a_decoder_the_pair_loads(tmp_path, capsys):
+    import json
+
+    from diffusionx.cli import main
+
+    if not (EMBEDDED_DIR / "pair.json").exists():
+        pytest.skip("the trained embedded pair is not in this checkout")
+    assert main(["train", "preview-decoder", "--smoke", "--out", str(tmp_path / "run")]) == 2
+    assert "needs --export-to" in capsys.readouterr().err
+    export = tmp_path / "export"
+    assert main(["train", "preview-decoder", "--smoke", "--out", str(tmp_path / "run"), "--export-to", str(export)]) == 0
+    assert "PSNR tiny vs VAE" in capsys.readouterr().out
+    report = json.loads((export / "report.json").read_text())
+    assert 0 <= report["attribute_accuracy_tiny"] <= 1 and report["decode_ms_batch1_tiny"] > 0
+    assert (export / "diffusion_pytorch_model.safetensors").exists()
+    assert load_pair("embedded", preview_decoder=str(export)).edge.preview_vae is not None

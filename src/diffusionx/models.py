@@ -106,7 +106,8 @@ def load_pair(
 
     `preview_decoder`: a tiny decoder (`AutoencoderTiny` folder or HF id, e.g. madebyollin/taesd
     for SD v1.5's latents) the edge decodes its previews with; "default" is the one the embedded
-    pair ships (none for other pairs), None decodes previews with the VAE."""
+    pair ships (for random-sd15, TAESD's architecture with random weights, for timing; none for
+    other pairs), None decodes previews with the VAE."""
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     edge_source, cloud_source = PRESETS[preset]
@@ -129,7 +130,9 @@ def load_pair(
 
     if preview_decoder == "default":
         shipped = EMBEDDED_DIR / "preview_decoder"
-        preview_decoder = str(shipped) if edge_source == "builtin:embedded-edge" and shipped.exists() else None
+        defaults = {"builtin:embedded-edge": str(shipped) if shipped.exists() else None,
+                    "builtin:random-tiny-sd": "builtin:random-taesd"}
+        preview_decoder = defaults.get(edge_source)
 
     def load_all():
         edge_engine, *rest = load_sides()
@@ -153,6 +156,8 @@ def load_preview_decoder(source: str, edge: Engine, device: str, dtype: torch.dt
     """An `AutoencoderTiny` for `edge`'s previews; it must decode the edge VAE's latents."""
     from diffusers import AutoencoderTiny
 
+    if source == "builtin:random-taesd":
+        return AutoencoderTiny().to(device, dtype)  # diffusers' defaults are TAESD's architecture
     try:
         try:
             decoder = AutoencoderTiny.from_pretrained(source, local_files_only=True)

@@ -2,7 +2,7 @@
 
 from .harness import Method, calibrate, default_methods, run_method, session_latency
 from .profiles import PROFILES, DeviceProfile, get_profile
-from .run import load_sessions, parse_policy, read_calibration, run_bench, write_calibration
+from .run import latency_under, load_sessions, parse_policy, read_calibration, run_bench, write_calibration
 
 __all__ = [
     "PROFILES",
@@ -11,6 +11,7 @@ __all__ = [
     "calibrate",
     "default_methods",
     "get_profile",
+    "latency_under",
     "load_sessions",
     "parse_policy",
     "read_calibration",

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
 from ..models import ModelPair
-from .harness import Method, calibrate, default_methods, p95, run_method, session_latency
+from .harness import Method, SessionRecord, calibrate, default_methods, p95, run_method, session_latency
 from .profiles import DeviceProfile
 from .report import write_markdown, write_plots
 
@@ -78,7 +78,7 @@ def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:
     return sessions, str(path)
 
 
-def write_calibration(pair: ModelPair, path: str | Path, repeats: int = 3) -> dict[str, Any]:
+def write_calibration(pair: ModelPair, path: str | Path, repeats: int = 15) -> dict[str, Any]:
     """Measure the pair's compute times on this machine and save them for `run_bench(calibration=)`."""
     calib = {**calibrate(pair, repeats=repeats), "models": pair.describe(), "machine": _machine(pair)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +274,9 @@ def run_bench(
         }
         if method.kind == "diffusionx":  # what the policy chose for the finals (a fixed one: its own)
             results[method.name]["cloud_strength_mean"] = float(np.mean([r.final["strength"] for r in records]))
+        # What each session ran, so its latency can be modelled again under another calibration or
+        # profile without generating anything (`latency_under`).
+        results[method.name]["session_work"] = [{"rounds": r.rounds, "final": r.final} for r in records]
     report = {
         "methods": results,
         "workload": {
@@ -297,4 +300,18 @@ def run_bench(
     return report
 
 
-__all__ = ["default_methods", "load_sessions", "parse_policy", "read_calibration", "run_bench", "write_calibration"]
+def latency_under(report: dict[str, Any], calibration: dict[str, Any], profile: DeviceProfile) -> dict[str, float]:
+    """Each method's mean session latency (s) in a saved report, modelled again from the work its
+    sessions recorded (`session_work`) under `calibration` and `profile`."""
+    out = {}
+    for name, result in report["methods"].items():
+        if "session_work" not in result:
+            raise InvalidInputError(f"{name}: the report predates per-session work records; run the benchmark again")
+        method = Method(name, result["kind"])
+        records = [SessionRecord(rounds=w["rounds"], final=w["final"]) for w in result["session_work"]]
+        out[name] = float(np.mean([session_latency(method, r, calibration, profile)["session_s"] for r in records]))
+    return out
+
+
+__all__ = ["default_methods", "latency_under", "load_sessions", "parse_policy", "read_calibration", "run_bench",
+           "write_calibration"]

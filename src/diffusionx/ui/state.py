@@ -64,7 +64,7 @@ GONE = "this session is no longer on the server (it restarted or the tab was idl
 MAX_LOAD_BYTES = 2 * 1024 * 1024
 MAX_LOAD_STEPS = 200
 PREVIEW_WAIT_S = 0.5  # how long a request for a newer intermediate preview waits for the render thread
-PREVIEW_MAX_LATENT = 32 * 32  # step previews (a VAE decode each) only for latents up to this many pixels
+PREVIEW_MAX_LATENT = 32 * 32  # step previews (a decode each) only for latents up to this many pixels
 
 
 def round_modes() -> tuple[str, ...]:
@@ -387,9 +387,10 @@ class UIState:
                 progress.png_ready.set()  # nothing more will be decoded: nobody waits for it
 
     def preview_png(self, x0: torch.Tensor) -> bytes:
-        """An intermediate latent as a PNG, by the edge VAE (small latents only: `step_previews`)."""
+        """An intermediate latent as a PNG, by the edge's preview decoder where it has one, else its
+        VAE (small latents only: `step_previews`)."""
         engine = self.pair.edge
-        image = engine.decode(x0.to(engine.device, engine.dtype))[0]
+        image = engine.decode(x0.to(engine.device, engine.dtype), preview=True)[0]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
