@@ -139,7 +139,8 @@ def test_train_preview_decoder_smoke_exports_a_decoder_the_pair_loads(tmp_path, 
     assert main(["train", "preview-decoder", "--smoke", "--out", str(tmp_path / "run")]) == 2
     assert "needs --export-to" in capsys.readouterr().err
     export = tmp_path / "export"
-    assert main(["train", "preview-decoder", "--smoke", "--out", str(tmp_path / "run"), "--export-to", str(export)]) == 0
+    command = ["train", "preview-decoder", "--smoke", "--out", str(tmp_path / "run"), "--export-to", str(export)]
+    assert main(command) == 0
     assert "PSNR tiny vs VAE" in capsys.readouterr().out
     report = json.loads((export / "report.json").read_text())
     assert 0 <= report["attribute_accuracy_tiny"] <= 1 and report["decode_ms_batch1_tiny"] > 0
