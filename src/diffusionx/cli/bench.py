@@ -20,7 +20,7 @@ def register(sub) -> None:
     p = options.command(sub, "bench", "the paper's comparison: cloud-only vs edge-only vs DiffusionX", EXAMPLES,
                         description="Runs sessions through every method; writes results.json, results.md and "
                                     "plots (docs/benchmark.md).")
-    options.model_options(p)
+    options.model_options(p, previews=True)
     p.add_argument("--sessions", metavar="FILE", help="JSONL of sessions (default: the embedded world's test split)")
     p.add_argument("--n", type=options.positive_int, default=256, help="number of sessions (FID needs many finals)")
     options.out_option(p, "outputs/bench", "output folder")

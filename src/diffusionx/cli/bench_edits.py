@@ -38,7 +38,7 @@ def register(sub) -> None:
                                               "local blend) and local edits (DiffEdit mask) on every edit kind: "
                                               "unedited-region PSNR / SSIM, edited attribute right, untouched "
                                               "attributes kept (docs/control.md).")
-    options.model_options(p, overrides=False)
+    options.model_options(p, overrides=False, previews=True)
     p.add_argument("--n", type=options.positive_int, default=96, help="number of round edits")
     options.out_option(p, "outputs/bench-edits", "output folder: edits.json, results.md, edits_grid.png")
     p.add_argument("--policy", type=options.policy_spec, metavar="SPEC",

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p = options.command(sub, "demo", "a scripted multi-round session, finalized by the cloud model", EXAMPLES,
                         description="Four rounds of edits on the edge model, then the cloud refines the last "
                                     "preview. Writes round_NN.png, final.png, strip.png and report.json.")
-    options.model_options(p)
+    options.model_options(p, previews=True)
     options.session_options(p)
     options.out_option(p, "outputs/demo", "output folder")
     p.set_defaults(func=run, round_mode="auto")  # the demo shows the product: each edit its measured mode

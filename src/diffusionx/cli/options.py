@@ -86,8 +86,9 @@ def prompt(text: str) -> str:
 # ----- groups
 
 def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, sampling: bool = True,
-                  side: str = "pair", random_seed: bool = False) -> None:
-    """--model (and --edge-model / --cloud-model overrides); --steps and --seed when it samples."""
+                  side: str = "pair", random_seed: bool = False, previews: bool = False) -> None:
+    """--model (and --edge-model / --cloud-model overrides); --steps and --seed when it samples;
+    --preview-decoder for commands that show edge previews."""
     group = p.add_argument_group("models")
     group.add_argument("--model", default="embedded", choices=sorted(PRESETS),
                        help=f"model {side} preset (`embedded` ships with the package; sd15 needs the hub cache)")
@@ -97,11 +98,11 @@ def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, samplin
                                help="edge model: a Hugging Face id or a diffusers folder (overrides the preset)")
         group.add_argument("--cloud-model", dest="cloud", metavar="ID_OR_DIR",
                            help="cloud model: a Hugging Face id or a diffusers folder (overrides the preset)")
-        if side == "pair":
-            group.add_argument("--preview-decoder", default="default", metavar="ID_OR_DIR",
-                               help="tiny decoder (AutoencoderTiny) for the edge's previews, finals keep the VAE: "
-                                    "default = the one the embedded pair ships, none = the VAE for previews too, "
-                                    "or a folder / Hugging Face id (madebyollin/taesd for SD v1.5 latents)")
+    if previews:
+        group.add_argument("--preview-decoder", default="default", metavar="ID_OR_DIR",
+                           help="tiny decoder (AutoencoderTiny) for the edge's previews, finals keep the VAE: "
+                                "default = the one the embedded pair ships, none = the VAE for previews too, "
+                                "or a folder / Hugging Face id (madebyollin/taesd for SD v1.5 latents)")
     if sampling:
         group.add_argument("--steps", type=steps, default=20, help="scheduler steps")
         if random_seed:

@@ -53,7 +53,7 @@ def register(sub) -> None:
     psub = p.add_subparsers(dest="predictors_command", required=True)
 
     c = subcommand(psub, "collect", "quality/cost sweeps over sessions -> JSONL table (resumable)")
-    options.model_options(c)
+    options.model_options(c, previews=True)
     c.add_argument("--train", type=int, default=150, help="train-split sessions of the embedded world")
     c.add_argument("--validation", type=int, default=50, help="validation-split sessions")
     c.add_argument("--test", type=int, default=0, help="test-split sessions (held out: evaluation only)")
@@ -96,7 +96,7 @@ def register(sub) -> None:
     t.set_defaults(func=options.lazy("diffusionx.predictors.commands", "cmd_train"))
 
     u = subcommand(psub, "tune", "choose the learned policy's edge eps and strength floors on validation sessions")
-    options.model_options(u, overrides=False)
+    options.model_options(u, overrides=False, previews=True)
     u.add_argument("--predictors", default=None, help=f"predictor folder (default: the shipped ones, {SHIPPED})")
     u.add_argument("--sessions", help="JSONL of sessions (default: the embedded world's validation split)")
     u.add_argument("--n", type=int, default=128, help="sessions")

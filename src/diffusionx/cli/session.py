@@ -30,7 +30,7 @@ printf 'a red circle\\na red circle on a blue background\\n/final\\n' | diffusio
 def register(sub) -> None:
     p = options.command(sub, "session", "interactive multi-round session in the terminal", EXAMPLES,
                         description="Type a prompt per line; each one makes a round on the edge model.\n\n" + COMMANDS)
-    options.model_options(p)
+    options.model_options(p, previews=True)
     options.session_options(p)
     options.out_option(p, "outputs/session", "output folder: round_NN.png, final.png, strip.png, report.json")
     p.set_defaults(func=run)

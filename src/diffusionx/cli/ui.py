@@ -29,7 +29,7 @@ def register(sub) -> None:
     p = options.command(sub, "ui", "the web page for interactive sessions (docs/ui.md)", EXAMPLES)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
-    options.model_options(p, random_seed=True)
+    options.model_options(p, random_seed=True, previews=True)
     group = p.add_argument_group("session")
     group.add_argument("--edge-strength", type=options.strength, default=0.6, help="round-to-round strength")
     group.add_argument("--cloud-strength", type=options.strength, default=0.5, help="cloud refinement strength")

@@ -507,6 +507,7 @@ def results_table(result: dict) -> str:
 
 
 def cmd_bench_edits(args) -> int:
+    from ..cli.runtime import preview_decoder_arg
     from ..engine import check_seed, check_steps
     from ..errors import InvalidInputError
     from ..models import load_pair
@@ -534,7 +535,7 @@ def cmd_bench_edits(args) -> int:
                 f"{args.sessions} has no measurable round edits: the edited objects need a named position "
                 "(e.g. 'a red circle on the left' -> 'a blue circle on the left')"
             )
-    pair = load_pair(args.model)
+    pair = load_pair(args.model, preview_decoder=preview_decoder_arg(args))
     result = bench_edits(pair, n=args.n, out_dir=args.out, steps=args.steps, seed=args.seed, config=config,
                          policy=policy, side=args.side, sessions=sessions, local_strength=args.local_strength,
                          methods=args.methods, split=args.split,

@@ -9,6 +9,7 @@ from typing import Any
 
 
 def cmd_collect(args) -> int:
+    from ..cli.runtime import preview_decoder_arg
     from ..errors import InvalidInputError
     from ..models import load_pair
     from ..world import generate_sessions, read_jsonl
@@ -58,7 +59,8 @@ def cmd_collect(args) -> int:
             rollout = policy_from_spec(args.rollout_policy)
         except ValueError as err:
             raise InvalidInputError(str(err)) from None
-    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud, device=args.device)
+    pair = load_pair(args.model, edge=args.edge, cloud=args.cloud, device=args.device,
+                     preview_decoder=preview_decoder_arg(args))
     print(f"models: edge {pair.edge_info.label}, cloud {pair.cloud_info.label}", file=sys.stderr)
     budget = args.time_budget_min * 60 if args.time_budget_min else None
     work = interleave(groups)
@@ -162,6 +164,7 @@ def cmd_curve(args) -> int:
 def cmd_tune(args) -> int:
     from ..bench import get_profile
     from ..bench.run import load_sessions
+    from ..cli.runtime import preview_decoder_arg
     from ..errors import InvalidInputError
     from ..models import load_pair
     from ..world import generate_sessions
@@ -177,7 +180,7 @@ def cmd_tune(args) -> int:
     folder = Path(args.predictors or ASSET_DIR)
     if not (folder / "predictors.json").is_file():
         raise InvalidInputError(f"no predictors in {folder}: run `diffusionx predictors train` first")
-    pair = load_pair(args.model)
+    pair = load_pair(args.model, preview_decoder=preview_decoder_arg(args))
     summary = tune_policy(
         pair,
         sessions,
