@@ -81,6 +81,25 @@ write_jsonl(generate_sessions(288, 'validation')[96:], '$OUT/validation_next192.
     --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.8-cmin0.4 --policy fixed-1-0.5 \
     --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/val10_next192" 2>&1 | quiet \
     > "$OUT/val10_next192.log"; fi
+# issue 16, third session: the preview decoder, a fresh calibration, the edge floor chosen on 288 validation sessions
+if [[ $step == all || $step == preview ]]; then
+  diffusionx train preview-decoder --out "$OUT/pd" --export-to src/diffusionx/assets/embedded/preview_decoder 2>&1 \
+    | quiet > "$OUT/pd.log"
+  diffusionx bench --calibrate-only --out "$OUT/cal" > "$OUT/cal.log" 2>&1
+  python benchmarks/calibration_two_teams.py one > "$OUT/two_teams.txt" 2>&1
+  python benchmarks/calibration_two_teams.py two >> "$OUT/two_teams.txt" 2>&1
+  python -c "from diffusionx.world import generate_sessions; from diffusionx.world.sessions import write_jsonl; \
+write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
+  diffusionx bench --n 288 --batch 48 --steps 10 --sessions "$OUT/validation288.jsonl" \
+    --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.7-eeps0.02-cmin0.4 --policy learned-emin0.7-eeps0.02-cmin0.5 \
+    --policy learned-emin0.8-eeps0.02-cmin0.3 --policy learned-emin0.8-eeps0.02-cmin0.4 \
+    --calibration "$OUT/cal/calibration.json" --out "$OUT/val288" 2>&1 | quiet > "$OUT/val288.log"
+  diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.3 \
+    --policy learned-emin0.8-eeps0.02-cmin0.4 --policy learned-emin0.7-eeps0.02-cmin0.3 \
+    --calibration "$OUT/cal/calibration.json" --out "$OUT/test_preview" 2>&1 | quiet > "$OUT/test_preview.log"
+  python benchmarks/latency_under.py "$OUT/test_preview/results.json" --calibration "$OUT/cal/calibration.json" \
+    --calibration benchmarks/results/calibration_embedded_cpu_with_preview_ratio.json --vae-previews \
+    > "$OUT/test_preview_latency_under.md"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \

@@ -378,3 +378,19 @@ def test_vs_cloud_only_figures_hold_next_to_a_busy_process(tmp_path, untrained_p
     for name, value in quiet.items():
         assert (value > 0) == (loaded[name] > 0), (name, value, loaded[name])
         assert abs(value - loaded[name]) < 0.05, (name, value, loaded[name])
+
+
+def test_paired_ratio_interval_covers_the_ratio_and_skips_unscored_items():
+    from diffusionx.bench.run import paired_ratio_ci95
+
+    rng = np.random.default_rng(1)
+    baseline = list(rng.uniform(0.5, 1.0, 200))
+    worse = [0.9 * b for b in baseline]
+    out = paired_ratio_ci95(worse + [None], baseline + [0.7])
+    assert out["n"] == 200 and out["ratio"] == pytest.approx(0.9)
+    low, high = out["ci95"]
+    assert high - low < 1e-9  # every pair in the same proportion: no spread to resample
+    noisy = [b + e for b, e in zip(baseline, rng.normal(0, 0.2, 200))]
+    out = paired_ratio_ci95(noisy, baseline)
+    assert out["ci95"][0] < out["ratio"] < out["ci95"][1] and out["ci95"][1] - out["ci95"][0] > 0.02
+    assert paired_ratio_ci95([None, 0.5], [0.5, None]) is None

@@ -47,6 +47,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         )
     if any(m.get("quality_note") for m in methods.values()):
         lines += ["", "Quality columns: n/a (random weights): this table's models only give latency and cost."]
+    lines += _vs_cloud_only_table(methods)
     lines += _edge_preview_table(methods)
     lines += _fidelity_table(methods)
     calib = report["calibration_measured_s"]
@@ -93,6 +94,19 @@ def _with_ci(mean: float | None, ci: list[float] | None, digits: int) -> str:
     if mean is None:
         return "n/a"
     return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _vs_cloud_only_table(methods: dict[str, Any]) -> list[str]:
+    """Final attribute accuracy as a share of cloud-only's, with the interval the sessions allow."""
+    rows = [(name, m["attribute_accuracy_vs_cloud_only"]) for name, m in methods.items()
+            if m.get("attribute_accuracy_vs_cloud_only")]
+    if not rows:
+        return []
+    lines = ["", "## Final attribute accuracy vs cloud-only (paired over sessions, 95% bootstrap interval)", "",
+             "| method | share of cloud-only | 95% interval | sessions |", "|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['ratio']:.1%} | [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['n']} |")
+    return lines
 
 
 def _fidelity_table(methods: dict[str, Any]) -> list[str]:

@@ -116,8 +116,24 @@ def _quality(evaluator, images: list, prompts: list[str], references: list | Non
         "clip_score": float(np.mean(scores)),
         "fid": float(evaluator.fid(images, references)) if references is not None else None,
         "attribute_accuracy": attributes["mean"],
+        "attribute_accuracy_per_image": attributes["per_image"],
         "n_unparseable": attributes["n_unparseable"],
     }
+
+
+def paired_ratio_ci95(values: list, baseline: list, resamples: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """mean(values) / mean(baseline) over the items both score, with a 95% percentile interval
+    from resampling the items (pairs stay together, so what both share cancels)."""
+    pairs = np.array([(v, b) for v, b in zip(values, baseline) if v is not None and b is not None], dtype=float)
+    if len(pairs) < 2 or pairs[:, 1].mean() == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(pairs), size=(resamples, len(pairs)))
+    sums = pairs[picks].sum(axis=1)  # (resamples, 2)
+    ratios = sums[:, 0] / np.where(sums[:, 1] == 0, np.nan, sums[:, 1])
+    low, high = np.nanpercentile(ratios, [2.5, 97.5])
+    return {"ratio": float(pairs[:, 0].mean() / pairs[:, 1].mean()), "ci95": [float(low), float(high)],
+            "n": len(pairs)}
 
 
 def _edge_steps(method: Method, records: list) -> float:
@@ -277,6 +293,11 @@ def run_bench(
         # What each session ran, so its latency can be modelled again under another calibration or
         # profile without generating anything (`latency_under`).
         results[method.name]["session_work"] = [{"rounds": r.rounds, "final": r.final} for r in records]
+    baseline = results.get("cloud-only", {}).get("attribute_accuracy_per_image")
+    for name, result in results.items():
+        if baseline is not None and name != "cloud-only" and result.get("attribute_accuracy_per_image"):
+            result["attribute_accuracy_vs_cloud_only"] = paired_ratio_ci95(result["attribute_accuracy_per_image"],
+                                                                           baseline)
     report = {
         "methods": results,
         "workload": {
