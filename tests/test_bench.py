@@ -386,7 +386,7 @@ def test_paired_ratio_interval_covers_the_ratio_and_skips_unscored_items():
     rng = np.random.default_rng(1)
     baseline = list(rng.uniform(0.5, 1.0, 200))
     worse = [0.9 * b for b in baseline]
-    out = paired_ratio_ci95(worse + [None], baseline + [0.7])
+    out = paired_ratio_ci95([*worse, None], [*baseline, 0.7])
     assert out["n"] == 200 and out["ratio"] == pytest.approx(0.9)
     low, high = out["ci95"]
     assert high - low < 1e-9  # every pair in the same proportion: no spread to resample
