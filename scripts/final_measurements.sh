@@ -99,7 +99,9 @@ write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
     --calibration "$OUT/cal/calibration.json" --out "$OUT/test_preview" 2>&1 | quiet > "$OUT/test_preview.log"
   python benchmarks/latency_under.py "$OUT/test_preview/results.json" --calibration "$OUT/cal/calibration.json" \
     --calibration benchmarks/results/calibration_embedded_cpu_with_preview_ratio.json --vae-previews \
-    > "$OUT/test_preview_latency_under.md"; fi
+    > "$OUT/test_preview_latency_under.md"
+  diffusionx bench --n 576 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.4 \
+    --calibration "$OUT/cal/calibration.json" --out "$OUT/test_preview576" 2>&1 | quiet > "$OUT/test_preview576.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
