@@ -94,6 +94,10 @@ write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
     --policy learned-emin0.7-eeps0.02-cmin0.3 --policy learned-emin0.7-eeps0.02-cmin0.4 --policy learned-emin0.7-eeps0.02-cmin0.5 \
     --policy learned-emin0.8-eeps0.02-cmin0.3 --policy learned-emin0.8-eeps0.02-cmin0.4 \
     --calibration "$OUT/cal/calibration.json" --out "$OUT/val288" 2>&1 | quiet > "$OUT/val288.log"
+  diffusionx bench --n 288 --batch 48 --steps 10 --sessions "$OUT/validation288.jsonl" \
+    --policy learned-emin0.8-eeps0.02-ceps0.01-cmin0.4 --policy learned-emin0.8-eeps0.02-ceps0.01-cmin0.3 \
+    --policy learned-emin0.8-eeps0.02-ceps0-cmin0.3 --calibration "$OUT/cal/calibration.json" --out "$OUT/val288_ceps" \
+    2>&1 | quiet > "$OUT/val288_ceps.log"
   diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.3 \
     --policy learned-emin0.8-eeps0.02-cmin0.4 --policy learned-emin0.7-eeps0.02-cmin0.3 \
     --calibration "$OUT/cal/calibration.json" --out "$OUT/test_preview" 2>&1 | quiet > "$OUT/test_preview.log"
