@@ -78,6 +78,8 @@ def test_no_preview_decoder_unless_asked_or_shipped(untrained_pair, decoder_fold
 def test_preview_decoder_load_errors_say_what_to_do(tmp_path):
     with pytest.raises(ModelNotAvailableError, match=r"preview decoder .*no such folder.*\(--preview-decoder none\)"):
         load_pair("untrained", preview_decoder=str(tmp_path / "missing"))
+    with pytest.raises(ModelNotAvailableError, match="no such folder; as a hub id"):
+        load_pair("untrained", preview_decoder="runs_missing/decoder")  # relative folder or hub id
     from diffusers import AutoencoderTiny
 
     AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),

@@ -164,7 +164,9 @@ def load_preview_decoder(source: str, edge: Engine, device: str, dtype: torch.dt
         except OSError:
             decoder = AutoencoderTiny.from_pretrained(source)
     except (OSError, ValueError) as err:
-        why = "no such folder" if _looks_like_path(source) and not Path(source).exists() else str(err).splitlines()[0]
+        why = str(err).splitlines()[0]
+        if not Path(source).expanduser().exists():  # a hub id ("owner/name") may also be a relative folder
+            why = "no such folder" if _looks_like_path(source) else f"no such folder; as a hub id: {why}"
         raise ModelNotAvailableError(
             f"cannot load the preview decoder {source!r} ({why}); give an AutoencoderTiny folder or HF id, "
             "or leave previews to the VAE (--preview-decoder none)") from None
