@@ -16,7 +16,6 @@ their tab asks for them. Without a store (`--state memory`) a session lives only
 from __future__ import annotations
 
 import inspect
-import io
 import logging
 import secrets
 import threading
@@ -38,6 +37,7 @@ from ..errors import DiffusionXError, InvalidInputError, PromptTruncatedWarning
 from ..models import ModelPair
 from ..policies import FixedStrength, StrengthPolicy
 from ..session import EdgeSession, FinalResult, Round
+from ..wire import image_to_png
 from .store import (
     KEEP_FINAL,
     STORE_FORMAT,
@@ -390,10 +390,7 @@ class UIState:
         """An intermediate latent as a PNG, by the edge's preview decoder where it has one, else its
         VAE (small latents only: `step_previews`)."""
         engine = self.pair.edge
-        image = engine.decode(x0.to(engine.device, engine.dtype), preview=True)[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+        return image_to_png(engine.decode(x0.to(engine.device, engine.dtype), preview=True)[0])
 
     def _hook(self, progress: Progress, previews: bool):
         alphas = self._alphas
