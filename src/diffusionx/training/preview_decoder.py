@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .common import adamw, cosine_lr
 from .data import to_tensor_images
+from .distill import encode_images, training_caption
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,15 @@ def new_preview_decoder(cfg: PreviewDecoderConfig, latent_channels: int = 4):
 
 
 def _captions(n: int, split: str, rng: np.random.Generator) -> list[str]:
+    """Captions of `split` scenes as people write them (the pair's training captions)."""
     from ..world import random_scene
-    from ..world.captions import caption_with_style, named_part, sample_style
     from ..world.scene import scene_split
 
     out: list[str] = []
     while len(out) < n:
         scene = random_scene(rng)
         if scene_split(scene) == split:
-            out.append(caption_with_style(named_part(scene, rng), sample_style(rng)))
+            out.append(training_caption(scene, rng))
     return out
 
 
@@ -109,16 +110,14 @@ def build_data(pair, cfg: PreviewDecoderConfig) -> dict[str, torch.Tensor]:
         if scene_split(scene) == "train":
             scenes.append(scene)
     images = np.stack([render(s, 64, rng) for s in tqdm(scenes, desc="render scenes", leave=False)])
-    pixels = to_tensor_images(images)
-    with torch.no_grad():
-        posteriors = [vae.encode(pixels[k:k + 256]).latent_dist for k in range(0, len(pixels), 256)]
+    mean, std = encode_images(vae, images, "cpu")
     scaling = vae.config.scaling_factor
-    means = torch.cat([d.mean for d in posteriors]) * scaling
-    sampled = torch.cat([d.sample() for d in posteriors]) * scaling
+    sampled = (mean + std * torch.randn_like(mean)) * scaling  # a posterior sample per scene
     generated = _generated_latents(pair.edge, _captions(cfg.generated, "train", rng), cfg.generation_steps,
                                    seed=cfg.seed * 1_000_003)
     latents = torch.cat([sampled, generated])
-    return {"latents": latents, "targets": _vae_decode(vae, latents), "pixels": pixels, "means": means}
+    return {"latents": latents, "targets": _vae_decode(vae, latents), "pixels": to_tensor_images(images),
+            "means": mean * scaling}
 
 
 def train_preview_decoder(pair, out: str | Path, cfg: PreviewDecoderConfig = PreviewDecoderConfig(),
