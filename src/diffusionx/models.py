@@ -123,25 +123,21 @@ def load_pair(
         edge_source, cloud_source = PRESETS["untrained"]
         name = "untrained"
 
-    def load_sides():
-        edge_engine, edge_info = _load_side(edge_source, "edge", device, dtype, shared=None)
-        shared = edge_engine if _shares_components(edge_source, cloud_source) else None
-        return edge_engine, edge_info, *_load_side(cloud_source, "cloud", device, dtype, shared=shared)
-
     if preview_decoder == "default":
         shipped = EMBEDDED_DIR / "preview_decoder"
         defaults = {"builtin:embedded-edge": str(shipped) if shipped.exists() else None,
                     "builtin:random-tiny-sd": "builtin:random-taesd"}
         preview_decoder = defaults.get(edge_source)
 
-    def load_all():
-        edge_engine, *rest = load_sides()
+    def load_sides():
+        edge_engine, edge_info = _load_side(edge_source, "edge", device, dtype, shared=None)
         if preview_decoder is not None:
             edge_engine.preview_vae = load_preview_decoder(preview_decoder, edge_engine, device, dtype)
-        return edge_engine, *rest
+        shared = edge_engine if _shares_components(edge_source, cloud_source) else None
+        return edge_engine, edge_info, *_load_side(cloud_source, "cloud", device, dtype, shared=shared)
 
     # the OpenMP team the load starts ends with its thread (see call_in_short_lived_thread)
-    edge_engine, edge_info, cloud_engine, cloud_info = call_in_short_lived_thread(load_all)
+    edge_engine, edge_info, cloud_engine, cloud_info = call_in_short_lived_thread(load_sides)
     return ModelPair(
         name=name,
         edge=edge_engine,

@@ -82,7 +82,8 @@ def build_app(
             from diffusionx.server.app import create_app
             from diffusionx.server.config import resolve_device
 
-            pair = load_pair(model, cloud=cloud, device=resolve_device(device))
+            # the replica refines finals: it never decodes an edge preview
+            pair = load_pair(model, cloud=cloud, device=resolve_device(device), preview_decoder=None)
             self._app = create_app(
                 pair.cloud,
                 tokens=tokens,

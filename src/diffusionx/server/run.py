@@ -315,7 +315,8 @@ def cmd_serve(args) -> int:
         sys.setswitchinterval(args.switch_interval / 1000)
     from ..models import load_pair
 
-    pair = load_pair(args.model, cloud=args.cloud, device=resolve_device(args.device))
+    # the service refines finals: it never decodes an edge preview
+    pair = load_pair(args.model, cloud=args.cloud, device=resolve_device(args.device), preview_decoder=None)
     print(f"cloud model: {pair.cloud_info.label}", file=sys.stderr)
     app = create_app(
         pair.cloud, tokens=tokens, insecure=args.insecure, max_batch=args.max_batch, limits=limits, store=location
