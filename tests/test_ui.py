@@ -282,6 +282,21 @@ def test_cli_has_the_ui_command():
     assert args.func.__qualname__ == "diffusionx.ui.app.run_ui"
 
 
+def test_the_apps_shutdown_stops_its_render_thread(untrained_pair):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    state = UIState(untrained_pair, steps=2)
+    with TestClient(create_app(state)) as client:  # the context runs the app's start-up and shutdown
+        assert client.get("/api/config").status_code == 200
+        tab = state.create()
+        render_thread = state.on_render_thread(tab, threading.current_thread)
+        assert render_thread is not threading.current_thread() and render_thread.is_alive()
+    render_thread.join(timeout=10)
+    assert not render_thread.is_alive()
+
+
 def test_progress_counts_steps_and_serves_intermediate_previews(untrained_pair):
     """Deterministic: look at the progress from inside the render, at every U-Net call."""
     from fastapi.testclient import TestClient

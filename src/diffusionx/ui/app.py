@@ -84,5 +84,9 @@ def run_ui(args) -> int:
     if not math.isfinite(args.port) or not 0 <= args.port <= 65535:
         raise InvalidInputError(f"port must be in 0-65535, got {args.port}")
     print(f"DiffusionX UI on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if state.store is not None:
+            state.store.close()
     return 0

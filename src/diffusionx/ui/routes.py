@@ -6,6 +6,8 @@ from the current prediction of the clean latent (x0).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -63,7 +65,12 @@ def _error(status: int, message: str) -> JSONResponse:
 
 # ----- the app ------------------------------------------------------------------------------------
 def create_app(state: UIState) -> FastAPI:
-    app = FastAPI(title="DiffusionX", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="DiffusionX", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.ui = state
 
     @app.exception_handler(InvalidInputError)

@@ -172,6 +172,10 @@ class UIState:
         self._alphas = pair.edge.new_scheduler(DEFAULT_SCHEDULER).alphas_cumprod
         self.evict_stored()
 
+    def close(self) -> None:
+        """Stop the render thread once the renders queued on it are done (the app's shutdown)."""
+        self._render_thread.shutdown(wait=True)
+
     # ----- sessions ---------------------------------------------------------------------------
     def new_edge_session(self, steps: int | None = None, seed: int | None = None) -> EdgeSession:
         if seed is None:
