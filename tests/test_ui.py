@@ -347,6 +347,39 @@ def test_every_render_runs_on_the_one_render_thread(untrained_pair):
     assert len(threads) == 1 and next(iter(threads)).startswith("diffusionx-render")
 
 
+def test_a_remote_finalize_takes_the_render_thread_only_for_the_edges_work(untrained_pair):
+    """The round trip to a remote cloud runs on the request's thread: other tabs keep rendering
+    meanwhile. The edge's own work (the strength policy, the final's decode) stays on the render thread."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    cloud = start_cloud(untrained_pair)
+    client = CloudClient(cloud.url, TOKEN, retries=0, connect_timeout=2)
+    round_trip_threads, decode_threads = [], []
+    send = client.refine
+
+    def recording_refine(request, **kwargs):
+        round_trip_threads.append(threading.current_thread().name)
+        return send(request, **kwargs)
+
+    client.refine = recording_refine
+    hook = untrained_pair.edge.vae.decoder.register_forward_hook(
+        lambda *_: decode_threads.append(threading.current_thread().name))
+    try:
+        with TestClient(create_app(UIState(untrained_pair, cloud=client, cloud_label=cloud.url, steps=2))) as http:
+            sid = http.post("/api/session").json()["id"]
+            assert http.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0]}).status_code == 200
+            decode_threads.clear()
+            final = http.post(f"/api/s/{sid}/finalize", json={"strength": 0.5}).json()["final"]
+    finally:
+        hook.remove()
+        cloud.stop()
+    assert final["refined"] is True
+    assert len(round_trip_threads) == 1 and not round_trip_threads[0].startswith("diffusionx-render")
+    assert decode_threads and all(name.startswith("diffusionx-render") for name in decode_threads)
+
+
 def test_seed_strength_steps_variation_and_round_downloads(untrained_pair):
     from fastapi.testclient import TestClient
 

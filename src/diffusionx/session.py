@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,19 +366,26 @@ class EdgeSession:
 
     # ----- finalize -----------------------------------------------------------------------
     def finalize(self, *, strength: float | None = None, load: dict[str, Any] | None = None,
-                 mode: str = "refine") -> FinalResult:
+                 mode: str = "refine", on_edge: Callable[..., Any] | None = None) -> FinalResult:
         """Send the head round to the cloud. `mode` "refine" keeps the approved preview (the
         policy's cloud strength, or `strength`); "regenerate" asks the cloud for a new image of the
         prompt from the preview's seed (strength 1). If the cloud fails, the result is the preview
-        itself, marked refined=False with the reason: the user never loses their image."""
-        plan = self.finalize_request(strength=strength, load=load, mode=mode)
+        itself, marked refined=False with the reason: the user never loses their image.
+
+        `on_edge(fn, *args, **kwargs)` runs the edge's own work (the policy, the decodes) where the
+        caller wants it, e.g. the web UI's render thread, while the cloud's round trip stays on the
+        calling thread and blocks no other render."""
+        def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs) if on_edge is None else on_edge(fn, *args, **kwargs)
+
+        plan = run(self.finalize_request, strength=strength, load=load, mode=mode)
         try:
             result = self.cloud.refine(plan.request)
         except InvalidInputError:
             raise
         except Exception as err:
-            return self.receive(plan, error=err)
-        return self.receive(plan, result)
+            return run(self.receive, plan, error=err)
+        return run(self.receive, plan, result)
 
     def finalize_request(self, *, strength: float | None = None, load: dict[str, Any] | None = None,
                          mode: str = "refine") -> FinalizePlan:

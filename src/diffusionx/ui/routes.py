@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -222,14 +223,16 @@ def create_app(state: UIState) -> FastAPI:
                     load = None
             start = time.perf_counter()
 
-            def run_final():
-                if state.cloud is None:  # the in-process cloud model shares this machine: take turns
+            if state.cloud is None:  # the in-process cloud model shares this machine: take turns
+                def run_final():
                     with state.render(tab, state.pair.cloud, "finalizing"):
                         return tab.edge.finalize(strength=strength, load=load, mode=mode)
-                tab.progress.phase = "finalizing"  # the cloud renders elsewhere; the edge only decodes
-                return tab.edge.finalize(strength=strength, load=load, mode=mode)
 
-            final = state.on_render_thread(tab, run_final)
+                final = state.on_render_thread(tab, run_final)
+            else:  # the cloud renders elsewhere: only the edge's decodes take the render thread
+                tab.progress.phase = "finalizing"
+                final = tab.edge.finalize(strength=strength, load=load, mode=mode,
+                                          on_edge=functools.partial(state.on_render_thread, tab))
             tab.final_info = final_view(tab, final, time.perf_counter() - start)
             state.persist(tab)
         return state_view(state, tab)
