@@ -517,11 +517,15 @@ class Engine:
                         hook.remove(self.unet)
 
     # ----- VAE ----------------------------------------------------------------------------
+    def uses_preview_decoder(self, preview: bool) -> bool:
+        """Whether a decode asked for as a `preview` goes through the tiny preview decoder."""
+        return preview and self.preview_vae is not None
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, preview: bool = False) -> list[Image.Image]:
         """Latents -> PIL images, the same post-processing as diffusers' VaeImageProcessor;
         `preview` decodes with the tiny preview decoder when the engine has one."""
-        vae = self.preview_vae if preview and self.preview_vae is not None else self.vae
+        vae = self.preview_vae if self.uses_preview_decoder(preview) else self.vae
         config = vae.config
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
@@ -597,7 +601,7 @@ class Engine:
             Generation(latents=job.latents, image=image, seed=job.seed, steps=job.steps, strength=job.strength,
                        unet_steps=job.num_steps, timing=job.timing, prompt_truncated=job.embeddings.truncated,
                        unknown_words=job.embeddings.unknown_words,
-                       preview_decoded=decode and preview and self.preview_vae is not None)
+                       preview_decoded=decode and self.uses_preview_decoder(preview))
             for job, image in zip(jobs, images)
         ]
 

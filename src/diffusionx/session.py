@@ -149,7 +149,7 @@ class EdgeSession:
 
         self.pair = pair
         # Previews through the edge's tiny decoder when it has one; the final keeps the VAE.
-        self.preview_decoder = bool(preview_decoder) and pair.edge.preview_vae is not None
+        self.preview_decoder = pair.edge.uses_preview_decoder(bool(preview_decoder))
         # Attention control (docs/control.md): its settings, and whether each round keeps its
         # attention trace (memory) so a controlled next round need not replay it (time).
         self.control = control or ControlConfig()

@@ -201,7 +201,7 @@ def run_method(
         )
         images = decode_batched(engine, latents)
         # An edge-only user also sees the rounds before the last through the preview decoder.
-        previews = method.kind == "edge-only" and engine.preview_vae is not None
+        previews = engine.uses_preview_decoder(method.kind == "edge-only")
         for record, session, image in zip(records, sessions, images):
             last = len(session["rounds"]) - 1
             record.rounds = [{"strength": 1.0, "unet_steps": steps, "preview_decoded": previews and k < last}

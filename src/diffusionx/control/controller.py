@@ -399,7 +399,7 @@ def controlled_generate(
         mask=branch.last_mask,
         prompt_truncated=embeddings.truncated,
         unknown_words=embeddings.unknown_words,
-        preview_decoded=decode and preview and engine.preview_vae is not None,
+        preview_decoded=decode and engine.uses_preview_decoder(preview),
         stats={
             "processor_calls": hook.router.calls,
             "injected_calls": hook.router.injected,
