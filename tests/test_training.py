@@ -202,3 +202,29 @@ def test_checkpoint_keeps_several_optimizers_and_averages(tmp_path):
     torch.testing.assert_close(b2.weight, b.weight)
     torch.testing.assert_close(opt_b2.state_dict()["state"][0]["exp_avg"], opt_b.state_dict()["state"][0]["exp_avg"])
     torch.testing.assert_close(ema_b2.shadow["weight"], ema_b.shadow["weight"])
+
+
+@pytest.mark.slow
+def test_distill_with_no_cloud_share_trains_the_edge_alone(tmp_path):
+    """`train pair --cloud-share 0`: the cloud and the shared text encoder stay the teacher they
+    were (so cloud-only results do not move); only the edge's weights change."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from diffusionx.training.distill import SMOKE_DISTILL_CONFIG, distill_pair, resolve_source
+
+    source, export = resolve_source("shipped"), tmp_path / "export"
+    config = replace(SMOKE_DISTILL_CONFIG, cloud_share=0.0)
+    summary = distill_pair(tmp_path / "run", export_to=export, config=config, keep="always", progress=False)
+    assert summary["kept"] and summary["steps"] == config.steps and summary["cloud_steps"] == 0
+
+    def weights(folder, part):
+        return load_file(str(next((folder / part).glob("*.safetensors"))))
+
+    for part in ("cloud/unet", "cloud/text_encoder", "edge/text_encoder"):
+        before, after = weights(source, part), weights(export, part)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k].float(), after[k].float()) for k in before), part
+    before, after = weights(source, "edge/unet"), weights(export, "edge/unet")
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -510,8 +510,9 @@ def distill_pair(
         module.eval()
     train_wall = loop.wall_s
     samples = loop.step * cfg.batch
+    cloud_steps = loop.step if phase_switch is None else phase_switch  # 0 when the cloud never trained
     summary: dict[str, Any] = {
-        "from": str(resume_from), "steps": loop.step, "cloud_steps": phase_switch or loop.step,
+        "from": str(resume_from), "steps": loop.step, "cloud_steps": cloud_steps,
         "batch": cfg.batch, "samples": samples, "train_wall_s": train_wall,
         "samples_per_s": samples / max(train_wall, 1e-9), "final": {k: v for k, v in running.items()},
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
