@@ -106,6 +106,24 @@ write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
     > "$OUT/test_preview_latency_under.md"
   diffusionx bench --n 576 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.4 \
     --calibration "$OUT/cal/calibration.json" --out "$OUT/test_preview576" 2>&1 | quiet > "$OUT/test_preview576.log"; fi
+# issue 16, fourth session: the edge trained alone (pair6, cloud and text encoder frozen), checked on
+# 384 validation finals, swapped in (edge/unet and pair.json), then the test sessions again. Steps above
+# this one ran on pair5's edge (git show a8d72b2:src/diffusionx/assets/embedded/edge/unet/...).
+if [[ $step == all || $step == pair6 ]]; then
+  diffusionx train pair --resume-from shipped --out "$OUT/pair6" --export-to "$OUT/pair6_export" --seed 20663 \
+    --cloud-share 0 --budget-minutes 75 2>&1 | quiet > "$OUT/pair6.log"
+  python benchmarks/edge_accuracy.py --cloud shipped "$OUT/pair6_export/edge" 2>/dev/null > "$OUT/pair6_edge_accuracy.jsonl"
+  cp "$OUT/pair6_export/edge/unet/diffusion_pytorch_model.safetensors" src/diffusionx/assets/embedded/edge/unet/
+  cp "$OUT/pair6_export/pair.json" src/diffusionx/assets/embedded/pair.json
+  diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.3 \
+    --policy learned-emin0.8-eeps0.02-cmin0.4 --policy learned-emin0.7-eeps0.02-cmin0.3 \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_pair6" 2>&1 \
+    | quiet > "$OUT/test_pair6.log"
+  diffusionx bench --n 576 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.4 \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_pair6_576" 2>&1 \
+    | quiet > "$OUT/test_pair6_576.log"
+  diffusionx evaluate --n 256 --batch 64 --refine-strengths 0.3,0.5 --out "$OUT/evaluate_pair6" 2>&1 \
+    | quiet > "$OUT/evaluate_pair6.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
