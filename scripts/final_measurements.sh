@@ -123,7 +123,16 @@ if [[ $step == all || $step == pair6 ]]; then
     --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_pair6_576" 2>&1 \
     | quiet > "$OUT/test_pair6_576.log"
   diffusionx evaluate --n 256 --batch 64 --refine-strengths 0.3,0.5 --out "$OUT/evaluate_pair6" 2>&1 \
-    | quiet > "$OUT/evaluate_pair6.log"; fi
+    | quiet > "$OUT/evaluate_pair6.log"
+  python -c "from diffusionx.world import generate_sessions; from diffusionx.world.sessions import write_jsonl; \
+write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
+  diffusionx bench --n 288 --batch 48 --steps 10 --sessions "$OUT/validation288.jsonl" --policy learned-emin0.8-eeps0.02-cmin0.4 \
+    --policy learned-emin0.8-eeps0.02-cmin0.45 --policy learned-emin0.9-eeps0.02-cmin0.4 \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/val288_pair6" 2>&1 \
+    | quiet > "$OUT/val288_pair6.log"
+  diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.9-eeps0.02-cmin0.4 \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_pair6_emin09" 2>&1 \
+    | quiet > "$OUT/test_pair6_emin09.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
