@@ -7,6 +7,7 @@ from . import options
 EXAMPLES = """
 diffusionx train pair --resume-from shipped --out runs/pair2 --export-to runs/pair2_export --budget-minutes 90
 diffusionx train pair --resume-from runs/pair2_export --out runs/pair3 --seed 20461 --budget-minutes 60
+diffusionx train pair --out runs/pair6 --export-to runs/pair6_export --seed 20663 --cloud-share 0 --budget-minutes 75
 diffusionx train pair --smoke --out /tmp/smoke --export-to /tmp/smoke_export
 diffusionx train embedded --out runs/embedded --budget-minutes 170 --export-to runs/export
 diffusionx train evaluator --out runs/evaluator
@@ -36,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--smoke", action="store_true",
                    help="embedded, pair, preview-decoder: a few steps on tiny data (checks a setup)")
     p.add_argument("--cloud-share", type=options.strength, metavar="F",
-                   help="pair: share of the steps in which the cloud and text encoder train (default: the recipe's)")
+                   help="pair: share of the steps in which the cloud and text encoder train (default: the recipe's); "
+                        "0 trains the edge alone, distilled from the frozen cloud")
     p.add_argument("--seed", type=int, metavar="N",
                    help="pair: seed of the training scenes and noise (default: the recipe's); give each run of a "
                         "chain its own, so it sees new scenes")
