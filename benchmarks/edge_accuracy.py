@@ -22,21 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud", action="store_true", help="the shipped cloud on the same prompts too")
     args = p.parse_args(argv)
 
-    from diffusionx.bench.harness import Item, decode_batched, generate_batched
-    from diffusionx.metrics import get_evaluator
+    from diffusionx.bench.harness import generated_attribute_accuracy
     from diffusionx.models import load_pair
     from diffusionx.world import generate_sessions
 
     prompts = [s["rounds"][-1]["prompt"] for s in generate_sessions(args.n, "validation")]
-    items = [Item(prompt, 1000 + i) for i, prompt in enumerate(prompts)]
-    evaluator = get_evaluator()
     runs = [(edge, "edge") for edge in args.edges] + ([("shipped", "cloud")] if args.cloud else [])
     for source, role in runs:
         pair = load_pair(edge=None if source == "shipped" else source, preview_decoder=None)
-        engine = getattr(pair, role)
-        latents = generate_batched(engine, items, steps=args.steps, guidance_scale=args.guidance, batch=64,
-                                   desc=f"{role} {source}")
-        accuracy = evaluator.attribute_accuracy(decode_batched(engine, latents), prompts)["mean"]
+        accuracy = generated_attribute_accuracy(getattr(pair, role), prompts, steps=args.steps, seed=1000,
+                                                guidance_scale=args.guidance, desc=f"{role} {source}")["mean"]
         print(json.dumps({"role": role, "model": source, "n": args.n, "steps": args.steps,
                           "attribute_accuracy": round(accuracy, 4)}), flush=True)
     return 0

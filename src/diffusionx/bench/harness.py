@@ -170,6 +170,19 @@ def decode_batched(engine: Engine, latents: list[torch.Tensor], batch: int = 64)
     return images
 
 
+def generated_attribute_accuracy(
+    engine: Engine, prompts: list[str], *, steps: int, seed: int = 0, guidance_scale: float = 7.5, batch: int = 64,
+    desc: str = "generate",
+) -> dict[str, Any]:
+    """The evaluator's attribute accuracy ("mean", "per_attribute", ...) of `engine`'s fresh
+    generations of `prompts`, prompt i from seed `seed + i`, `batch` jobs sharing each U-Net call."""
+    from ..metrics import get_evaluator
+
+    items = [Item(prompt, seed + i) for i, prompt in enumerate(prompts)]
+    latents = generate_batched(engine, items, steps=steps, guidance_scale=guidance_scale, batch=batch, desc=desc)
+    return get_evaluator().attribute_accuracy(decode_batched(engine, latents, batch), prompts)
+
+
 # ----- one method over all sessions ------------------------------------------------------------
 @dataclass
 class SessionRecord:

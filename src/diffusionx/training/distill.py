@@ -235,19 +235,15 @@ def encode_images(vae, images: np.ndarray, device: str, batch: int = 256) -> tup
 @torch.no_grad()
 def validation_scores(folder: Path, n: int, steps: int, device: str, seed: int = 0) -> dict[str, Any]:
     """Attribute accuracy (evaluator) of the edge and the cloud on `n` validation final prompts."""
-    from ..bench.harness import Item, decode_batched, generate_batched
-    from ..metrics import get_evaluator
+    from ..bench.harness import generated_attribute_accuracy
     from ..models import load_pair
     from ..world import generate_sessions
 
     pair = load_pair(edge=str(folder / "edge"), cloud=str(folder / "cloud"), device=device)
     prompts = [s["rounds"][-1]["prompt"] for s in generate_sessions(n, "validation")]
-    items = [Item(p, seed + i) for i, p in enumerate(prompts)]
-    evaluator = get_evaluator()
     out: dict[str, Any] = {"n_prompts": n, "steps": steps}
     for role, engine in (("edge", pair.edge), ("cloud", pair.cloud)):
-        latents = generate_batched(engine, items, steps=steps, guidance_scale=7.5, batch=64, desc=f"check {role}")
-        accuracy = evaluator.attribute_accuracy(decode_batched(engine, latents), prompts)
+        accuracy = generated_attribute_accuracy(engine, prompts, steps=steps, seed=seed, desc=f"check {role}")
         out[role] = {"attribute_accuracy": accuracy["mean"], "per_attribute": accuracy["per_attribute"]}
     out["combined"] = (out["edge"]["attribute_accuracy"] + out["cloud"]["attribute_accuracy"]) / 2
     return out
@@ -258,21 +254,18 @@ def curve_point(parts: dict[str, Any], emas: dict[str, EMA], prompts: list[str],
     """Attribute accuracy of the averaged (EMA) edge and cloud on `prompts`: one learning-curve point."""
     import copy
 
-    from ..bench.harness import Item, decode_batched, generate_batched
+    from ..bench.harness import generated_attribute_accuracy
     from ..engine import Engine
-    from ..metrics import get_evaluator
 
     text = copy.deepcopy(parts["text_encoder"])
     emas["text_encoder"].copy_to(text)
-    items = [Item(p, i) for i, p in enumerate(prompts)]
     point = {}
     for role in ("edge", "cloud"):
         unet = copy.deepcopy(parts[role])
         emas[role].copy_to(unet)
         engine = Engine(unet=unet, vae=copy.deepcopy(parts["vae"]), text_encoder=text, tokenizer=parts["tokenizer"],
                         scheduler_config=parts["scheduler"].config, name=f"{role}:training")
-        latents = generate_batched(engine, items, steps=steps, guidance_scale=7.5, batch=64, desc=f"curve {role}")
-        point[role] = get_evaluator().attribute_accuracy(decode_batched(engine, latents), prompts)["mean"]
+        point[role] = generated_attribute_accuracy(engine, prompts, steps=steps, desc=f"curve {role}")["mean"]
     return point
 
 
