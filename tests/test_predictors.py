@@ -212,6 +212,14 @@ def test_tune_picks_the_fastest_floor_that_meets_the_target():
     close = {"attribute_accuracy": 0.655, "clip_score": 81.5, "preview_fidelity": {"psnr_db": 18.0}}
     assert finals_ok(close, cloud_only, 0.01) and not finals_ok(close, cloud_only, 0.01, fidelity_floor=20.0)
     assert finals_ok({**close, "preview_fidelity": {"psnr_db": 21.0}}, cloud_only, 0.01, fidelity_floor=20.0)
+    # no floor reaches the quality target: refine mode keeps the highest floor that still keeps the preview
+    from diffusionx.predictors.tune import safest_cloud
+
+    by_cloud = {0.3: {"preview_fidelity": {"psnr_db": 24.0}}, 0.5: {"preview_fidelity": {"psnr_db": 21.0}},
+                1.0: {"preview_fidelity": {"psnr_db": 15.0}}}
+    assert safest_cloud(by_cloud, 20.0) == 0.5
+    assert safest_cloud(by_cloud, 0.0) == 1.0  # no fidelity floor: the highest
+    assert safest_cloud(by_cloud, 30.0) == 1.0  # none keeps it: the highest
 
 
 def test_bench_policy_specs():

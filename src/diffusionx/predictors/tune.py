@@ -19,9 +19,12 @@ per-transition sweep rows cannot show) on sessions that are not the test split, 
    `final_tolerance` of cloud-only and still the image the user approved: PSNR(last preview,
    final) of at least `fidelity_floor` dB (the benchmark's preview fidelity; 0 = no floor).
 
-Where no candidate meets a target, the safest one (highest floor, then smallest eps) is kept and
-the report says so. The choice is written to the predictors' manifest as `policy_defaults`;
-`LearnedPolicy` uses it for whatever it is not given explicitly.
+Where no candidate meets a target, the safest one is kept and the report says so: for the edge,
+the highest floor, then the smallest eps; for the cloud, the highest floor whose finals still
+keep the fidelity floor (the floor only acts in refine mode, and a refinement that regenerates
+the preview is not one), the highest of all only where none keeps it. The choice is written to
+the predictors' manifest as `policy_defaults`; `LearnedPolicy` uses it for whatever it is not
+given explicitly.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def previews_ok(m: dict[str, Any], scratch: dict[str, Any], tolerance: float) ->
     )
 
 
+def keeps_preview(m: dict[str, Any], fidelity_floor: float) -> bool:
+    psnr = (m.get("preview_fidelity") or {}).get("psnr_db")
+    return not fidelity_floor or (psnr is not None and psnr >= fidelity_floor)
+
+
 def finals_ok(m: dict[str, Any], cloud_only: dict[str, Any], tolerance: float, fidelity_floor: float = 0.0) -> bool:
     quality = all(_within(m[k], cloud_only[k], tolerance) for k in ("attribute_accuracy", "clip_score"))
-    if not fidelity_floor:
-        return quality
-    psnr = (m.get("preview_fidelity") or {}).get("psnr_db")
-    return quality and psnr is not None and psnr >= fidelity_floor
+    return quality and keeps_preview(m, fidelity_floor)
 
 
 def pick(candidates: dict[Any, dict[str, Any]], ok, safest=max) -> tuple[Any, bool]:
@@ -71,6 +76,12 @@ def pick(candidates: dict[Any, dict[str, Any]], ok, safest=max) -> tuple[Any, bo
 
 def _safest_edge(keys):
     return max(keys, key=lambda k: (k[1], -k[0]))  # (eps, floor): highest floor, then smallest eps
+
+
+def safest_cloud(by_cloud: dict[float, dict[str, Any]], fidelity_floor: float) -> float:
+    """The highest cloud floor whose finals keep the fidelity floor; the highest of all if none does."""
+    keeping = [c for c, m in by_cloud.items() if keeps_preview(m, fidelity_floor)]
+    return max(keeping or by_cloud)
 
 
 def tune_policy(
@@ -129,7 +140,8 @@ def tune_policy(
     if rest:
         second = run_bench(pair, sessions, rest, profile, out / "cloud_floors", **common)["methods"]
         by_cloud.update({c: second[_name(eps, min_edge, c)] for c in set(cloud_floors) - {top_cloud}})
-    min_cloud, finals_met = pick(by_cloud, lambda m: finals_ok(m, cloud_only, final_tolerance, fidelity_floor))
+    min_cloud, finals_met = pick(by_cloud, lambda m: finals_ok(m, cloud_only, final_tolerance, fidelity_floor),
+                                 safest=lambda _: safest_cloud(by_cloud, fidelity_floor))
 
     keys = ("session_latency_mean_s", "cloud_unet_seconds_per_session", "edge_unet_steps_per_session",
             "attribute_accuracy", "clip_score", "edited_preview_attribute_accuracy", "edited_preview_clip_score")
@@ -140,7 +152,7 @@ def tune_policy(
         "preview_tolerance": preview_tolerance,
         "final_tolerance": final_tolerance,
         "fidelity_floor_db": fidelity_floor,
-        "sessions": {"n": len(sessions), "source": workload, "seed": seed},
+        "sessions": {"n": len(sessions), "source": workload, "seed": seed, "steps": steps},
         "references": {"cloud-only": {k: cloud_only.get(k) for k in keys}, SCRATCH: {k: scratch.get(k) for k in keys}},
         "edge_settings": [
             {"edge_eps": e, "min_edge": f, **{k: m.get(k) for k in keys}} for (e, f), m in sorted(by_edge.items())
@@ -157,7 +169,7 @@ def tune_policy(
             "edge_eps": eps,
             "min_edge": min_edge,
             "min_cloud": min_cloud,
-            "tuned_on": f"{len(sessions)} sessions ({workload})",
+            "tuned_on": f"{len(sessions)} sessions ({workload}), {steps} steps",
             "preview_tolerance": preview_tolerance,
             "final_tolerance": final_tolerance,
             "fidelity_floor_db": fidelity_floor,
