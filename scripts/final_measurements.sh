@@ -133,6 +133,22 @@ write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
   diffusionx bench --n 192 --batch 64 --steps 10 --policy learned-emin0.9-eeps0.02-cmin0.4 \
     --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_pair6_emin09" 2>&1 \
     | quiet > "$OUT/test_pair6_emin09.log"; fi
+# issue 16, fifth session: predictors re-collected on pair6 at 10 steps (kept out: CLIP on validation), then the
+# shipped predictors tuned at 10 steps on the 288 validation sessions (--write: the shipped defaults), then plain
+# `learned` on the test sessions
+if [[ $step == all || $step == pred6 ]]; then
+  diffusionx predictors collect --train 240 --validation 60 --directions edge --steps 10 --seed 2 \
+    --rollout-policy learned-emin0.8-eeps0.02 --out "$OUT/pred6/edge.jsonl" 2>&1 | quiet > "$OUT/pred6_collect_edge.log"
+  diffusionx predictors collect --directions cloud --steps 10 --previews "$OUT/pred6/edge.jsonl" --out "$OUT/pred6/cloud.jsonl" \
+    2>&1 | quiet > "$OUT/pred6_collect_cloud.log"
+  diffusionx predictors train --no-refit --data "$OUT/pred6/edge.jsonl" "$OUT/pred6/cloud.jsonl" --out "$OUT/pred6/model" 2>&1 \
+    | quiet > "$OUT/pred6_train.log"
+  TUNE10="--sessions $OUT/validation288.jsonl --n 288 --steps 10 --batch 48 --edge-eps 0.02 --edge-floors 0.8 --cloud-floors 0,0.3,0.4 --fidelity-floor 20"
+  diffusionx predictors tune $TUNE10 --predictors "$OUT/pred6/model" --out "$OUT/pred6_tune" 2>&1 | quiet > "$OUT/pred6_tune.log"
+  diffusionx predictors tune $TUNE10 --write --out "$OUT/tune_shipped" 2>&1 | quiet > "$OUT/tune_shipped.log"
+  diffusionx bench --n 192 --batch 64 --steps 10 --policy learned \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_learned" 2>&1 \
+    | quiet > "$OUT/test_learned.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
