@@ -179,6 +179,12 @@ def test_bench_cli_writes_results(tmp_path):
     assert len(fidelity["psnr_db_ci95"]) == 2 and "## Preview fidelity" in table
     assert dx["cloud_strength_mean"] == 0.5 and scratch["cloud_strength_mean"] == 0.5  # the finals' strength
     assert "cloud_strength_mean" not in methods["cloud-only"]
+    # each final's CLIP score, paired with cloud-only's for a share with an interval, as attribute accuracy is
+    clip = dx["clip_score_vs_cloud_only"]
+    assert len(dx["clip_score_per_image"]) == 4 and clip["n"] == 4
+    assert clip["ratio"] == pytest.approx(dx["clip_score"] / methods["cloud-only"]["clip_score"])
+    assert clip["ci95"][0] <= clip["ci95"][1]
+    assert "clip_score_vs_cloud_only" not in methods["cloud-only"] and "CLIP score share" in table
 
 
 @pytest.mark.slow

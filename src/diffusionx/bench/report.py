@@ -96,16 +96,22 @@ def _with_ci(mean: float | None, ci: list[float] | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
+def _share(r: dict[str, Any] | None) -> str:
+    return f"{r['ratio']:.1%} | [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]" if r else "n/a | n/a"
+
+
 def _vs_cloud_only_table(methods: dict[str, Any]) -> list[str]:
-    """Final attribute accuracy as a share of cloud-only's, with the interval the sessions allow."""
-    rows = [(name, m["attribute_accuracy_vs_cloud_only"]) for name, m in methods.items()
-            if m.get("attribute_accuracy_vs_cloud_only")]
+    """Final attribute accuracy (and CLIP score) as a share of cloud-only's, with the interval the
+    sessions allow."""
+    rows = [(name, m["attribute_accuracy_vs_cloud_only"], m.get("clip_score_vs_cloud_only"))
+            for name, m in methods.items() if m.get("attribute_accuracy_vs_cloud_only")]
     if not rows:
         return []
     lines = ["", "## Final attribute accuracy vs cloud-only (paired over sessions, 95% bootstrap interval)", "",
-             "| method | share of cloud-only | 95% interval | sessions |", "|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['ratio']:.1%} | [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['n']} |")
+             "| method | share of cloud-only | 95% interval | sessions | CLIP score share | 95% interval |",
+             "|---|---|---|---|---|---|"]
+    for name, attributes, clip in rows:
+        lines.append(f"| {name} | {_share(attributes)} | {attributes['n']} | {_share(clip)} |")
     return lines
 
 

@@ -114,6 +114,7 @@ def _quality(evaluator, images: list, prompts: list[str], references: list | Non
     attributes = evaluator.attribute_accuracy(images, prompts)
     return {
         "clip_score": float(np.mean(scores)),
+        "clip_score_per_image": [float(x) for x in scores],
         "fid": float(evaluator.fid(images, references)) if references is not None else None,
         "attribute_accuracy": attributes["mean"],
         "attribute_accuracy_per_image": attributes["per_image"],
@@ -293,11 +294,11 @@ def run_bench(
         # What each session ran, so its latency can be modelled again under another calibration or
         # profile without generating anything (`latency_under`).
         results[method.name]["session_work"] = [{"rounds": r.rounds, "final": r.final} for r in records]
-    baseline = results.get("cloud-only", {}).get("attribute_accuracy_per_image")
-    for name, result in results.items():
-        if baseline is not None and name != "cloud-only" and result.get("attribute_accuracy_per_image"):
-            result["attribute_accuracy_vs_cloud_only"] = paired_ratio_ci95(result["attribute_accuracy_per_image"],
-                                                                           baseline)
+    for metric in ("attribute_accuracy", "clip_score"):
+        baseline = results.get("cloud-only", {}).get(f"{metric}_per_image")
+        for name, result in results.items():
+            if baseline is not None and name != "cloud-only" and result.get(f"{metric}_per_image"):
+                result[f"{metric}_vs_cloud_only"] = paired_ratio_ci95(result[f"{metric}_per_image"], baseline)
     report = {
         "methods": results,
         "workload": {
