@@ -148,7 +148,11 @@ if [[ $step == all || $step == pred6 ]]; then
   diffusionx predictors tune $TUNE10 --write --out "$OUT/tune_shipped" 2>&1 | quiet > "$OUT/tune_shipped.log"
   diffusionx bench --n 192 --batch 64 --steps 10 --policy learned \
     --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_learned" 2>&1 \
-    | quiet > "$OUT/test_learned.log"; fi
+    | quiet > "$OUT/test_learned.log"
+  python benchmarks/finals_by_prompt.py "$OUT/test_learned/results.json" > "$OUT/test_learned_finals_by_prompt.md"
+  diffusionx bench --n 192 --batch 64 --steps 20 --policy learned \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_learned20" 2>&1 \
+    | quiet > "$OUT/test_learned20.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
