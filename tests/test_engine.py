@@ -194,6 +194,7 @@ def test_hooked_job_never_shares_a_batch(untrained_pair):
     assert all(j.done for j in jobs)
 
 
+@pytest.mark.filterwarnings("ignore:the embedded models know only")  # a real DiffusionDB prompt: out of the world
 def test_long_prompt_is_truncated_with_a_warning(untrained_pair, real_prompts):
     engine = untrained_pair.edge
     longest = max(real_prompts, key=len)

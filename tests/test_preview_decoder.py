@@ -75,6 +75,7 @@ def test_no_preview_decoder_unless_asked_or_shipped(untrained_pair, decoder_fold
     assert EdgeSession(untrained_pair, steps=2).generate("a ring").preview_decoded is False
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # inside diffusers
 def test_preview_decoder_load_errors_say_what_to_do(tmp_path):
     with pytest.raises(ModelNotAvailableError, match=r"preview decoder .*no such folder.*\(--preview-decoder none\)"):
         load_pair("untrained", preview_decoder=str(tmp_path / "missing"))
