@@ -141,7 +141,7 @@ def tune_policy(
         second = run_bench(pair, sessions, rest, profile, out / "cloud_floors", **common)["methods"]
         by_cloud.update({c: second[_name(eps, min_edge, c)] for c in set(cloud_floors) - {top_cloud}})
     min_cloud, finals_met = pick(by_cloud, lambda m: finals_ok(m, cloud_only, final_tolerance, fidelity_floor),
-                                 safest=lambda _: safest_cloud(by_cloud, fidelity_floor))
+                                 safest=lambda candidates: safest_cloud(candidates, fidelity_floor))
 
     keys = ("session_latency_mean_s", "cloud_unet_seconds_per_session", "edge_unet_steps_per_session",
             "attribute_accuracy", "clip_score", "edited_preview_attribute_accuracy", "edited_preview_clip_score")
