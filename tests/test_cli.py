@@ -171,6 +171,20 @@ def test_png_metadata_is_the_a1111_parameters_chunk(tmp_path):
     assert json.loads(info["diffusionx"])["seed"] == 5
 
 
+def test_commands_sample_the_pairs_default_steps_unless_told(tmp_path):
+    from PIL import Image
+
+    def steps_of(*extra):
+        out = tmp_path / "x.png"
+        assert main(["generate", "a red star", *extra, "--out", str(out)]) == 0
+        fields = Image.open(out).info["parameters"].split("\n")[1].split(", ")
+        return int(next(f for f in fields if f.startswith("Steps: ")).removeprefix("Steps: "))
+
+    assert steps_of() == 10  # the embedded pair's pair.json
+    assert steps_of("--steps", "3") == 3
+    assert steps_of("--model", "untrained") == 20
+
+
 def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     import signal
     import time

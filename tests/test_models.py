@@ -24,6 +24,19 @@ def test_untrained_pair_is_labelled(untrained_pair):
     assert untrained_pair.cloud_info.unet_params > 4 * untrained_pair.edge_info.unet_params
 
 
+def test_the_embedded_pair_samples_its_own_default_steps(embedded_pair, untrained_pair):
+    from diffusionx.models import DEFAULT_STEPS, EMBEDDED_DIR
+    from diffusionx.session import EdgeSession
+
+    shipped = json.loads((EMBEDDED_DIR / "pair.json").read_text())["default_steps"]
+    assert embedded_pair.default_steps == shipped == 10  # what the policy defaults were tuned at
+    assert untrained_pair.default_steps == DEFAULT_STEPS == 20
+    session = EdgeSession(embedded_pair)
+    assert session.steps == session.cloud_steps == 10
+    assert session.generate("a red circle").steps == 10
+    assert EdgeSession(embedded_pair, steps=20).steps == 20  # an explicit count wins
+
+
 @pytest.fixture(scope="module")
 def saved_folder(untrained_pair, tmp_path_factory):
     from diffusers import StableDiffusionPipeline

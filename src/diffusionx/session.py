@@ -136,7 +136,7 @@ class EdgeSession:
         *,
         policy: StrengthPolicy | None = None,
         cloud: Refiner | None = None,
-        steps: int = 20,
+        steps: int | None = None,
         cloud_steps: int | None = None,
         guidance_scale: float = 7.5,
         seed: int = 0,
@@ -158,8 +158,8 @@ class EdgeSession:
         self._trace: tuple[int, Any] | None = None  # (round index, control.Trace) of one round
         self.policy = policy or FixedStrength()
         self.cloud = cloud or CloudRefiner(pair.cloud)
-        self.steps = check_steps(steps)
-        self.cloud_steps = check_steps(cloud_steps or steps)
+        self.steps = check_steps(pair.default_steps if steps is None else steps)
+        self.cloud_steps = check_steps(cloud_steps or self.steps)
         self.guidance_scale = guidance_scale
         self.seed = check_seed(seed)
         self.scheduler = scheduler

@@ -56,7 +56,7 @@ def evaluate_pair(
     sessions: list[dict],
     out: str | Path,
     *,
-    steps: int = 20,
+    steps: int | None = None,
     guidance_scale: float = 7.5,
     batch: int = 32,
     seed: int = 0,
@@ -69,6 +69,7 @@ def evaluate_pair(
     own quality (attribute accuracy and FID relative to the cloud from noise)?"""
     from ..metrics import get_evaluator
 
+    steps = pair.default_steps if steps is None else steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = get_evaluator()

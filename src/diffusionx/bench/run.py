@@ -241,7 +241,7 @@ def run_bench(
     out: str | Path,
     *,
     workload: str,
-    steps: int = 20,
+    steps: int | None = None,
     guidance_scale: float = 7.5,
     batch: int = 32,
     seed: int = 0,
@@ -252,6 +252,7 @@ def run_bench(
     of the real SD v1.5 / Tiny-SD architectures (`write_calibration` with the random-sd15 preset)."""
     from ..metrics import get_evaluator
 
+    steps = pair.default_steps if steps is None else steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = get_evaluator() if score_quality else None

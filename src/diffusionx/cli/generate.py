@@ -28,8 +28,9 @@ def run(args) -> int:
 
     pair = load_pair(args)
     engine = pair.edge if args.side == "edge" else pair.cloud
-    gen = engine.generate(args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance, progress=True)
-    path = save_image(gen.image, Path(args.out), pair, prompt=args.prompt, steps=args.steps, seed=args.seed,
+    steps = args.steps or pair.default_steps
+    gen = engine.generate(args.prompt, seed=args.seed, steps=steps, guidance_scale=args.guidance, progress=True)
+    path = save_image(gen.image, Path(args.out), pair, prompt=args.prompt, steps=steps, seed=args.seed,
                       side=args.side, guidance=args.guidance, out_of_vocabulary=list(gen.unknown_words))
     info = pair.edge_info if args.side == "edge" else pair.cloud_info
     print(f"wrote {path} ({info.label}, {gen.unet_steps} steps, {gen.timing.total_s:.3f} s)")

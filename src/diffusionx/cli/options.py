@@ -104,7 +104,8 @@ def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, samplin
                                 "default = the one the embedded pair ships, none = the VAE for previews too, "
                                 "or a folder / Hugging Face id (madebyollin/taesd for SD v1.5 latents)")
     if sampling:
-        group.add_argument("--steps", type=steps, default=20, help="scheduler steps")
+        group.add_argument("--steps", type=steps,
+                           help="scheduler steps (default: the pair's own, 10 for embedded, 20 for the others)")
         if random_seed:
             group.add_argument("--seed", type=seed, help="seed of every new session (default: a random one each)")
         else:

@@ -240,7 +240,7 @@ def bench_edits(
     *,
     n: int = 96,
     out_dir: str | Path = "outputs/bench-edits",
-    steps: int = 20,
+    steps: int | None = None,
     seed: int = 0,
     config: ControlConfig | None = None,
     policy=None,
@@ -264,6 +264,7 @@ def bench_edits(
     from ..metrics import get_evaluator
     from ..policies import FixedStrength
 
+    steps = pair.default_steps if steps is None else steps
     config = config or ControlConfig()
     policy = policy or FixedStrength()
     evaluator = evaluator or get_evaluator()
@@ -512,7 +513,8 @@ def cmd_bench_edits(args) -> int:
     from ..errors import InvalidInputError
     from ..models import load_pair
 
-    check_steps(args.steps)
+    if args.steps is not None:
+        check_steps(args.steps)
     check_seed(args.seed)
     try:
         given = {"cross_steps": args.cross_steps, "self_steps": args.self_steps,

@@ -98,7 +98,7 @@ def tune_policy(
     fidelity_floor: float = 0.0,
     profile=None,
     workload: str = "",
-    steps: int = 20,
+    steps: int | None = None,
     guidance_scale: float = 7.5,
     batch: int = 32,
     seed: int = 0,
@@ -109,6 +109,7 @@ def tune_policy(
 
     if not edge_floors or not cloud_floors or not edge_eps:
         raise ValueError("give at least one edge eps, one edge floor and one cloud floor")
+    steps = pair.default_steps if steps is None else steps
     out = Path(out)
     profile = profile or get_profile("laptop-gpu")
     predictors = Predictors.load(predictors_dir, engine=pair.edge)

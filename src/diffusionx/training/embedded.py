@@ -650,6 +650,9 @@ def export_pair(out_dir: Path, assets_dir: Path, cfg: TrainConfig, summary: dict
         sizes[role] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     pair = {"name": "embedded", "trained": True, "shared_latent_space": True, "height": 64, "width": 64,
             "unet_weights_dtype": "float16" if cfg.unet_fp16 else "float32",
+            # the steps `load_pair` hands callers that name none (models.DEFAULT_STEPS elsewhere):
+            # the world's 64x64 pictures render as well at 10 as at 20 (docs/benchmark.md)
+            "default_steps": 10,
             "training": {**summary, "config": asdict(cfg), "asset_bytes": sizes}}
     (assets_dir / "pair.json").write_text(json.dumps(pair, indent=2))
     return pair
