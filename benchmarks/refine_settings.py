@@ -6,8 +6,8 @@ cloud-only's attribute accuracy?
 
 ROWS.jsonl: a cloud sweep table of `diffusionx predictors collect` (its rows store each final
 preview's latent; collect's train and validation splits, never test). Strength 1 ignores the
-preview: it is cloud-only. Each draw refines every preview with its own noise (row seed + 1000 x
-draw), so the spread between draws is the sampling noise of the mean.
+preview: it is cloud-only. Each draw refines every preview with its own noise (row seed +
+--seed-offset + 1000 x draw), so the spread between draws is the sampling noise of the mean.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strengths", default="0.5,1.0")
     p.add_argument("--configs", default="7.5:10,5:10,10:10,7.5:20", help="guidance:steps,...")
     p.add_argument("--draws", type=int, default=2)
+    p.add_argument("--seed-offset", type=int, default=0, help="added to every row's seed (another set of draws)")
     p.add_argument("--batch", type=int, default=100)
     args = p.parse_args(argv)
     strengths = [float(s) for s in args.strengths.split(",")]
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         for guidance, steps in configs:
             accuracy, clip = [], []
             for draw in range(args.draws):
-                jobs = [cloud.prepare(prompt, seed=row["seed"] + 1000 * draw, steps=steps, strength=strength,
+                seed = args.seed_offset + 1000 * draw
+                jobs = [cloud.prepare(prompt, seed=row["seed"] + seed, steps=steps, strength=strength,
                                       init_latents=latents, guidance_scale=guidance)
                         for prompt, row, latents in zip(prompts, rows, previews)]
                 cloud.run(jobs, batch=args.batch)

@@ -11,23 +11,23 @@ step=${1:-all}
 # issue 2/3: demo and edge-vs-cloud quality of the shipped pair
 if [[ $step == all || $step == demo ]]; then { time diffusionx demo --out "$OUT/demo"; } 2>&1 | quiet > "$OUT/demo.log"; fi
 if [[ $step == all || $step == evaluate ]]; then
-  diffusionx evaluate --n 256 --batch 64 --out "$OUT/evaluate" 2>&1 | quiet > "$OUT/evaluate.log"; fi
+  diffusionx evaluate --steps 20 --n 256 --batch 64 --out "$OUT/evaluate" 2>&1 | quiet > "$OUT/evaluate.log"; fi
 # issue 5: the paper's comparison with fixed strengths, and the real-architecture latency table
 if [[ $step == all || $step == bench ]]; then
-  diffusionx bench --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 \
+  diffusionx bench --steps 20 --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 \
     --out "$OUT/bench" 2>&1 | quiet > "$OUT/bench.log"; fi
 if [[ $step == all || $step == sd15 ]]; then
-  diffusionx bench --arch sd15 --n 16 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --out "$OUT/bench_sd15_cpu" 2>&1 \
+  diffusionx bench --steps 20 --arch sd15 --n 16 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --out "$OUT/bench_sd15_cpu" 2>&1 \
     | quiet > "$OUT/bench_sd15_cpu.log"
-  diffusionx bench --arch sd15 --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --profile measured \
+  diffusionx bench --steps 20 --arch sd15 --n 256 --batch 64 --policy fixed-0.3 --policy fixed-0.5 --policy fixed-0.7 --profile measured \
     --preview-decoder none --calibration benchmarks/results/calibration_sd15_h200.json --out "$OUT/bench_sd15_h200" 2>&1 | quiet > "$OUT/bench_sd15_h200.log"; fi
 # issue 6 / 15 / 16: sweeps (train/validation for the predictors, test for the oracle), training, tuning
 # (the cloud floor must also keep the final within --fidelity-floor dB of the preview)
 if [[ $step == all || $step == collect ]]; then
-  diffusionx predictors collect --train 120 --validation 40 --directions edge --out "$OUT/pred/edge.jsonl" 2>&1 | quiet > "$OUT/pred/collect_edge.log"
-  diffusionx predictors collect --directions cloud --previews "$OUT/pred/edge.jsonl" --out "$OUT/pred/cloud.jsonl" 2>&1 | quiet > "$OUT/pred/collect_cloud.log"
-  diffusionx predictors collect --test 48 --out "$OUT/pred/test.jsonl" 2>&1 | quiet > "$OUT/pred/collect_test.log"; fi
-TUNE="--n 96 --batch 48 --cloud-floors 0,0.3,0.5,1 --fidelity-floor 20"
+  diffusionx predictors collect --steps 20 --train 120 --validation 40 --directions edge --out "$OUT/pred/edge.jsonl" 2>&1 | quiet > "$OUT/pred/collect_edge.log"
+  diffusionx predictors collect --steps 20 --directions cloud --previews "$OUT/pred/edge.jsonl" --out "$OUT/pred/cloud.jsonl" 2>&1 | quiet > "$OUT/pred/collect_cloud.log"
+  diffusionx predictors collect --steps 20 --test 48 --out "$OUT/pred/test.jsonl" 2>&1 | quiet > "$OUT/pred/collect_test.log"; fi
+TUNE="--steps 20 --n 96 --batch 48 --cloud-floors 0,0.3,0.5,1 --fidelity-floor 20"
 if [[ $step == all || $step == predictors ]]; then
   diffusionx predictors train --no-refit --data "$OUT/pred/edge.jsonl" "$OUT/pred/cloud.jsonl" --out src/diffusionx/assets/predictors \
     2>&1 | quiet > "$OUT/pred/train.log"
@@ -38,9 +38,9 @@ fi
 # final previews, both retrained, tuned again. On a lent GPU, scripts/gpu_dagger_collect.py collects
 # edge rows of this kind with four policies at once.
 if [[ $step == all || $step == dagger ]]; then
-  diffusionx predictors collect --train 200 --validation 40 --directions edge --seed 1 --rollout-policy learned-emin0.4 \
+  diffusionx predictors collect --steps 20 --train 200 --validation 40 --directions edge --seed 1 --rollout-policy learned-emin0.4 \
     --out "$OUT/pred/dagger.jsonl" 2>&1 | quiet > "$OUT/pred/dagger.log"
-  diffusionx predictors collect --directions cloud --previews "$OUT/pred/dagger.jsonl" --out "$OUT/pred/cloud_dagger.jsonl" \
+  diffusionx predictors collect --steps 20 --directions cloud --previews "$OUT/pred/dagger.jsonl" --out "$OUT/pred/cloud_dagger.jsonl" \
     2>&1 | quiet > "$OUT/pred/collect_cloud_dagger.log"
   diffusionx predictors train --directions edge --no-refit --data "$OUT/pred/edge.jsonl" "$OUT/pred/dagger.jsonl" \
     --out src/diffusionx/assets/predictors 2>&1 | quiet > "$OUT/pred/train_dagger.log"
@@ -49,11 +49,11 @@ if [[ $step == all || $step == dagger ]]; then
   diffusionx predictors tune $TUNE --edge-eps 0.01,0.03 --edge-floors 0,0.3 --write --out "$OUT/tune_dagger" 2>&1 \
     | quiet > "$OUT/tune_dagger.log"; fi
 if [[ $step == all || $step == bench_predictors ]]; then
-  diffusionx bench --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy oracle --policy learned \
+  diffusionx bench --steps 20 --n 48 --batch 48 --seed 200000 --oracle-sweeps "$OUT/pred/test.jsonl" --policy oracle --policy learned \
     --policy learned-emin0-cmin0 --policy load-aware-wait20 --policy similarity-rule --policy fixed-0.3 --policy fixed-0.5 \
     --policy fixed-0.7 --policy fixed-1 --policy fixed-1-1 --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json \
     --out "$OUT/bench_predictors" 2>&1 | quiet > "$OUT/bench_predictors.log"
-  diffusionx bench --n 192 --batch 64 --policy learned --policy learned-cmin0 --policy learned-cmin0.5 --policy fixed-0.3 \
+  diffusionx bench --steps 20 --n 192 --batch 64 --policy learned --policy learned-cmin0 --policy learned-cmin0.5 --policy fixed-0.3 \
     --policy fixed-0.5 --policy fixed-0.7 --policy fixed-1-0.5 --policy fixed-1 --policy fixed-1-1 \
     --preview-decoder none --calibration benchmarks/results/calibration_embedded_cpu.json --out "$OUT/bench_learned" 2>&1 \
     | quiet > "$OUT/bench_learned.log"; fi
@@ -122,7 +122,7 @@ if [[ $step == all || $step == pair6 ]]; then
   diffusionx bench --n 576 --batch 64 --steps 10 --policy learned-emin0.8-eeps0.02-cmin0.4 \
     --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_pair6_576" 2>&1 \
     | quiet > "$OUT/test_pair6_576.log"
-  diffusionx evaluate --n 256 --batch 64 --refine-strengths 0.3,0.5 --out "$OUT/evaluate_pair6" 2>&1 \
+  diffusionx evaluate --steps 20 --n 256 --batch 64 --refine-strengths 0.3,0.5 --out "$OUT/evaluate_pair6" 2>&1 \
     | quiet > "$OUT/evaluate_pair6.log"
   python -c "from diffusionx.world import generate_sessions; from diffusionx.world.sessions import write_jsonl; \
 write_jsonl(generate_sessions(288, 'validation'), '$OUT/validation288.jsonl')"
@@ -153,12 +153,23 @@ if [[ $step == all || $step == pred6 ]]; then
   diffusionx bench --n 192 --batch 64 --steps 20 --policy learned \
     --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_learned20" 2>&1 \
     | quiet > "$OUT/test_learned20.log"; fi
+# issue 16, sixth session: 10 steps is the embedded pair's default (the plain command reproduces the 10-step run),
+# and the cloud refining pair6's final previews (the pred6 step's rows) under other guidance scales and step counts
+if [[ $step == all || $step == steps6 ]]; then
+  diffusionx bench --n 192 --batch 64 --policy learned \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_learned_default_steps" 2>&1 \
+    | quiet > "$OUT/test_learned_default_steps.log"
+  python benchmarks/refine_settings.py "$OUT/pred6/cloud.jsonl" --configs 7.5:10,5:10,7.5:20 2>&1 \
+    | quiet > "$OUT/refine_settings_pair6.txt"
+  python benchmarks/refine_settings.py "$OUT/pred6/cloud.jsonl" --strengths 0.5 --configs 3:10,5:10,7.5:10,10:10,14:10 \
+    --draws 1 --seed-offset 7 2>&1 | quiet > "$OUT/refine_settings_pair6_guidance.txt"
+  python benchmarks/cloud_allocation.py "$OUT/pred6/cloud.jsonl" > "$OUT/cloud_allocation_pair6.txt"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
-  diffusionx bench-edits --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
+  diffusionx bench-edits --steps 20 --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
     2>&1 | quiet > "$OUT/edits_validation.log"
-  diffusionx bench-edits --n 140 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"
-  diffusionx bench-edits --n 48 --side cloud --out "$OUT/edits_cloud" 2>&1 | quiet > "$OUT/edits_cloud.log"; fi
+  diffusionx bench-edits --steps 20 --n 140 --out "$OUT/edits" 2>&1 | quiet > "$OUT/edits.log"
+  diffusionx bench-edits --steps 20 --n 48 --side cloud --out "$OUT/edits_cloud" 2>&1 | quiet > "$OUT/edits_cloud.log"; fi
 # issue 4: the service under load (needs the machine to itself)
 if [[ $step == all || $step == loadtest ]]; then python benchmarks/loadtest.py --clients 8 16 --per-client 12 2>&1 \
   | quiet > "$OUT/loadtest.log"; fi
