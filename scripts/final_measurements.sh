@@ -163,7 +163,9 @@ if [[ $step == all || $step == steps6 ]]; then
     | quiet > "$OUT/refine_settings_pair6.txt"
   python benchmarks/refine_settings.py "$OUT/pred6/cloud.jsonl" --strengths 0.5 --configs 3:10,5:10,7.5:10,10:10,14:10 \
     --draws 1 --seed-offset 7 2>&1 | quiet > "$OUT/refine_settings_pair6_guidance.txt"
-  python benchmarks/cloud_allocation.py "$OUT/pred6/cloud.jsonl" > "$OUT/cloud_allocation_pair6.txt"; fi
+  python benchmarks/cloud_allocation.py "$OUT/pred6/cloud.jsonl" > "$OUT/cloud_allocation_pair6.txt"
+  diffusionx bench-edits --n 140 --methods fresh,sdedit,local,auto --out "$OUT/edits_steps10" 2>&1 \
+    | quiet > "$OUT/edits_steps10.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --steps 20 --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
