@@ -75,6 +75,10 @@ def load_sessions(path: str | None, n: int) -> tuple[list[dict], str]:
             raise InvalidInputError(f"{path}: session {i}: {err}") from None
     if not sessions:
         raise InvalidInputError(f"{path} holds no sessions")
+    # a file the world wrote names its split in every session; say it, since the path may not last
+    splits = {s.get("split") for s in raw}
+    if len(splits) == 1 and splits <= {"train", "validation", "test"}:
+        return sessions, f"{path}: embedded world, {splits.pop()} split"
     return sessions, str(path)
 
 
