@@ -165,7 +165,10 @@ if [[ $step == all || $step == steps6 ]]; then
     --draws 1 --seed-offset 7 2>&1 | quiet > "$OUT/refine_settings_pair6_guidance.txt"
   python benchmarks/cloud_allocation.py "$OUT/pred6/cloud.jsonl" > "$OUT/cloud_allocation_pair6.txt"
   diffusionx bench-edits --n 140 --methods fresh,sdedit,local,auto --out "$OUT/edits_steps10" 2>&1 \
-    | quiet > "$OUT/edits_steps10.log"; fi
+    | quiet > "$OUT/edits_steps10.log"
+  diffusionx bench --sessions "$OUT/validation288.jsonl" --n 288 --batch 48 --policy learned-cmin0.6-ceps1 \
+    --policy learned-cmin0.5-ceps1 --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json \
+    --out "$OUT/validation_fixed_cloud" 2>&1 | quiet > "$OUT/validation_fixed_cloud.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --steps 20 --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
