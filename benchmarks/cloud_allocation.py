@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in table if r.get("kind") == "cloud"]
     if header["feature_names"]["cloud"] != manifest["feature_names"]["cloud"]:
         raise SystemExit("the rows' cloud features are not the ones these predictors take")
+    if [float(s) for s in header["grid"]] != [float(s) for s in manifest["grid"]]:
+        raise SystemExit("the rows were swept over another strength grid than these predictors'")
     grid = np.asarray(manifest["grid"], dtype=np.float64)
     accuracy = np.array([r["attribute_accuracy"] for r in rows])
     clip = np.array([r["clip_score"] for r in rows])
@@ -54,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
           f"CLIP {reference_clip:.2f}")
     print(f"{'strength choice':<34} {'strength':>8} {'attr. share':>12} {'CLIP share':>10}")
     for i, s in enumerate(grid[:-1]):
-        if s >= 0.3:
-            print(line(f"fixed {s:g}", np.full(len(rows), i)))
-    model = load_regressor(folder / "cloud.safetensors")
+        print(line(f"fixed {s:g}", np.full(len(rows), i)))
+    model = load_regressor(folder / manifest["cloud"]["file"])
     gaps = model.predict(np.array([r["features"] for r in rows], dtype=np.float32))
     for floor in (float(f) for f in args.floors.split(",")):
         chosen = [choose_strength(np.append(g, 0.0), eps=args.eps, min_strength=floor, grid=grid) for g in gaps]
