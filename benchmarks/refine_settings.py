@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         for guidance, steps in configs:
             accuracy, clip = [], []
             for draw in range(args.draws):
-                seed = args.seed_offset + 1000 * draw
-                jobs = [cloud.prepare(prompt, seed=row["seed"] + seed, steps=steps, strength=strength,
+                shift = args.seed_offset + 1000 * draw  # this draw's noise
+                jobs = [cloud.prepare(prompt, seed=row["seed"] + shift, steps=steps, strength=strength,
                                       init_latents=latents, guidance_scale=guidance)
                         for prompt, row, latents in zip(prompts, rows, previews)]
                 cloud.run(jobs, batch=args.batch)
