@@ -168,7 +168,12 @@ if [[ $step == all || $step == steps6 ]]; then
     | quiet > "$OUT/edits_steps10.log"
   diffusionx bench --sessions "$OUT/validation288.jsonl" --n 288 --batch 48 --policy learned-cmin0.6-ceps1 \
     --policy learned-cmin0.5-ceps1 --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json \
-    --out "$OUT/validation_fixed_cloud" 2>&1 | quiet > "$OUT/validation_fixed_cloud.log"; fi
+    --out "$OUT/validation_fixed_cloud" 2>&1 | quiet > "$OUT/validation_fixed_cloud.log"
+  python -c "from diffusionx.world import generate_sessions, write_jsonl
+write_jsonl(generate_sessions(768, 'test')[576:], '$OUT/test_577_768.jsonl')"
+  diffusionx bench --sessions "$OUT/test_577_768.jsonl" --n 192 --batch 64 --policy learned \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_577_768" 2>&1 \
+    | quiet > "$OUT/test_577_768.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --steps 20 --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
