@@ -273,6 +273,9 @@ def test_plain_string_sessions_load(tmp_path):
     tiny_pink = Scene((SceneObject("heart", "pink", "small", "top left"),))
     assert Scene.from_dict(sessions[1]["rounds"][2]["scene"]) == tiny_pink
     assert load_sessions(str(path), 1)[0] == sessions[:1]
+    path.write_text('{"rounds": ["a circle", ""]}\n')
+    with pytest.raises(InvalidInputError, match="session 0: round 2"):
+        load_sessions(str(path), 5)
 
 
 def test_a_world_split_file_names_its_split(tmp_path):
@@ -282,9 +285,6 @@ def test_a_world_split_file_names_its_split(tmp_path):
     write_jsonl(generate_sessions(3, "validation"), path)
     sessions, workload = load_sessions(str(path), 10)
     assert workload == f"{path}: embedded world, validation split" and len(sessions) == 3
-    path.write_text('{"rounds": ["a circle", ""]}\n')
-    with pytest.raises(InvalidInputError, match="session 0: round 2"):
-        load_sessions(str(path), 5)
 
 
 def test_fid_references_complete_partial_finals_from_a_fixed_seed():
