@@ -60,6 +60,10 @@ class ModelPair:
     shared_latent_space: bool
     default_steps: int = DEFAULT_STEPS
 
+    def steps_or_default(self, steps: int | None) -> int:
+        """`steps` when a caller names them, else this pair's `default_steps`."""
+        return self.default_steps if steps is None else steps
+
     def describe(self) -> dict[str, Any]:
         """What a report should say about the models, including untrained/random-weight marks."""
         return {

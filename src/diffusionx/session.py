@@ -158,7 +158,7 @@ class EdgeSession:
         self._trace: tuple[int, Any] | None = None  # (round index, control.Trace) of one round
         self.policy = policy or FixedStrength()
         self.cloud = cloud or CloudRefiner(pair.cloud)
-        self.steps = check_steps(pair.default_steps if steps is None else steps)
+        self.steps = check_steps(pair.steps_or_default(steps))
         self.cloud_steps = check_steps(cloud_steps or self.steps)
         self.guidance_scale = guidance_scale
         self.seed = check_seed(seed)

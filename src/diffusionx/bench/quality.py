@@ -69,7 +69,7 @@ def evaluate_pair(
     own quality (attribute accuracy and FID relative to the cloud from noise)?"""
     from ..metrics import get_evaluator
 
-    steps = pair.default_steps if steps is None else steps
+    steps = pair.steps_or_default(steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = get_evaluator()

@@ -256,7 +256,7 @@ def run_bench(
     of the real SD v1.5 / Tiny-SD architectures (`write_calibration` with the random-sd15 preset)."""
     from ..metrics import get_evaluator
 
-    steps = pair.default_steps if steps is None else steps
+    steps = pair.steps_or_default(steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = get_evaluator() if score_quality else None

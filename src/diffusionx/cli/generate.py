@@ -28,7 +28,7 @@ def run(args) -> int:
 
     pair = load_pair(args)
     engine = pair.edge if args.side == "edge" else pair.cloud
-    steps = args.steps or pair.default_steps
+    steps = pair.steps_or_default(args.steps)
     gen = engine.generate(args.prompt, seed=args.seed, steps=steps, guidance_scale=args.guidance, progress=True)
     path = save_image(gen.image, Path(args.out), pair, prompt=args.prompt, steps=steps, seed=args.seed,
                       side=args.side, guidance=args.guidance, out_of_vocabulary=list(gen.unknown_words))

@@ -264,7 +264,7 @@ def bench_edits(
     from ..metrics import get_evaluator
     from ..policies import FixedStrength
 
-    steps = pair.default_steps if steps is None else steps
+    steps = pair.steps_or_default(steps)
     config = config or ControlConfig()
     policy = policy or FixedStrength()
     evaluator = evaluator or get_evaluator()

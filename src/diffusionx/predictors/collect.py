@@ -126,7 +126,7 @@ def collect(
     `final_preview` rows of an edge run; `work` is not used).
     rollout: a `StrengthPolicy` whose edge choice each session continues from (None: the oracle
     label at `rollout_eps`); `rollout_name` is what the header records for it."""
-    steps = pair.default_steps if steps is None else steps
+    steps = pair.steps_or_default(steps)
     if directions not in ("both", "edge", "cloud"):
         raise ValueError(f"directions must be both, edge or cloud, not {directions!r}")
     out = Path(out)

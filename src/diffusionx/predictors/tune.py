@@ -109,7 +109,7 @@ def tune_policy(
 
     if not edge_floors or not cloud_floors or not edge_eps:
         raise ValueError("give at least one edge eps, one edge floor and one cloud floor")
-    steps = pair.default_steps if steps is None else steps
+    steps = pair.steps_or_default(steps)
     out = Path(out)
     profile = profile or get_profile("laptop-gpu")
     predictors = Predictors.load(predictors_dir, engine=pair.edge)

@@ -150,7 +150,7 @@ class UIState:
         self.cloud_label = cloud_label
         self.policy = policy or FixedStrength()
         self._policies: dict[str, StrengthPolicy] = {}  # built once per spec (a learned one loads models)
-        self.steps = check_steps(pair.default_steps if steps is None else steps)
+        self.steps = check_steps(pair.steps_or_default(steps))
         self.seed = None if seed is None else check_seed(seed)  # None: a random seed per session
         self.guidance_scale = guidance_scale
         self.max_prompt_chars = max_prompt_chars
