@@ -185,6 +185,44 @@ def test_commands_sample_the_pairs_default_steps_unless_told(tmp_path):
     assert steps_of("--model", "untrained") == 20
 
 
+def test_the_policy_is_the_one_named_else_fixed_for_given_strengths_else_the_pairs():
+    from argparse import Namespace
+
+    from diffusionx.cli.options import chosen_policy_spec, make_policy
+    from diffusionx.policies import FixedStrength
+
+    pair = Namespace(default_policy="similarity-rule")  # what load_pair sets (learned for embedded)
+
+    def args(policy=None, edge=None, cloud=None):
+        return Namespace(policy=policy, edge_strength=edge, cloud_strength=cloud)
+
+    assert chosen_policy_spec(args(), pair) == "similarity-rule"
+    assert chosen_policy_spec(args(edge=0.4), pair) == chosen_policy_spec(args(cloud=0.3), pair) == "fixed"
+    assert chosen_policy_spec(args("fixed-0.2", edge=0.4), pair) == "fixed-0.2"  # --policy wins
+    assert chosen_policy_spec(Namespace(policy=None), pair) == "similarity-rule"  # generate has no strengths
+    spec, policy = make_policy(args(cloud=0.3), pair)  # the unnamed strength keeps its default
+    assert (spec, policy) == ("fixed-0.6-0.3", FixedStrength(edge=0.6, cloud=0.3))
+    spec, policy = make_policy(args("fixed-0.2", edge=0.4), pair)
+    assert (spec, policy) == ("fixed-0.4-0.2", FixedStrength(edge=0.4, cloud=0.2))
+
+
+def test_generate_on_the_pair_refines_the_edges_image_at_the_policys_strength(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "pair.png"
+    assert main(["generate", "a red star", "--model", "untrained", "--steps", "4", "--policy", "fixed-0.5",
+                 "--out", str(out)]) == 0
+    assert "policy fixed-0.6-0.5" in capsys.readouterr().out
+    report = json.loads(Image.open(out).info["diffusionx"])
+    final = report["final"]
+    assert final["refined"] and final["strength"] == 0.5 and final["unet_steps"] == 2  # half of 4 steps
+    edge_only = tmp_path / "edge.png"
+    assert main(["generate", "a red star", "--model", "untrained", "--steps", "4", "--out", str(edge_only)]) == 0
+    assert "final" not in json.loads(Image.open(edge_only).info["diffusionx"])
+    assert main(["generate", "a red star", "--side", "edge", "--policy", "learned"]) == 2  # nothing to refine
+    assert "only --side pair uses" in capsys.readouterr().err
+
+
 def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     import signal
     import time

@@ -37,6 +37,15 @@ def test_the_embedded_pair_samples_its_own_default_steps(embedded_pair, untraine
     assert EdgeSession(embedded_pair, steps=20).steps == 20  # an explicit count wins
 
 
+def test_the_embedded_pair_names_the_policy_tuned_on_it(embedded_pair, untrained_pair):
+    from diffusionx.models import DEFAULT_POLICY, EMBEDDED_DIR
+    from diffusionx.predictors.specs import is_predictor_spec
+
+    shipped = json.loads((EMBEDDED_DIR / "pair.json").read_text())["default_policy"]
+    assert embedded_pair.default_policy == shipped == "learned" and is_predictor_spec(shipped)
+    assert untrained_pair.default_policy == DEFAULT_POLICY == "fixed"  # no predictor was tuned on it
+
+
 @pytest.fixture(scope="module")
 def saved_folder(untrained_pair, tmp_path_factory):
     from diffusers import StableDiffusionPipeline

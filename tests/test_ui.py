@@ -445,6 +445,43 @@ def test_policy_selector_sets_the_sessions_policy(untrained_pair):
     assert client.get(f"/api/s/{sid}").json()["rounds"][0]["prompt"] == PROMPTS[0]  # the session is kept
 
 
+def test_new_tabs_start_with_the_servers_default_policy_and_fixed_stays_the_servers_strengths(untrained_pair):
+    from diffusionx.cli import build_parser
+    from diffusionx.policies import FixedStrength
+    from diffusionx.predictors import SimilarityRule
+    from diffusionx.ui.app import build_state
+
+    def state_for(*flags):
+        return build_state(build_parser().parse_args(["ui", "--model", "untrained", "--state", "memory", *flags]))
+
+    state = state_for("--policy", "similarity-rule", "--cloud-strength", "0.3")
+    client = ui_client(state)
+    sid = client.post("/api/session").json()["id"]
+    assert client.get(f"/api/s/{sid}").json()["policy"] == "similarity-rule"  # what the selector shows
+    assert isinstance(state.get(sid).edge.policy, SimilarityRule)
+    done = client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0], "steps": 2, "policy": "fixed"}).json()
+    assert done["policy"] == "fixed" and state.get(sid).edge.policy is state.policy == FixedStrength(0.6, 0.3)
+    plain = state_for()  # the untrained pair's own default: fixed
+    assert plain.default_policy == "fixed" and plain.create().edge.policy is plain.policy == FixedStrength()
+    named = state_for("--policy", "fixed-0.4-0.2")  # a fixed spec sets the page's fixed strengths
+    assert named.default_policy == "fixed" and named.policy == FixedStrength(0.4, 0.2)
+
+
+def test_a_tab_keeps_the_default_policy_it_started_with_across_a_restart(untrained_pair, tmp_path):
+    from diffusionx.predictors import SimilarityRule
+
+    path = tmp_path / "ui.sqlite3"
+    first = stored_state(untrained_pair, path, default_policy="similarity-rule")
+    client = ui_client(first)
+    sid = client.post("/api/session").json()["id"]
+    assert client.post(f"/api/s/{sid}/generate", json={"prompt": PROMPTS[0], "steps": 2}).status_code == 200
+    first.store.close()
+    second = stored_state(untrained_pair, path)  # restarted with fixed strengths as the default
+    restored = second.get(sid)
+    assert restored.policy == "similarity-rule" and isinstance(restored.edge.policy, SimilarityRule)
+    assert second.create().edge.policy is second.policy  # new tabs take the new default
+
+
 # ----- durable sessions: a restart of `diffusionx ui` keeps every tab's rounds --------------------
 def ui_client(state):
     from fastapi.testclient import TestClient

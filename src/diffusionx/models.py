@@ -29,9 +29,11 @@ ASSETS = Path(str(resources.files("diffusionx") / "assets"))
 CONFIGS = Path(str(resources.files("diffusionx") / "configs"))
 EMBEDDED_DIR = ASSETS / "embedded"
 TOKENIZER_DIR = ASSETS / "tokenizer"
-# Scheduler steps when a caller names none: the embedded pair's pair.json sets its own
-# (`default_steps`), every other pair renders at 20.
+# Scheduler steps and strength policy (diffusionx.predictors.specs) when a caller names none: the
+# embedded pair's pair.json sets its own (`default_steps`, `default_policy`: the predictors were
+# tuned on it); every other pair renders at 20 steps with fixed strengths.
 DEFAULT_STEPS = 20
+DEFAULT_POLICY = "fixed"
 REBUILD_HINT = (
     "Restore it with `git checkout -- src/diffusionx/assets/embedded` or rebuild it with "
     "`diffusionx train embedded` (about 2-3 hours on 2 CPU cores)."
@@ -59,6 +61,7 @@ class ModelPair:
     cloud_info: ModelInfo
     shared_latent_space: bool
     default_steps: int = DEFAULT_STEPS
+    default_policy: str = DEFAULT_POLICY
 
     def steps_or_default(self, steps: int | None) -> int:
         """`steps` when a caller names them, else this pair's `default_steps`."""
@@ -153,14 +156,17 @@ def load_pair(
         edge_info=edge_info,
         cloud_info=cloud_info,
         shared_latent_space=_same_latent_space(edge_engine, cloud_engine),
-        default_steps=_embedded_default_steps() if name == "embedded" else DEFAULT_STEPS,
+        **(_embedded_defaults() if name == "embedded" else {}),
     )
 
 
-def _embedded_default_steps() -> int:
-    """pair.json's `default_steps`: the embedded pair renders as well at 10 steps as at 20
-    (benchmarks/results/steps_quality_pair5_n128.txt) and its policy defaults are tuned at 10."""
-    return int(json.loads((EMBEDDED_DIR / "pair.json").read_text()).get("default_steps", DEFAULT_STEPS))
+def _embedded_defaults() -> dict[str, Any]:
+    """pair.json's `default_steps` and `default_policy`: the embedded pair renders as well at 10
+    steps as at 20 (benchmarks/results/steps_quality_pair5_n128.txt), and the shipped predictors
+    were tuned on it at 10 (docs/predictors.md)."""
+    manifest = json.loads((EMBEDDED_DIR / "pair.json").read_text())
+    return {"default_steps": int(manifest.get("default_steps", DEFAULT_STEPS)),
+            "default_policy": str(manifest.get("default_policy", DEFAULT_POLICY))}
 
 
 def load_preview_decoder(source: str, edge: Engine, device: str, dtype: torch.dtype):

@@ -39,8 +39,9 @@ def run(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     pair = load_pair(args)
-    policy = options.make_policy(args)
+    spec, policy = options.make_policy(args, pair)
     session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=cloud_client(args))
+    print(f"policy {spec}, {session.steps} steps")
     for prompt in DEMO_PROMPTS:
         r = session.generate(prompt, progress=True, mode=args.round_mode)
         save_round(r, out / f"round_{r.index:02d}.png", pair)

@@ -115,8 +115,7 @@ def model_options(p: argparse.ArgumentParser, *, overrides: bool = True, samplin
 def session_options(p: argparse.ArgumentParser) -> None:
     """Round-to-round and refinement strengths, and where the cloud is."""
     group = p.add_argument_group("session")
-    group.add_argument("--edge-strength", type=strength, default=0.6, help="round-to-round SDEdit strength")
-    group.add_argument("--cloud-strength", type=strength, default=0.5, help="cloud refinement strength")
+    strength_options(group)
     group.add_argument("--round-mode", choices=("fresh", "sdedit", "controlled", "local", "auto"),
                        help="how each round after the first relates to the one before (docs/control.md): auto "
                             "picks the measured mode per edit (demo's default); session's default: SDEdit at the "
@@ -130,23 +129,53 @@ def session_options(p: argparse.ArgumentParser) -> None:
                        help="exit 1 when the cloud could not refine the final (default: keep the preview, exit 0)")
 
 
+def strength_options(group) -> None:
+    """--edge-strength / --cloud-strength: the fixed policy's strengths; either one alone picks it."""
+    group.add_argument("--edge-strength", type=strength,
+                       help="round-to-round SDEdit strength of the fixed policy (default: 0.6); "
+                            "given without --policy, it picks the fixed policy")
+    group.add_argument("--cloud-strength", type=strength,
+                       help="cloud refinement strength of the fixed policy (default: 0.5); "
+                            "given without --policy, it picks the fixed policy")
+
+
 def policy_option(group) -> None:
     from ..predictors.specs import SPEC_HELP
 
     group.add_argument("--policy", type=policy_spec, metavar="SPEC",
-                       help=f"strength policy: {SPEC_HELP}; default: fixed at --edge-strength / --cloud-strength")
+                       help=f"strength policy: {SPEC_HELP}; default: the model pair's own (learned for embedded, "
+                            "fixed for the others), fixed when --edge-strength or --cloud-strength is given")
 
 
-def make_policy(args):
-    """The policy --policy names, or the fixed strengths of --edge-strength / --cloud-strength."""
+def chosen_policy_spec(args, pair) -> str:
+    """--policy; else fixed when a fixed strength is given; else the pair's default policy."""
+    if getattr(args, "policy", None):
+        return args.policy
+    return "fixed" if fixed_strengths(args) else pair.default_policy
+
+
+def fixed_strengths(args) -> dict[str, float]:
+    """The --edge-strength / --cloud-strength given, as policy_from_spec's keywords (it fills the rest);
+    commands without those options give none."""
+    given = {key: getattr(args, key, None) for key in ("edge_strength", "cloud_strength")}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def make_policy(args, pair, spec: str | None = None):
+    """(spec, policy): the policy `spec` names (default: `chosen_policy_spec`), a fixed one filled in
+    from --edge-strength / --cloud-strength and its spec spelled out (fixed-0.6-0.5)."""
     from ..errors import InvalidInputError
+    from ..policies import FixedStrength
     from ..predictors.specs import policy_from_spec
 
-    spec = getattr(args, "policy", None) or "fixed"
+    spec = spec or chosen_policy_spec(args, pair)
     try:
-        return policy_from_spec(spec, edge_strength=args.edge_strength, cloud_strength=args.cloud_strength)
+        policy = policy_from_spec(spec, **fixed_strengths(args))
     except ValueError as err:
         raise InvalidInputError(str(err)) from None
+    if isinstance(policy, FixedStrength):
+        spec = f"fixed-{policy.edge:g}-{policy.cloud:g}"
+    return spec, policy
 
 
 def cloud_url_options(group) -> None:

@@ -62,9 +62,8 @@ def run(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     pair = load_pair(args)
-    policy = options.make_policy(args)
+    policy_name, policy = options.make_policy(args, pair)
     session = EdgeSession(pair, policy=policy, steps=args.steps, seed=args.seed, cloud=cloud_client(args))
-    policy_name = args.policy or f"fixed-{args.edge_strength:g}-{args.cloud_strength:g}"
     interactive = sys.stdin.isatty()
     print(COMMANDS)
     final = None
@@ -98,14 +97,7 @@ def run(args) -> int:
             elif line.startswith("/policy"):
                 parts = line.split()
                 if len(parts) == 2:
-                    from ..predictors.specs import policy_from_spec
-
-                    try:
-                        session.policy = policy_from_spec(parts[1], edge_strength=args.edge_strength,
-                                                          cloud_strength=args.cloud_strength)
-                    except ValueError as err:
-                        raise InvalidInputError(str(err)) from None
-                    policy_name = parts[1]
+                    policy_name, session.policy = options.make_policy(args, pair, parts[1])
                 elif len(parts) != 1:
                     raise InvalidInputError("usage: /policy or /policy SPEC (e.g. fixed-0.6-0.5, learned)")
                 print(f"policy {policy_name}")

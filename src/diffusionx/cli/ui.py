@@ -31,8 +31,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
     options.model_options(p, random_seed=True, previews=True)
     group = p.add_argument_group("session")
-    group.add_argument("--edge-strength", type=options.strength, default=0.6, help="round-to-round strength")
-    group.add_argument("--cloud-strength", type=options.strength, default=0.5, help="cloud refinement strength")
+    options.strength_options(group)
+    options.policy_option(group)
     options.cloud_url_options(group)
     group = p.add_argument_group("state")
     group.add_argument(

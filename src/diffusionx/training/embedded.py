@@ -653,6 +653,9 @@ def export_pair(out_dir: Path, assets_dir: Path, cfg: TrainConfig, summary: dict
             # the steps `load_pair` hands callers that name none (models.DEFAULT_STEPS elsewhere):
             # the world's 64x64 pictures render as well at 10 as at 20 (docs/benchmark.md)
             "default_steps": 10,
+            # the policy of a session that names none (models.DEFAULT_POLICY elsewhere); the shipped
+            # predictors were tuned on the shipped pair: re-tune them for a rebuilt one (docs/predictors.md)
+            "default_policy": "learned",
             "training": {**summary, "config": asdict(cfg), "asset_bytes": sizes}}
     (assets_dir / "pair.json").write_text(json.dumps(pair, indent=2))
     return pair

@@ -10,9 +10,7 @@ import os
 
 import torch
 
-from ..engine import check_strength
 from ..errors import InvalidInputError
-from ..policies import FixedStrength
 from .routes import create_app
 from .state import SESSION_FORMAT, UIState
 
@@ -28,8 +26,10 @@ log = logging.getLogger(__name__)
 def build_state(args) -> UIState:
     import sys
 
+    from ..cli.options import chosen_policy_spec, fixed_strengths
     from ..cli.runtime import preview_decoder_arg
     from ..models import load_pair
+    from ..predictors.specs import is_predictor_spec, policy_from_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,9 +42,13 @@ def build_state(args) -> UIState:
         token = args.token or os.environ.get("DIFFUSIONX_TOKEN")
         cloud = CloudClient(args.cloud_url, token, retries=2, backoff=0.25, connect_timeout=3.0)
         label = args.cloud_url
-    policy = FixedStrength(edge=check_strength(args.edge_strength), cloud=check_strength(args.cloud_strength))
+    # A fixed spec gives the page's "fixed" its strengths; any other is what a new tab starts with.
+    spec = chosen_policy_spec(args, pair)
+    fixed_spec, default = ("fixed", spec) if is_predictor_spec(spec) else (spec, "fixed")
+    fixed = policy_from_spec(fixed_spec, **fixed_strengths(args))
     store = open_ui_store(getattr(args, "state", None), getattr(args, "session_max_age", None))
-    return UIState(pair, cloud=cloud, cloud_label=label, policy=policy, steps=args.steps, seed=args.seed, store=store)
+    return UIState(pair, cloud=cloud, cloud_label=label, policy=fixed, default_policy=default, steps=args.steps,
+                   seed=args.seed, store=store)
 
 
 def ui_store_location(state: str | None) -> str:

@@ -134,7 +134,8 @@ class UIState:
         *,
         cloud: Refiner | None = None,
         cloud_label: str = "in-process",
-        policy: StrengthPolicy | None = None,
+        policy: FixedStrength | None = None,
+        default_policy: str = "fixed",
         steps: int | None = None,
         seed: int | None = None,
         guidance_scale: float = 7.5,
@@ -148,8 +149,11 @@ class UIState:
         self._evicted_at = float("-inf")
         self.cloud = cloud
         self.cloud_label = cloud_label
-        self.policy = policy or FixedStrength()
+        self.policy = policy or FixedStrength()  # the strengths of the "fixed" spec
         self._policies: dict[str, StrengthPolicy] = {}  # built once per spec (a learned one loads models)
+        self.default_policy = default_policy  # a new tab's spec
+        if default_policy != "fixed":
+            self.policy_for(default_policy)  # a bad spec fails at start; the first tab does not wait for models
         self.steps = check_steps(pair.steps_or_default(steps))
         self.seed = None if seed is None else check_seed(seed)  # None: a random seed per session
         self.guidance_scale = guidance_scale
@@ -177,12 +181,14 @@ class UIState:
         self._render_thread.shutdown(wait=True)
 
     # ----- sessions ---------------------------------------------------------------------------
-    def new_edge_session(self, steps: int | None = None, seed: int | None = None) -> EdgeSession:
+    def new_edge_session(self, steps: int | None = None, seed: int | None = None,
+                         policy: str | None = None) -> EdgeSession:
+        """A session under the policy spec `policy` (default: a new tab's)."""
         if seed is None:
             seed = random_seed() if self.seed is None else self.seed
         return EdgeSession(
             self.pair,
-            policy=self.policy,
+            policy=self.policy_for(policy or self.default_policy),
             cloud=self.cloud,
             steps=self.steps if steps is None else steps,
             seed=seed,
@@ -208,16 +214,18 @@ class UIState:
         """The policy a spec names (diffusionx.predictors.specs); "fixed" is the UI's own strengths."""
         from ..predictors.specs import policy_from_spec
 
+        if spec == "fixed":
+            return self.policy
         if spec not in self._policies:
-            base = self.policy if isinstance(self.policy, FixedStrength) else FixedStrength()
             try:
-                self._policies[spec] = policy_from_spec(spec, edge_strength=base.edge, cloud_strength=base.cloud)
+                self._policies[spec] = policy_from_spec(spec, edge_strength=self.policy.edge,
+                                                        cloud_strength=self.policy.cloud)
             except ValueError as err:
                 raise InvalidInputError(str(err)) from None
         return self._policies[spec]
 
     def create(self) -> TabSession:
-        tab = TabSession(secrets.token_urlsafe(12), self.new_edge_session())
+        tab = TabSession(secrets.token_urlsafe(12), self.new_edge_session(), policy=self.default_policy)
         with self.sessions_lock:
             self.sessions[tab.id] = tab
             self._trim()
@@ -307,7 +315,7 @@ class UIState:
         if not isinstance(s, dict) or s.get("format") != STORE_FORMAT:
             found = s.get("format") if isinstance(s, dict) else type(s).__name__
             raise ValueError(f"its format is {found!r}, not {STORE_FORMAT!r}")
-        edge = self.new_edge_session(steps=check_steps(s["steps"]), seed=check_seed(s["seed"]))
+        edge = self.new_edge_session(steps=check_steps(s["steps"]), seed=check_seed(s["seed"]), policy="fixed")
         edge.cloud_steps = check_steps(s.get("cloud_steps", edge.steps))
         edge.guidance_scale, edge.scheduler = float(s["guidance_scale"]), str(s["scheduler"])
         rounds = [round_from_record(r) for r in record.rounds]
@@ -324,7 +332,7 @@ class UIState:
                          policy=str(s.get("policy", "fixed")))
         if saved_pair not in (None, self.pair.describe().get("pair")):
             tab.notes.append(f"saved with model pair {saved_pair!r}; this server runs {self.pair.describe()['pair']!r}")
-        if s.get("policy_chosen"):
+        if s.get("policy_chosen"):  # else the server's fixed strengths
             try:
                 edge.policy = self.policy_for(tab.policy)
             except InvalidInputError as err:
@@ -549,7 +557,8 @@ def replay_session(state: UIState, tab: TabSession, doc: Any) -> list[str]:
     if steps > MAX_LOAD_STEPS:
         raise InvalidInputError(f"the session uses {steps} steps; at most {MAX_LOAD_STEPS} can be replayed here")
     saved_seed = doc.get("seed")
-    edge = state.new_edge_session(steps=steps, seed=None if saved_seed is None else check_seed(saved_seed))
+    edge = state.new_edge_session(steps=steps, seed=None if saved_seed is None else check_seed(saved_seed),
+                                  policy=tab.policy)
     plan = []
     for i, r in enumerate(rounds, start=1):
         if not isinstance(r, dict):
