@@ -174,6 +174,26 @@ write_jsonl(generate_sessions(768, 'test')[576:], '$OUT/test_577_768.jsonl')"
   diffusionx bench --sessions "$OUT/test_577_768.jsonl" --n 192 --batch 64 --policy learned \
     --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test_577_768" 2>&1 \
     | quiet > "$OUT/test_577_768.log"; fi
+# issue 16, seventh session: the edge trained alone again (pair7), checked on 384 validation finals and the 288
+# validation sessions, swapped in by hand (its own check saw 64 finals), then the test sessions and the edits again.
+# Steps above this one ran on pair6's edge (git show db56bff:src/diffusionx/assets/embedded/edge/unet/...).
+if [[ $step == all || $step == pair7 ]]; then
+  diffusionx train pair --resume-from shipped --out "$OUT/pair7" --export-to "$OUT/pair7_export" --seed 20764 \
+    --cloud-share 0 --budget-minutes 75 2>&1 | quiet > "$OUT/pair7.log"
+  { python benchmarks/edge_accuracy.py --cloud shipped "$OUT/pair7/candidate/edge"
+    python benchmarks/edge_accuracy.py --steps 20 shipped "$OUT/pair7/candidate/edge"; } 2>/dev/null \
+    > "$OUT/pair7_edge_accuracy.jsonl"
+  cp "$OUT/pair7/candidate/edge/unet/diffusion_pytorch_model.safetensors" src/diffusionx/assets/embedded/edge/unet/
+  diffusionx bench --sessions "$OUT/validation288.jsonl" --n 288 --batch 48 --policy learned \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/val288_pair7" 2>&1 \
+    | quiet > "$OUT/val288_pair7.log"
+  diffusionx bench --n 576 --batch 64 --policy learned \
+    --calibration benchmarks/results/calibration_embedded_cpu_2026-12-05.json --out "$OUT/test576_pair7" 2>&1 \
+    | quiet > "$OUT/test576_pair7.log"
+  python benchmarks/finals_by_prompt.py "$OUT/test576_pair7/results.json" > "$OUT/test576_pair7_finals_by_prompt.md"
+  diffusionx bench-edits --n 140 --methods fresh,sdedit,local,auto --out "$OUT/edits_pair7" 2>&1 \
+    | quiet > "$OUT/edits_pair7.log"
+  { time diffusionx demo --out "$OUT/demo_pair7"; } 2>&1 | quiet > "$OUT/demo_pair7.log"; fi
 # issue 17: round edits; the auto-mode table is chosen on validation edits, measured on test ones
 if [[ $step == all || $step == edits ]]; then
   diffusionx bench-edits --steps 20 --split validation --n 140 --methods fresh,sdedit,local --write-auto-modes --out "$OUT/edits_validation" \
