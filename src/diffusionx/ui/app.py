@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 def build_state(args) -> UIState:
     import sys
 
-    from ..cli.options import chosen_policy_spec, fixed_strengths
+    from ..cli.options import chosen_policy_spec, make_policy
     from ..cli.runtime import preview_decoder_arg
     from ..models import load_pair
-    from ..predictors.specs import is_predictor_spec, policy_from_spec
+    from ..predictors.specs import is_predictor_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,7 +45,7 @@ def build_state(args) -> UIState:
     # A fixed spec gives the page's "fixed" its strengths; any other is what a new tab starts with.
     spec = chosen_policy_spec(args, pair)
     fixed_spec, default = ("fixed", spec) if is_predictor_spec(spec) else (spec, "fixed")
-    fixed = policy_from_spec(fixed_spec, **fixed_strengths(args))
+    fixed = make_policy(args, pair, fixed_spec)[1]
     store = open_ui_store(getattr(args, "state", None), getattr(args, "session_max_age", None))
     return UIState(pair, cloud=cloud, cloud_label=label, policy=fixed, default_policy=default, steps=args.steps,
                    seed=args.seed, store=store)
